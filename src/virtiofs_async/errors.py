@@ -29,7 +29,15 @@ class ProtocolError(VirtioFsError):
 
 
 class FuseProtocolError(ProtocolError):
-    """A malformed FUSE request or reply (bad length, unknown opcode, bad name)."""
+    """A malformed FUSE request or reply (bad length, unknown opcode, bad name).
+
+    ``unique`` is the request's id when its header could be read, so the
+    session can still answer that request with ``errno``; None otherwise.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, unique: int | None = None) -> None:
+        super().__init__(message, errno)
+        self.unique = unique
 
 
 class VringError(ProtocolError):

@@ -1,0 +1,43 @@
+"""Chooses the compiled (Cython) or the pure-Python hot-path implementation.
+
+``VIRTIOFS_ASYNC_IMPLEMENTATION`` selects it: ``python`` forces the pure
+twins, ``cython`` requires the compiled modules (ImportError otherwise: no
+silent fallback), ``auto`` (the default) prefers compiled when present.
+Everything else imports the hot functions and classes from here, so one
+switch changes all of them together.
+"""
+from __future__ import annotations
+
+import os
+
+_choice = os.environ.get("VIRTIOFS_ASYNC_IMPLEMENTATION", "auto").strip().lower() or "auto"
+if _choice not in ("auto", "python", "cython"):
+    raise ImportError(f"VIRTIOFS_ASYNC_IMPLEMENTATION={_choice!r}: expected auto, python or cython")
+
+IMPLEMENTATION = "python"
+
+if _choice != "python":
+    try:
+        from ._cy_codec import decode_request, encode_out_header, pack_dirent, pack_direntplus
+        from ._cy_vring import DescriptorChain, VirtQueue, scatter
+    except ImportError:
+        if _choice == "cython":
+            raise
+    else:
+        IMPLEMENTATION = "cython"
+
+if IMPLEMENTATION == "python":
+    from .buffers import scatter
+    from .codec import decode_request, encode_out_header, pack_dirent, pack_direntplus
+    from .vring import DescriptorChain, VirtQueue
+
+__all__ = [
+    "IMPLEMENTATION",
+    "DescriptorChain",
+    "VirtQueue",
+    "decode_request",
+    "encode_out_header",
+    "pack_dirent",
+    "pack_direntplus",
+    "scatter",
+]

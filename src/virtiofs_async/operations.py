@@ -1,0 +1,361 @@
+"""The backend interface: what a filesystem implements to be served.
+
+A backend is a subclass of :class:`Operations` whose ``async`` methods answer
+FUSE requests. Every method defaults to ``ENOSYS``. A method answers an error
+by raising :class:`~virtiofs_async.errors.FuseError`; any other exception is a
+backend bug: the session answers EIO and logs the traceback.
+
+Backends know nothing of vrings, vhost-user or event loops: they get Python
+values in and give Python values out. The session calls them concurrently
+(one task per request), so a backend that awaits must keep its own state
+consistent across the await.
+
+Lookup counts (the contract the kernel relies on)
+-------------------------------------------------
+Each successful reply that hands the guest an inode counts one *lookup* of
+it: ``lookup``, ``mknod``, ``mkdir``, ``symlink``, ``link``, ``create``,
+``tmpfile``, and every entry that ``DirectoryReply.add`` accepts while
+``reply.plus`` is true (except ``.`` and ``..``). The backend increments
+its own count for the returned inode *before it returns*. ``forget`` later
+gives back counts; an inode whose count reaches zero (and that has no other
+user) may be dropped. The root inode (``ROOT_INODE``) is never forgotten.
+
+Names are ``bytes`` (the kernel does not promise any encoding). The session
+guarantees a name is non-empty, has no ``/`` and no NUL; the backend checks
+length (``ENAMETOOLONG``) and the meaning of ``.`` / ``..``.
+"""
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, NewType, Sequence
+
+import attrs
+
+from .errors import FuseError
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+InodeT = NewType("InodeT", int)
+FileHandleT = NewType("FileHandleT", int)
+
+#: The nodeid of the mount's root directory, fixed by the FUSE protocol.
+ROOT_INODE = InodeT(1)
+
+
+@attrs.define(slots=True)
+class RequestContext:
+    """Who sent a request. ``umask`` is only meaningful for create-type calls
+    when the backend set ``Operations.handles_umask`` (FUSE_DONT_MASK); it is
+    0 otherwise, because then the guest kernel applied it already."""
+
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0
+    #: Supplementary groups when the guest sent them (FUSE_SECURITY_CTX /
+    #: ext headers); empty otherwise.
+    groups: tuple[int, ...] = ()
+
+
+@attrs.define(slots=True)
+class EntryAttributes:
+    """An inode's attributes plus how long the guest may cache them.
+
+    Times are integer nanoseconds since the epoch. ``entry_timeout`` and
+    ``attr_timeout`` are in seconds (float)."""
+
+    st_ino: int = 0
+    generation: int = 0
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    st_mode: int = 0
+    st_nlink: int = 1
+    st_uid: int = 0
+    st_gid: int = 0
+    st_rdev: int = 0
+    st_size: int = 0
+    st_blksize: int = 4096
+    st_blocks: int = 0
+    st_atime_ns: int = 0
+    st_mtime_ns: int = 0
+    st_ctime_ns: int = 0
+    #: FUSE_ATTR_* flags (e.g. FUSE_ATTR_SUBMOUNT).
+    attr_flags: int = 0
+
+
+@attrs.define(slots=True)
+class SetattrFields:
+    """Which attributes a ``setattr`` changes; values live in the
+    ``EntryAttributes`` passed beside it. ``update_atime_now`` /
+    ``update_mtime_now`` mean "set to the current time" (UTIME_NOW)."""
+
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+    update_atime_now: bool = False
+    update_mtime_now: bool = False
+    #: FATTR_KILL_SUIDGID: the guest asks to drop suid/sgid (killpriv_v2).
+    kill_suidgid: bool = False
+
+
+@attrs.define(slots=True)
+class FileInfo:
+    """The answer to ``open``/``create``/``opendir``: a handle plus FOPEN_* hints."""
+
+    fh: int
+    direct_io: bool = False
+    keep_cache: bool = False
+    nonseekable: bool = False
+    cache_dir: bool = False
+    noflush: bool = False
+    parallel_direct_writes: bool = False
+
+
+@attrs.define(slots=True)
+class StatvfsData:
+    f_bsize: int = 4096
+    f_frsize: int = 4096
+    f_blocks: int = 0
+    f_bfree: int = 0
+    f_bavail: int = 0
+    f_files: int = 0
+    f_ffree: int = 0
+    f_favail: int = 0
+    f_namemax: int = 255
+
+
+@attrs.define(slots=True)
+class FileLock:
+    """A POSIX byte-range lock as FUSE carries it (``end`` is inclusive,
+    ``type`` is F_RDLCK / F_WRLCK / F_UNLCK)."""
+
+    start: int
+    end: int
+    type: int
+    pid: int = 0
+
+
+class DirectoryReply:
+    """Collects directory entries for one READDIR / READDIRPLUS reply.
+
+    ``add`` returns False, without adding, when the entry no longer fits: the
+    backend stops there and the guest asks again from that entry's offset.
+    While ``plus`` is true, every accepted entry other than ``.``/``..``
+    counts one lookup of ``attributes.st_ino`` (see the module docstring).
+    The session implements this; backends only call ``add``.
+    """
+
+    plus: bool = False
+
+    def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
+        raise NotImplementedError
+
+
+def _enosys() -> FuseError:
+    return FuseError(errno.ENOSYS)
+
+
+class Operations:
+    """Base class of every backend; see the module docstring for the rules.
+
+    Class attributes say what the backend supports; the session turns them
+    into FUSE_INIT flags.
+    """
+
+    #: Answer the kernel's write-back cache requests (FUSE_WRITEBACK_CACHE).
+    enable_writeback_cache: bool = False
+    #: The backend applies ``ctx.umask`` itself (FUSE_DONT_MASK), e.g. for ACLs.
+    handles_umask: bool = False
+    #: The backend implements POSIX byte-range locks (getlk/setlk).
+    supports_posix_locks: bool = False
+    #: The backend implements BSD flock() locks through setlk with ``flock=True``.
+    supports_flock_locks: bool = False
+    #: The backend honours FATTR_KILL_SUIDGID / FUSE_WRITE_KILL_SUIDGID.
+    supports_killpriv_v2: bool = False
+    #: The backend supports POSIX ACLs via xattrs (FUSE_POSIX_ACL).
+    supports_posix_acl: bool = False
+    #: READDIRPLUS is offered to the guest (FUSE_DO_READDIRPLUS).
+    supports_readdirplus: bool = True
+
+    # -- lifecycle -------------------------------------------------------
+    async def init(self) -> None:
+        """Called once per FUSE session (per guest mount), before any request."""
+
+    async def destroy(self) -> None:
+        """Called at FUSE_DESTROY (guest unmount) or when the connection ends.
+        All lookup counts are implicitly dropped; the backend may reset to
+        the state of a fresh mount (the root stays)."""
+
+    # -- names and inodes --------------------------------------------------
+    async def lookup(self, parent: InodeT, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        """Find ``name`` in directory ``parent``; counts one lookup.
+        A missing entry raises ``FuseError(ENOENT)``."""
+        raise _enosys()
+
+    async def forget(self, inodes: Sequence[tuple[InodeT, int]]) -> None:
+        """Drop ``nlookup`` lookups of each ``(inode, nlookup)``. Never raises:
+        the guest gets no reply to FORGET."""
+
+    async def getattr(self, inode: InodeT, ctx: RequestContext, fh: FileHandleT | None = None) -> EntryAttributes:
+        raise _enosys()
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        """Change the attributes ``fields`` selects to the values in ``attr``;
+        return the new attributes."""
+        raise _enosys()
+
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
+        raise _enosys()
+
+    async def mknod(self, parent: InodeT, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
+        """Create a regular file, device node, fifo or socket; counts one lookup."""
+        raise _enosys()
+
+    async def mkdir(self, parent: InodeT, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
+        raise _enosys()
+
+    async def symlink(self, parent: InodeT, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
+        raise _enosys()
+
+    async def link(self, inode: InodeT, new_parent: InodeT, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
+        raise _enosys()
+
+    async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
+        raise _enosys()
+
+    async def rmdir(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
+        raise _enosys()
+
+    async def rename(
+        self,
+        parent_old: InodeT,
+        name_old: bytes,
+        parent_new: InodeT,
+        name_new: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        """``flags`` is 0 or RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+        raise _enosys()
+
+    # -- files -----------------------------------------------------------
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
+        """``flags`` are the guest's open(2) flags (O_CREAT/O_EXCL already handled)."""
+        raise _enosys()
+
+    async def create(
+        self, parent: InodeT, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        """Create and open ``name``; counts one lookup."""
+        raise _enosys()
+
+    async def tmpfile(self, parent: InodeT, mode: int, flags: int, ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+        """O_TMPFILE: an unnamed regular file in ``parent``; counts one lookup."""
+        raise _enosys()
+
+    async def read(self, fh: FileHandleT, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at end of file).
+        May return any bytes-like object."""
+        raise _enosys()
+
+    async def write(self, fh: FileHandleT, offset: int, data: Sequence[memoryview], ctx: RequestContext) -> int:
+        """Write the concatenation of ``data`` at ``offset``; return the count.
+
+        ``data`` are views straight into guest memory, valid only until this
+        call returns: copy what you keep. ``ctx`` tells the writer (for
+        killpriv: a write by a non-owner drops suid/sgid)."""
+        raise _enosys()
+
+    async def flush(self, fh: FileHandleT, lock_owner: int) -> None:
+        """close(2) of one file descriptor in the guest (may happen many times)."""
+
+    async def release(self, fh: FileHandleT) -> None:
+        """The last reference to ``fh`` is gone. Never fails visibly."""
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        pass
+
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        raise _enosys()
+
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        """Only SEEK_DATA / SEEK_HOLE reach the backend; return the new offset."""
+        raise _enosys()
+
+    async def copy_file_range(
+        self, fh_in: FileHandleT, off_in: int, fh_out: FileHandleT, off_out: int, length: int, flags: int
+    ) -> int:
+        raise _enosys()
+
+    # -- directories -----------------------------------------------------
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileInfo:
+        raise _enosys()
+
+    async def readdir(self, fh: FileHandleT, offset: int, reply: DirectoryReply) -> None:
+        """Add entries following ``offset`` (0 = from the start) with
+        ``reply.add(name, attrs, next_offset)`` until it returns False or the
+        directory ends. ``next_offset`` is the offset the guest passes to
+        resume after this entry; it must stay valid while entries are added
+        or removed concurrently (no entry skipped or returned twice)."""
+        raise _enosys()
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        pass
+
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        pass
+
+    # -- filesystem -------------------------------------------------------
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        raise _enosys()
+
+    async def syncfs(self) -> None:
+        pass
+
+    async def access(self, inode: InodeT, mask: int, ctx: RequestContext) -> None:
+        """Check ``mask`` (R_OK|W_OK|X_OK, or F_OK=0) for ``ctx``; raise EACCES."""
+        raise _enosys()
+
+    # -- extended attributes -----------------------------------------------
+    async def setxattr(self, inode: InodeT, name: bytes, value: bytes, flags: int, ctx: RequestContext) -> None:
+        """``flags`` is 0, XATTR_CREATE or XATTR_REPLACE."""
+        raise _enosys()
+
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        """Missing attribute: ``FuseError(ENODATA)``. The session handles size
+        probing and ERANGE."""
+        raise _enosys()
+
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
+        raise _enosys()
+
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
+        raise _enosys()
+
+    # -- locks (only called when the matching supports_* flag is set) ----------
+    async def getlk(self, fh: FileHandleT, owner: int, lock: FileLock) -> FileLock:
+        raise _enosys()
+
+    async def setlk(self, fh: FileHandleT, owner: int, lock: FileLock, wait: bool, flock: bool) -> None:
+        """Take or drop a lock; ``wait`` (SETLKW) may block for long: the
+        backend must await without holding up other requests."""
+        raise _enosys()
+
+    # -- rarely used -------------------------------------------------------
+    async def ioctl(self, fh: FileHandleT, cmd: int, arg: int, in_data: bytes, out_size: int, flags: int) -> bytes:
+        raise _enosys()
+
+    async def poll(self, fh: FileHandleT, events: int) -> int:
+        raise _enosys()

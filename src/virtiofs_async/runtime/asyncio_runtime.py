@@ -1,0 +1,145 @@
+"""asyncio (and uvloop) implementation of the runtime interface."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from .base import ClosedResourceError
+
+T = TypeVar("T")
+
+
+class _TaskGroup:
+    """A task group whose members never take the group down: a failing task
+    is logged by the caller's own code; ``cancel`` stops them all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancelled = False
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        task = self._loop.create_task(fn(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Surface unexpected crashes of a member like an unhandled error.
+            self._loop.call_exception_handler(
+                {"message": "task in runtime task group failed", "exception": task.exception(), "task": task}
+            )
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _join(self) -> None:
+        while self._tasks:
+            try:
+                await asyncio.wait(list(self._tasks))
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+
+
+class AsyncioRuntime:
+    """Runtime over the running asyncio loop (uvloop's loop is an asyncio loop)."""
+
+    def __init__(self, *, use_uvloop: bool | None = None, max_threads: int = 64) -> None:
+        if use_uvloop is None:
+            try:
+                import uvloop  # noqa: F401
+            except ImportError:
+                use_uvloop = False
+            else:
+                use_uvloop = True
+        self._use_uvloop = use_uvloop
+        self.name = "uvloop" if use_uvloop else "asyncio"
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="virtiofs-worker"
+        )
+        # fd -> futures waiting on it (readable and writable)
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    async def _wait(self, fd: int, readable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        add, remove = (loop.add_reader, loop.remove_reader) if readable else (loop.add_writer, loop.remove_writer)
+        add(fd, _set_result_once, fut)
+        self._waiters.setdefault(fd, []).append(fut)
+        try:
+            await fut
+        finally:
+            waiters = self._waiters.get(fd)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[fd]
+            with contextlib.suppress(OSError, ValueError):
+                remove(fd)
+
+    async def wait_readable(self, fd: int) -> None:
+        await self._wait(fd, True)
+
+    async def wait_writable(self, fd: int) -> None:
+        await self._wait(fd, False)
+
+    def notify_closing(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        for fut in self._waiters.pop(fd, []):
+            if not fut.done():
+                fut.set_exception(ClosedResourceError(f"fd {fd} was closed"))
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(fd)
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_writer(fd)
+
+    @contextlib.asynccontextmanager
+    async def task_group(self) -> AsyncIterator[_TaskGroup]:
+        group = _TaskGroup(asyncio.get_running_loop())
+        try:
+            yield group
+        except BaseException:
+            group.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await group._join()
+            raise
+        await group._join()
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def event(self) -> asyncio.Event:
+        return asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def move_on_after(self, seconds: float) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError:
+            pass
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            if self._use_uvloop:
+                import uvloop
+
+                return uvloop.run(fn(*args))
+            return asyncio.run(fn(*args))
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_result_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

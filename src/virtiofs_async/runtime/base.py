@@ -1,0 +1,84 @@
+"""The runtime interface: the only thing in the library that knows an event loop.
+
+Everything above the sans-IO cores (transport, daemon, testing frontend) is
+written against :class:`Runtime`; :mod:`.asyncio_runtime` and
+:mod:`.trio_runtime` implement it. Keep it small: waiting for an fd, a task
+group, running a blocking call in a thread, sleeping, events, timeouts.
+
+fd contract (after trio): whoever owns an fd calls ``notify_closing(fd)``
+before closing it while another task may be waiting on it; the waiter then
+gets :class:`ClosedResourceError`. A task never waits on an fd it does not
+own or borrow from a live owner.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class ClosedResourceError(Exception):
+    """The fd a task was waiting on was closed (see ``notify_closing``)."""
+
+
+class TaskGroup(Protocol):
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``fn(*args)`` concurrently; the group's ``async with`` waits for it."""
+
+    def cancel(self) -> None:
+        """Cancel every task of the group (the ``async with`` then returns)."""
+
+
+class Event(Protocol):
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+class Runtime(Protocol):
+    #: "asyncio", "uvloop" or "trio".
+    name: str
+
+    async def wait_readable(self, fd: int) -> None:
+        """Return when ``fd`` is readable (or raise ClosedResourceError)."""
+
+    async def wait_writable(self, fd: int) -> None: ...
+
+    def notify_closing(self, fd: int) -> None:
+        """Wake every waiter of ``fd`` with ClosedResourceError; call before close."""
+
+    def task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking ``fn(*args)`` in the runtime's bounded thread pool."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def event(self) -> Event: ...
+
+    def move_on_after(self, seconds: float) -> AbstractAsyncContextManager[Any]:
+        """A block that is cancelled (silently) after ``seconds``."""
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn(*args)`` to completion on a fresh event loop (entry point)."""
+
+
+async def read_eventfd(runtime: Runtime, fd: int) -> int:
+    """Wait for an eventfd (non-blocking) to be signalled and consume its count."""
+    while True:
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            await runtime.wait_readable(fd)
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an eventfd. A full counter (EAGAIN) already means "signalled"."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass

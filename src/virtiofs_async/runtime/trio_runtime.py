@@ -1,0 +1,69 @@
+"""trio implementation of the runtime interface."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import trio
+
+from .base import ClosedResourceError
+
+T = TypeVar("T")
+
+
+class _TaskGroup:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._nursery.start_soon(fn, *args)
+
+    def cancel(self) -> None:
+        self._nursery.cancel_scope.cancel()
+
+
+class TrioRuntime:
+    name = "trio"
+
+    def __init__(self, *, max_threads: int = 64) -> None:
+        self._max_threads = max_threads
+        self._limiter: trio.CapacityLimiter | None = None
+
+    async def wait_readable(self, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError as exc:
+            raise ClosedResourceError(str(exc)) from exc
+
+    async def wait_writable(self, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_writable(fd)
+        except trio.ClosedResourceError as exc:
+            raise ClosedResourceError(str(exc)) from exc
+
+    def notify_closing(self, fd: int) -> None:
+        trio.lowlevel.notify_closing(fd)
+
+    @contextlib.asynccontextmanager
+    async def task_group(self) -> AsyncIterator[_TaskGroup]:
+        async with trio.open_nursery() as nursery:
+            yield _TaskGroup(nursery)
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self._max_threads)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    def event(self) -> trio.Event:
+        return trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def move_on_after(self, seconds: float) -> AsyncIterator[None]:
+        with trio.move_on_after(seconds):
+            yield
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.run(fn, *args)

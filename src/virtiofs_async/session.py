@@ -1,0 +1,674 @@
+"""The FUSE session: negotiates FUSE_INIT and dispatches requests to a backend.
+
+One :class:`FuseSession` per vhost-user connection (the guest's mount). The
+transport hands it one descriptor chain at a time as two scatter-gather
+lists: ``readable`` (the request) and ``writable`` (room for the reply); it
+returns how many bytes of reply it wrote. It never sees vrings or sockets, and
+it never imports an event loop: requests are independent coroutines, so the
+transport may run any number of them concurrently and they may finish in any
+order.
+
+Errors: a malformed request is answered with the protocol error's errno when
+its ``unique`` is known (else dropped) and logged once; a backend's
+``FuseError`` becomes its errno; any other exception becomes EIO plus a logged
+traceback. Nothing raises out of :meth:`FuseSession.handle_request`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Awaitable, Callable, Sequence
+
+import attrs
+
+from . import _accel
+from .abi import fuse as abi
+from . import codec
+from .errors import FuseError, FuseProtocolError
+from .operations import (
+    DirectoryReply,
+    EntryAttributes,
+    FileInfo,
+    FileLock,
+    Operations,
+    RequestContext,
+    SetattrFields,
+)
+
+log = logging.getLogger("virtiofs_async.session")
+
+#: The protocol we speak; a kernel with an older minor still works down to 7.31.
+OUR_MAJOR = abi.FUSE_KERNEL_VERSION
+OUR_MINOR = abi.FUSE_KERNEL_MINOR_VERSION
+OLDEST_MINOR = 31
+
+_OUT_HEADER_SIZE = 16
+_NS = 1_000_000_000
+
+
+@attrs.define(frozen=True)
+class SessionConfig:
+    """Limits the session offers at FUSE_INIT."""
+
+    max_write: int = 1 << 20
+    max_pages: int = 256
+    max_background: int = 64
+    congestion_threshold: int = 48
+    time_gran: int = 1
+
+
+@attrs.define(frozen=True)
+class Negotiated:
+    """What FUSE_INIT settled: the kernel's protocol minor and the common flags."""
+
+    major: int
+    minor: int
+    flags: int
+    max_write: int
+    max_readahead: int
+
+
+def _split_timeout(seconds: float) -> tuple[int, int]:
+    if seconds <= 0:
+        return 0, 0
+    whole = int(seconds)
+    return whole, int((seconds - whole) * _NS)
+
+
+def entry_to_attr(e: EntryAttributes) -> codec.Attr:
+    return codec.Attr(
+        ino=e.st_ino,
+        size=e.st_size,
+        blocks=e.st_blocks,
+        atime=e.st_atime_ns // _NS,
+        mtime=e.st_mtime_ns // _NS,
+        ctime=e.st_ctime_ns // _NS,
+        atimensec=e.st_atime_ns % _NS,
+        mtimensec=e.st_mtime_ns % _NS,
+        ctimensec=e.st_ctime_ns % _NS,
+        mode=e.st_mode,
+        nlink=e.st_nlink,
+        uid=e.st_uid,
+        gid=e.st_gid,
+        rdev=e.st_rdev,
+        blksize=e.st_blksize,
+        flags=e.attr_flags,
+    )
+
+
+def entry_to_entry_out(e: EntryAttributes) -> codec.EntryOut:
+    entry_valid, entry_nsec = _split_timeout(e.entry_timeout)
+    attr_valid, attr_nsec = _split_timeout(e.attr_timeout)
+    return codec.EntryOut(
+        nodeid=e.st_ino,
+        generation=e.generation,
+        entry_valid=entry_valid,
+        attr_valid=attr_valid,
+        entry_valid_nsec=entry_nsec,
+        attr_valid_nsec=attr_nsec,
+        attr=entry_to_attr(e),
+    )
+
+
+def entry_to_attr_out(e: EntryAttributes) -> codec.AttrOut:
+    attr_valid, attr_nsec = _split_timeout(e.attr_timeout)
+    return codec.AttrOut(attr_valid=attr_valid, attr_valid_nsec=attr_nsec, attr=entry_to_attr(e))
+
+
+def file_info_to_open_out(fi: FileInfo) -> codec.OpenOut:
+    flags = 0
+    if fi.direct_io:
+        flags |= abi.FOPEN_DIRECT_IO
+    if fi.keep_cache:
+        flags |= abi.FOPEN_KEEP_CACHE
+    if fi.nonseekable:
+        flags |= abi.FOPEN_NONSEEKABLE
+    if fi.cache_dir:
+        flags |= abi.FOPEN_CACHE_DIR
+    if fi.noflush:
+        flags |= abi.FOPEN_NOFLUSH
+    if fi.parallel_direct_writes:
+        flags |= abi.FOPEN_PARALLEL_DIRECT_WRITES
+    return codec.OpenOut(fh=fi.fh, open_flags=flags)
+
+
+class _DirectoryReply(DirectoryReply):
+    """Packs entries into one READDIR(PLUS) reply of at most ``size`` bytes."""
+
+    __slots__ = ("plus", "_size", "_used", "parts")
+
+    def __init__(self, size: int, plus: bool) -> None:
+        self.plus = plus
+        self._size = size
+        self._used = 0
+        self.parts: list[bytes] = []
+
+    def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
+        if not name or b"/" in name or b"\0" in name:
+            raise ValueError(f"backend produced an invalid directory entry name {name!r}")
+        dtype = (attributes.st_mode & 0o170000) >> 12
+        if self.plus:
+            need = codec.direntplus_size(len(name))
+            if self._used + need > self._size:
+                return False
+            if name in (b".", b".."):
+                # The kernel does not count lookups for these; a zero nodeid
+                # tells it so explicitly.
+                entry = codec.EntryOut(0, 0, 0, 0, 0, 0, entry_to_attr(attributes))
+            else:
+                entry = entry_to_entry_out(attributes)
+            self.parts.append(_accel.pack_direntplus(entry, attributes.st_ino, next_offset, dtype, name))
+        else:
+            need = codec.dirent_size(len(name))
+            if self._used + need > self._size:
+                return False
+            self.parts.append(_accel.pack_dirent(attributes.st_ino, next_offset, dtype, name))
+        self._used += need
+        return True
+
+
+#: Returned by handlers of requests that get no reply (FORGET, INTERRUPT).
+NO_REPLY = object()
+
+Body = Any  # bytes-like, a list of bytes-like, an object with encode(), None or NO_REPLY
+
+
+class FuseSession:
+    """FUSE protocol state for one guest mount, over one backend.
+
+    ``handle_request`` is the whole interface the transport uses.
+    """
+
+    def __init__(self, operations: Operations, config: SessionConfig | None = None) -> None:
+        self.operations = operations
+        self.config = config or SessionConfig()
+        self.negotiated: Negotiated | None = None
+        self.destroyed = False
+        self._handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
+            abi.Opcode.INIT: self._init,
+            abi.Opcode.DESTROY: self._destroy,
+            abi.Opcode.LOOKUP: self._lookup,
+            abi.Opcode.FORGET: self._forget,
+            abi.Opcode.BATCH_FORGET: self._batch_forget,
+            abi.Opcode.GETATTR: self._getattr,
+            abi.Opcode.SETATTR: self._setattr,
+            abi.Opcode.READLINK: self._readlink,
+            abi.Opcode.SYMLINK: self._symlink,
+            abi.Opcode.MKNOD: self._mknod,
+            abi.Opcode.MKDIR: self._mkdir,
+            abi.Opcode.UNLINK: self._unlink,
+            abi.Opcode.RMDIR: self._rmdir,
+            abi.Opcode.RENAME: self._rename,
+            abi.Opcode.RENAME2: self._rename2,
+            abi.Opcode.LINK: self._link,
+            abi.Opcode.OPEN: self._open,
+            abi.Opcode.READ: self._read,
+            abi.Opcode.WRITE: self._write,
+            abi.Opcode.STATFS: self._statfs,
+            abi.Opcode.RELEASE: self._release,
+            abi.Opcode.FSYNC: self._fsync,
+            abi.Opcode.SETXATTR: self._setxattr,
+            abi.Opcode.GETXATTR: self._getxattr,
+            abi.Opcode.LISTXATTR: self._listxattr,
+            abi.Opcode.REMOVEXATTR: self._removexattr,
+            abi.Opcode.FLUSH: self._flush,
+            abi.Opcode.OPENDIR: self._opendir,
+            abi.Opcode.READDIR: self._readdir,
+            abi.Opcode.READDIRPLUS: self._readdirplus,
+            abi.Opcode.RELEASEDIR: self._releasedir,
+            abi.Opcode.FSYNCDIR: self._fsyncdir,
+            abi.Opcode.GETLK: self._getlk,
+            abi.Opcode.SETLK: self._setlk,
+            abi.Opcode.SETLKW: self._setlkw,
+            abi.Opcode.ACCESS: self._access,
+            abi.Opcode.CREATE: self._create,
+            abi.Opcode.INTERRUPT: self._interrupt,
+            abi.Opcode.FALLOCATE: self._fallocate,
+            abi.Opcode.LSEEK: self._lseek,
+            abi.Opcode.COPY_FILE_RANGE: self._copy_file_range,
+            abi.Opcode.SYNCFS: self._syncfs,
+            abi.Opcode.TMPFILE: self._tmpfile,
+            abi.Opcode.IOCTL: self._ioctl,
+            abi.Opcode.POLL: self._poll,
+            abi.Opcode.SETUPMAPPING: self._enosys,
+            abi.Opcode.REMOVEMAPPING: self._enosys,
+        }
+
+    # -- the transport's entry point ---------------------------------------
+    async def handle_request(self, readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+        """Serve one request; return the number of reply bytes written into
+        ``writable`` (0 when the request gets no reply)."""
+        try:
+            request = _accel.decode_request(readable)
+        except FuseProtocolError as exc:
+            log.warning("malformed FUSE request (unique=%s): %s -> errno %d", exc.unique, exc, exc.errno)
+            if exc.unique is None:
+                return 0
+            return self._reply_error(writable, exc.unique, exc.errno)
+        header = request.header
+        opcode = header.opcode
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %r", request)
+        if self.negotiated is None and opcode != abi.Opcode.INIT:
+            log.warning("opcode %s before FUSE_INIT (unique=%d) -> EIO", _opname(opcode), header.unique)
+            return self._reply_error(writable, header.unique, errno.EIO)
+        handler = self._handlers.get(opcode)
+        if handler is None:  # a known opcode that virtio-fs does not use (e.g. CUSE_INIT)
+            log.warning("unsupported opcode %s (unique=%d) -> ENOSYS", _opname(opcode), header.unique)
+            return self._reply_error(writable, header.unique, errno.ENOSYS)
+        try:
+            body = await handler(request)
+        except FuseError as exc:
+            if exc.errno != errno.ENOENT or log.isEnabledFor(logging.DEBUG):
+                log.log(
+                    logging.DEBUG if exc.errno in _QUIET_ERRNOS else logging.INFO,
+                    "%s nodeid=%d unique=%d -> %s",
+                    _opname(opcode), header.nodeid, header.unique, errno.errorcode.get(exc.errno, exc.errno),
+                )
+            return self._reply_error(writable, header.unique, exc.errno)
+        except Exception:
+            log.exception("backend failed on %s nodeid=%d unique=%d -> EIO", _opname(opcode), header.nodeid, header.unique)
+            return self._reply_error(writable, header.unique, errno.EIO)
+        if body is NO_REPLY:
+            return 0
+        return self._reply(writable, header.unique, body, opcode)
+
+    async def close(self) -> None:
+        """The connection is gone: let the backend forget this mount."""
+        if self.negotiated is not None and not self.destroyed:
+            self.destroyed = True
+            try:
+                await self.operations.destroy()
+            except Exception:
+                log.exception("backend failed in destroy()")
+
+    # -- reply writing -------------------------------------------------------
+    def _reply_error(self, writable: Sequence[memoryview], unique: int, err: int) -> int:
+        if not 0 < err < 4096:
+            log.error("invalid errno %r for unique=%d, answering EIO", err, unique)
+            err = errno.EIO
+        header = _accel.encode_out_header(unique, err, 0)
+        return _accel.scatter(writable, (header,))
+
+    def _reply(self, writable: Sequence[memoryview], unique: int, body: Body, opcode: int) -> int:
+        if body is None:
+            parts: tuple[Any, ...] | list[Any] = ()
+        elif isinstance(body, (bytes, bytearray, memoryview)):
+            parts = (body,)
+        elif isinstance(body, list):
+            parts = body
+        else:
+            parts = (body.encode(),)
+        body_len = 0
+        for part in parts:
+            body_len += len(part) if not isinstance(part, memoryview) else part.nbytes
+        room = 0
+        for view in writable:
+            room += view.nbytes
+        if _OUT_HEADER_SIZE + body_len > room:
+            log.warning(
+                "reply to %s unique=%d needs %d bytes, the guest gave %d -> EIO",
+                _opname(opcode), unique, _OUT_HEADER_SIZE + body_len, room,
+            )
+            return self._reply_error(writable, unique, errno.EIO) if room >= _OUT_HEADER_SIZE else 0
+        header = _accel.encode_out_header(unique, 0, body_len)
+        return _accel.scatter(writable, (header, *parts))
+
+    # -- helpers ---------------------------------------------------------------
+    def _ctx(self, header: codec.InHeader, umask: int = 0) -> RequestContext:
+        return RequestContext(
+            uid=header.uid,
+            gid=header.gid,
+            pid=header.pid,
+            umask=umask if self.operations.handles_umask else 0,
+        )
+
+    def _flag(self, flag: int) -> bool:
+        neg = self.negotiated
+        return neg is not None and bool(neg.flags & flag)
+
+    # -- handlers ----------------------------------------------------------------
+    async def _init(self, req: codec.InitRequest) -> Body:
+        if self.negotiated is not None:
+            log.warning("second FUSE_INIT on one session -> EPROTO")
+            raise FuseError(errno.EPROTO)
+        if req.major > OUR_MAJOR:
+            # Tell the kernel our major; it retries with it (fuse.h "INIT request and reply").
+            return codec.InitOut(major=OUR_MAJOR, minor=OUR_MINOR, max_readahead=0, flags=0,
+                                 max_background=0, congestion_threshold=0, max_write=0,
+                                 time_gran=0, max_pages=0, map_alignment=0)
+        if req.major < OUR_MAJOR or req.minor < OLDEST_MINOR:
+            log.error("guest speaks FUSE %d.%d, we need 7.%d or later", req.major, req.minor, OLDEST_MINOR)
+            raise FuseError(errno.EPROTO)
+        ops = self.operations
+        wanted = (
+            abi.FUSE_ASYNC_READ
+            | abi.FUSE_ATOMIC_O_TRUNC
+            | abi.FUSE_BIG_WRITES
+            | abi.FUSE_AUTO_INVAL_DATA
+            | abi.FUSE_ASYNC_DIO
+            | abi.FUSE_PARALLEL_DIROPS
+            | abi.FUSE_MAX_PAGES
+            | abi.FUSE_CACHE_SYMLINKS
+            | abi.FUSE_INIT_EXT
+        )
+        if ops.supports_readdirplus:
+            wanted |= abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
+        if ops.enable_writeback_cache:
+            wanted |= abi.FUSE_WRITEBACK_CACHE
+        if ops.handles_umask:
+            wanted |= abi.FUSE_DONT_MASK
+        if ops.supports_posix_locks:
+            wanted |= abi.FUSE_POSIX_LOCKS
+        if ops.supports_flock_locks:
+            wanted |= abi.FUSE_FLOCK_LOCKS
+        if ops.supports_killpriv_v2:
+            wanted |= abi.FUSE_HANDLE_KILLPRIV_V2
+        if ops.supports_posix_acl:
+            wanted |= abi.FUSE_POSIX_ACL
+        flags = wanted & req.flags
+        minor = min(req.minor, OUR_MINOR)
+        cfg = self.config
+        max_pages = cfg.max_pages if flags & abi.FUSE_MAX_PAGES else 32
+        max_write = min(cfg.max_write, max_pages * 4096)
+        await ops.init()
+        self.negotiated = Negotiated(
+            major=OUR_MAJOR, minor=minor, flags=flags, max_write=max_write, max_readahead=req.max_readahead
+        )
+        log.info("FUSE_INIT: guest 7.%d, agreed 7.%d, flags %#x, max_write %d", req.minor, minor, flags, max_write)
+        return codec.InitOut(
+            major=OUR_MAJOR,
+            minor=minor,
+            max_readahead=req.max_readahead,
+            flags=flags,
+            max_background=cfg.max_background,
+            congestion_threshold=cfg.congestion_threshold,
+            max_write=max_write,
+            time_gran=cfg.time_gran,
+            max_pages=max_pages,
+            map_alignment=0,
+        )
+
+    async def _destroy(self, req: codec.DestroyRequest) -> Body:
+        self.destroyed = True
+        await self.operations.destroy()
+        return None
+
+    async def _lookup(self, req: codec.LookupRequest) -> Body:
+        entry = await self.operations.lookup(req.header.nodeid, req.name, self._ctx(req.header))
+        return entry_to_entry_out(entry)
+
+    async def _forget(self, req: codec.ForgetRequest) -> Body:
+        await self._forget_many([(req.header.nodeid, req.nlookup)])
+        return NO_REPLY
+
+    async def _batch_forget(self, req: codec.BatchForgetRequest) -> Body:
+        await self._forget_many(list(req.items))
+        return NO_REPLY
+
+    async def _forget_many(self, items: list[tuple[int, int]]) -> None:
+        try:
+            await self.operations.forget(items)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("backend failed in forget(%d inodes)", len(items))
+
+    async def _getattr(self, req: codec.GetattrRequest) -> Body:
+        fh = req.fh if req.getattr_flags & abi.FUSE_GETATTR_FH else None
+        entry = await self.operations.getattr(req.header.nodeid, self._ctx(req.header), fh)
+        return entry_to_attr_out(entry)
+
+    async def _setattr(self, req: codec.SetattrRequest) -> Body:
+        valid = req.valid
+        fields = SetattrFields(
+            update_mode=bool(valid & abi.FATTR_MODE),
+            update_uid=bool(valid & abi.FATTR_UID),
+            update_gid=bool(valid & abi.FATTR_GID),
+            update_size=bool(valid & abi.FATTR_SIZE),
+            update_atime=bool(valid & abi.FATTR_ATIME),
+            update_mtime=bool(valid & abi.FATTR_MTIME),
+            update_ctime=bool(valid & abi.FATTR_CTIME),
+            update_atime_now=bool(valid & abi.FATTR_ATIME_NOW),
+            update_mtime_now=bool(valid & abi.FATTR_MTIME_NOW),
+            kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+        )
+        attr = EntryAttributes(
+            st_ino=req.header.nodeid,
+            st_mode=req.mode,
+            st_uid=req.uid,
+            st_gid=req.gid,
+            st_size=req.size,
+            st_atime_ns=req.atime * _NS + req.atimensec,
+            st_mtime_ns=req.mtime * _NS + req.mtimensec,
+            st_ctime_ns=req.ctime * _NS + req.ctimensec,
+        )
+        fh = req.fh if valid & abi.FATTR_FH else None
+        entry = await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req.header))
+        return entry_to_attr_out(entry)
+
+    async def _readlink(self, req: codec.ReadlinkRequest) -> Body:
+        return bytes(await self.operations.readlink(req.header.nodeid, self._ctx(req.header)))
+
+    async def _symlink(self, req: codec.SymlinkRequest) -> Body:
+        entry = await self.operations.symlink(req.header.nodeid, req.name, req.target, self._ctx(req.header))
+        return entry_to_entry_out(entry)
+
+    async def _mknod(self, req: codec.MknodRequest) -> Body:
+        entry = await self.operations.mknod(
+            req.header.nodeid, req.name, req.mode, req.rdev, self._ctx(req.header, req.umask)
+        )
+        return entry_to_entry_out(entry)
+
+    async def _mkdir(self, req: codec.MkdirRequest) -> Body:
+        entry = await self.operations.mkdir(req.header.nodeid, req.name, req.mode, self._ctx(req.header, req.umask))
+        return entry_to_entry_out(entry)
+
+    async def _unlink(self, req: codec.UnlinkRequest) -> Body:
+        await self.operations.unlink(req.header.nodeid, req.name, self._ctx(req.header))
+        return None
+
+    async def _rmdir(self, req: codec.RmdirRequest) -> Body:
+        await self.operations.rmdir(req.header.nodeid, req.name, self._ctx(req.header))
+        return None
+
+    async def _rename(self, req: codec.RenameRequest) -> Body:
+        await self.operations.rename(
+            req.header.nodeid, req.oldname, req.newdir, req.newname, 0, self._ctx(req.header)
+        )
+        return None
+
+    async def _rename2(self, req: codec.Rename2Request) -> Body:
+        await self.operations.rename(
+            req.header.nodeid, req.oldname, req.newdir, req.newname, req.flags, self._ctx(req.header)
+        )
+        return None
+
+    async def _link(self, req: codec.LinkRequest) -> Body:
+        entry = await self.operations.link(req.oldnodeid, req.header.nodeid, req.newname, self._ctx(req.header))
+        return entry_to_entry_out(entry)
+
+    async def _open(self, req: codec.OpenRequest) -> Body:
+        fi = await self.operations.open(req.header.nodeid, req.flags, self._ctx(req.header))
+        return file_info_to_open_out(fi)
+
+    async def _read(self, req: codec.ReadRequest) -> Body:
+        data = await self.operations.read(req.fh, req.offset, req.size)
+        if len(data) > req.size:
+            raise _backend_bug(f"read() returned {len(data)} bytes, {req.size} were asked")
+        return data
+
+    async def _write(self, req: codec.WriteRequest) -> Body:
+        written = await self.operations.write(req.fh, req.offset, req.data, self._ctx(req.header))
+        if not 0 <= written <= req.size:
+            raise _backend_bug(f"write() returned {written} for a write of {req.size} bytes")
+        return codec.WriteOut(size=written)
+
+    async def _statfs(self, req: codec.StatfsRequest) -> Body:
+        st = await self.operations.statfs(self._ctx(req.header))
+        return codec.StatfsOut(
+            blocks=st.f_blocks,
+            bfree=st.f_bfree,
+            bavail=st.f_bavail,
+            files=st.f_files,
+            ffree=st.f_ffree,
+            bsize=st.f_bsize,
+            namelen=st.f_namemax,
+            frsize=st.f_frsize,
+        )
+
+    async def _release(self, req: codec.ReleaseRequest) -> Body:
+        try:
+            await self.operations.release(req.fh)
+        except FuseError:
+            pass  # close(2) in the guest has already returned; nothing to tell
+        return None
+
+    async def _fsync(self, req: codec.FsyncRequest) -> Body:
+        await self.operations.fsync(req.fh, bool(req.fsync_flags & 1))
+        return None
+
+    async def _setxattr(self, req: codec.SetxattrRequest) -> Body:
+        await self.operations.setxattr(req.header.nodeid, req.name, bytes(req.value), req.flags, self._ctx(req.header))
+        return None
+
+    async def _getxattr(self, req: codec.GetxattrRequest) -> Body:
+        value = bytes(await self.operations.getxattr(req.header.nodeid, req.name, self._ctx(req.header)))
+        if req.size == 0:
+            return codec.GetxattrOut(size=len(value))
+        if len(value) > req.size:
+            raise FuseError(errno.ERANGE)
+        return value
+
+    async def _listxattr(self, req: codec.ListxattrRequest) -> Body:
+        names = await self.operations.listxattr(req.header.nodeid, self._ctx(req.header))
+        value = b"".join(bytes(n) + b"\0" for n in names)
+        if req.size == 0:
+            return codec.GetxattrOut(size=len(value))
+        if len(value) > req.size:
+            raise FuseError(errno.ERANGE)
+        return value
+
+    async def _removexattr(self, req: codec.RemovexattrRequest) -> Body:
+        await self.operations.removexattr(req.header.nodeid, req.name, self._ctx(req.header))
+        return None
+
+    async def _flush(self, req: codec.FlushRequest) -> Body:
+        await self.operations.flush(req.fh, req.lock_owner)
+        return None
+
+    async def _opendir(self, req: codec.OpendirRequest) -> Body:
+        fi = await self.operations.opendir(req.header.nodeid, self._ctx(req.header))
+        return file_info_to_open_out(fi)
+
+    async def _readdir_common(self, req: codec.ReaddirRequest, plus: bool) -> Body:
+        reply = _DirectoryReply(req.size, plus)
+        await self.operations.readdir(req.fh, req.offset, reply)
+        return reply.parts
+
+    async def _readdir(self, req: codec.ReaddirRequest) -> Body:
+        return await self._readdir_common(req, False)
+
+    async def _readdirplus(self, req: codec.ReaddirplusRequest) -> Body:
+        return await self._readdir_common(req, True)
+
+    async def _releasedir(self, req: codec.ReleasedirRequest) -> Body:
+        try:
+            await self.operations.releasedir(req.fh)
+        except FuseError:
+            pass
+        return None
+
+    async def _fsyncdir(self, req: codec.FsyncdirRequest) -> Body:
+        await self.operations.fsyncdir(req.fh, bool(req.fsync_flags & 1))
+        return None
+
+    def _lock_of(self, req: Any) -> FileLock:
+        return FileLock(start=req.lk.start, end=req.lk.end, type=req.lk.type, pid=req.lk.pid)
+
+    async def _getlk(self, req: codec.GetlkRequest) -> Body:
+        if not self.operations.supports_posix_locks:
+            raise FuseError(errno.ENOSYS)
+        lock = await self.operations.getlk(req.fh, req.owner, self._lock_of(req))
+        return codec.LkOut(lk=codec.FileLockStruct(start=lock.start, end=lock.end, type=lock.type, pid=lock.pid))
+
+    async def _setlk_common(self, req: Any, wait: bool) -> Body:
+        flock = bool(req.lk_flags & abi.FUSE_LK_FLOCK)
+        if not (self.operations.supports_flock_locks if flock else self.operations.supports_posix_locks):
+            raise FuseError(errno.ENOSYS)
+        await self.operations.setlk(req.fh, req.owner, self._lock_of(req), wait, flock)
+        return None
+
+    async def _setlk(self, req: codec.SetlkRequest) -> Body:
+        return await self._setlk_common(req, False)
+
+    async def _setlkw(self, req: codec.SetlkwRequest) -> Body:
+        return await self._setlk_common(req, True)
+
+    async def _access(self, req: codec.AccessRequest) -> Body:
+        await self.operations.access(req.header.nodeid, req.mask, self._ctx(req.header))
+        return None
+
+    async def _create(self, req: codec.CreateRequest) -> Body:
+        fi, entry = await self.operations.create(
+            req.header.nodeid, req.name, req.mode, req.flags, self._ctx(req.header, req.umask)
+        )
+        return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
+
+    async def _tmpfile(self, req: codec.TmpfileRequest) -> Body:
+        fi, entry = await self.operations.tmpfile(
+            req.header.nodeid, req.mode, req.flags, self._ctx(req.header, req.umask)
+        )
+        return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
+
+    async def _interrupt(self, req: codec.InterruptRequest) -> Body:
+        # Linux's virtiofs driver does not send interrupts; when one comes,
+        # the request it names simply completes as usual.
+        log.debug("FUSE_INTERRUPT for unique=%d ignored", req.unique_to_interrupt if hasattr(req, "unique_to_interrupt") else -1)
+        return NO_REPLY
+
+    async def _fallocate(self, req: codec.FallocateRequest) -> Body:
+        await self.operations.fallocate(req.fh, req.mode, req.offset, req.length)
+        return None
+
+    async def _lseek(self, req: codec.LseekRequest) -> Body:
+        if req.whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FuseError(errno.EINVAL)
+        offset = await self.operations.lseek(req.fh, req.offset, req.whence)
+        return codec.LseekOut(offset=offset)
+
+    async def _copy_file_range(self, req: codec.CopyFileRangeRequest) -> Body:
+        copied = await self.operations.copy_file_range(
+            req.fh_in, req.off_in, req.fh_out, req.off_out, req.len, req.flags
+        )
+        return codec.WriteOut(size=copied)
+
+    async def _syncfs(self, req: codec.SyncfsRequest) -> Body:
+        await self.operations.syncfs()
+        return None
+
+    async def _ioctl(self, req: codec.IoctlRequest) -> Body:
+        out = bytes(await self.operations.ioctl(req.fh, req.cmd, req.arg, bytes(req.in_data), req.out_size, req.flags))
+        if len(out) > req.out_size:
+            raise _backend_bug(f"ioctl() returned {len(out)} bytes, out_size is {req.out_size}")
+        return [codec.IoctlOut(result=0, flags=0, in_iovs=0, out_iovs=0).encode(), out]
+
+    async def _poll(self, req: codec.PollRequest) -> Body:
+        revents = await self.operations.poll(req.fh, req.events)
+        return codec.PollOut(revents=revents)
+
+    async def _enosys(self, req: Any) -> Body:
+        raise FuseError(errno.ENOSYS)
+
+
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY, errno.ENOSYS})
+
+
+def _backend_bug(message: str) -> Exception:
+    return RuntimeError(message)
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return abi.Opcode(opcode).name
+    except ValueError:
+        return str(opcode)
