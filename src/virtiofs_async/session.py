@@ -623,7 +623,7 @@ class FuseSession:
     async def _interrupt(self, req: codec.InterruptRequest) -> Body:
         # Linux's virtiofs driver does not send interrupts; when one comes,
         # the request it names simply completes as usual.
-        log.debug("FUSE_INTERRUPT for unique=%d ignored", req.unique_to_interrupt if hasattr(req, "unique_to_interrupt") else -1)
+        log.debug("FUSE_INTERRUPT for unique=%d ignored", req.unique)
         return NO_REPLY
 
     async def _fallocate(self, req: codec.FallocateRequest) -> Body:
