@@ -197,7 +197,11 @@ class Connection:
 
     async def _message_loop(self, group: TaskGroup) -> None:
         while True:
-            msg = self.reader.next_message()
+            try:
+                msg = self.reader.next_message()
+            except VhostUserProtocolError as exc:
+                log.error("corrupt vhost-user stream (%s); disconnecting the frontend", exc)
+                return
             if msg is None:
                 if not await self._receive():
                     log.info("frontend disconnected")
@@ -208,7 +212,7 @@ class Connection:
             except VhostUserProtocolError as exc:
                 name = _request_name(msg.request)
                 log.error("vhost-user %s rejected: %s", name, exc)
-                nack = vhost_user.nack_reply(msg) if hasattr(vhost_user, "nack_reply") else None
+                nack = self.backend.nack_reply(msg)
                 if nack is None:
                     log.error("disconnecting the frontend after a protocol error")
                     return

@@ -1,0 +1,190 @@
+"""FuseSession without a transport: requests in as buffers, replies out."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+import pytest
+
+from virtiofs_async import codec
+from virtiofs_async.abi import fuse as abi
+from virtiofs_async.errors import FuseError
+from virtiofs_async.operations import EntryAttributes, Operations
+from virtiofs_async.session import FuseSession, OLDEST_MINOR, OUR_MINOR
+
+LINUX_61_FLAGS = (
+    abi.FUSE_ASYNC_READ | abi.FUSE_POSIX_LOCKS | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES
+    | abi.FUSE_DONT_MASK | abi.FUSE_FLOCK_LOCKS | abi.FUSE_AUTO_INVAL_DATA | abi.FUSE_DO_READDIRPLUS
+    | abi.FUSE_READDIRPLUS_AUTO | abi.FUSE_ASYNC_DIO | abi.FUSE_WRITEBACK_CACHE | abi.FUSE_PARALLEL_DIROPS
+    | abi.FUSE_HANDLE_KILLPRIV_V2 | abi.FUSE_POSIX_ACL | abi.FUSE_MAX_PAGES | abi.FUSE_CACHE_SYMLINKS
+    | abi.FUSE_INIT_EXT
+)
+
+
+def hdr(unique: int, nodeid: int = 1, uid: int = 0, gid: int = 0) -> codec.InHeader:
+    return codec.InHeader(len=0, opcode=0, unique=unique, nodeid=nodeid, uid=uid, gid=gid, pid=42)
+
+
+def call(session: FuseSession, request: codec.Request, room: int = 4096) -> tuple[codec.OutHeader, bytes]:
+    out = bytearray(room)
+    n = asyncio.run(session.handle_request([memoryview(b) for b in _bytes(request)], [memoryview(out)]))
+    if n == 0:
+        return None, b""  # type: ignore[return-value]
+    header = codec.decode_out_header(bytes(out[:16]))
+    assert header.len == n
+    return header, bytes(out[16:n])
+
+
+def _bytes(request: codec.Request) -> list[bytes]:
+    return [bytes(p) for p in request.encode()]
+
+
+def init(session: FuseSession, minor: int = 38, flags: int = LINUX_61_FLAGS) -> codec.InitOut:
+    h, body = call(session, codec.InitRequest(hdr(1), major=7, minor=minor, max_readahead=131072, flags=flags))
+    assert h.error == 0, h
+    return codec.InitOut.decode(body)
+
+
+class Files(Operations):
+    """A root with one file, plus hooks for failure cases."""
+
+    async def lookup(self, parent, name, ctx):
+        if name == b"boom":
+            raise RuntimeError("backend bug")
+        if name != b"f":
+            raise FuseError(errno.ENOENT)
+        return EntryAttributes(st_ino=2, st_mode=0o100644, st_size=3, entry_timeout=1.5, attr_timeout=0.25)
+
+    async def getxattr(self, inode, name, ctx):
+        return b"value!"
+
+    async def read(self, fh, offset, size):
+        return b"x" * (size + 1) if fh == 99 else b"abc"[offset:offset + size]
+
+
+def test_requests_before_init_get_eio() -> None:
+    s = FuseSession(Files())
+    h, _ = call(s, codec.LookupRequest(hdr(5), name=b"f"))
+    assert (h.unique, h.error) == (5, errno.EIO)
+
+
+def test_init_negotiates_the_common_flags_only() -> None:
+    s = FuseSession(Files())
+    out = init(s, flags=abi.FUSE_ASYNC_READ | abi.FUSE_MAX_PAGES | abi.FUSE_POSIX_LOCKS)
+    assert out.major == 7 and out.minor == OUR_MINOR
+    assert out.flags & abi.FUSE_ASYNC_READ and out.flags & abi.FUSE_MAX_PAGES
+    # Files() does not implement locks: the flag the kernel offered is refused.
+    assert not out.flags & abi.FUSE_POSIX_LOCKS
+    assert out.max_write == 1 << 20 and out.max_pages == 256
+    assert s.negotiated is not None and s.negotiated.minor == OUR_MINOR
+
+
+def test_init_with_an_old_minor_answers_with_it_and_too_old_is_refused() -> None:
+    out = init(FuseSession(Files()), minor=OLDEST_MINOR)
+    assert out.minor == OLDEST_MINOR
+    h, _ = call(FuseSession(Files()), codec.InitRequest(hdr(1), major=7, minor=OLDEST_MINOR - 1, max_readahead=0, flags=0))
+    assert h.error == errno.EPROTO
+
+
+def test_init_from_a_newer_major_gets_our_major_to_retry_with() -> None:
+    h, body = call(FuseSession(Files()), codec.InitRequest(hdr(1), major=8, minor=0, max_readahead=0, flags=0))
+    assert h.error == 0
+    assert codec.InitOut.decode(body).major == 7
+
+
+def test_second_init_is_a_protocol_error() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, _ = call(s, codec.InitRequest(hdr(2), major=7, minor=38, max_readahead=0, flags=0))
+    assert h.error == errno.EPROTO
+
+
+def test_lookup_reply_carries_entry_and_timeouts() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, body = call(s, codec.LookupRequest(hdr(7), name=b"f"))
+    assert (h.unique, h.error) == (7, 0)
+    entry = codec.EntryOut.decode(body)
+    assert entry.nodeid == 2 and entry.attr.size == 3 and entry.attr.mode == 0o100644
+    assert (entry.entry_valid, entry.entry_valid_nsec) == (1, 500_000_000)
+    assert (entry.attr_valid, entry.attr_valid_nsec) == (0, 250_000_000)
+
+
+def test_fuse_error_becomes_its_errno_and_other_exceptions_eio(caplog: pytest.LogCaptureFixture) -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, _ = call(s, codec.LookupRequest(hdr(8), name=b"nope"))
+    assert h.error == errno.ENOENT
+    with caplog.at_level(logging.ERROR):
+        h, _ = call(s, codec.LookupRequest(hdr(9), name=b"boom"))
+    assert h.error == errno.EIO
+    assert "backend bug" in caplog.text and "LOOKUP" in caplog.text
+
+
+def test_unimplemented_operation_is_enosys() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, _ = call(s, codec.MkdirRequest(hdr(3), mode=0o755, umask=0o22, name=b"d"))
+    assert h.error == errno.ENOSYS
+
+
+def test_getxattr_size_probe_and_erange() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, body = call(s, codec.GetxattrRequest(hdr(4), size=0, name=b"user.a"))
+    assert h.error == 0 and codec.GetxattrOut.decode(body).size == 6
+    h, _ = call(s, codec.GetxattrRequest(hdr(5), size=3, name=b"user.a"))
+    assert h.error == errno.ERANGE
+    h, body = call(s, codec.GetxattrRequest(hdr(6), size=100, name=b"user.a"))
+    assert body == b"value!"
+
+
+def test_read_reply_goes_into_the_guest_buffers_and_backend_overrun_is_eio() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, body = call(s, codec.ReadRequest(hdr(10, nodeid=2), fh=1, offset=1, size=10, read_flags=0, lock_owner=0, flags=0))
+    assert h.error == 0 and body == b"bc"
+    h, _ = call(s, codec.ReadRequest(hdr(11, nodeid=2), fh=99, offset=0, size=4, read_flags=0, lock_owner=0, flags=0))
+    assert h.error == errno.EIO
+
+
+def test_reply_larger_than_the_guest_buffer_is_eio_and_no_buffer_means_no_reply() -> None:
+    s = FuseSession(Files())
+    init(s)
+    h, _ = call(s, codec.LookupRequest(hdr(12), name=b"f"), room=40)
+    assert h.error == errno.EIO
+    h, body = call(s, codec.LookupRequest(hdr(13), name=b"f"), room=8)
+    assert h is None
+
+
+def test_malformed_request_is_answered_with_its_errno(caplog: pytest.LogCaptureFixture) -> None:
+    s = FuseSession(Files())
+    init(s)
+    parts = _bytes(codec.LookupRequest(hdr(14), name=b"f"))
+    raw = b"".join(parts)
+    bad = raw[:-1] + b"x"  # the name loses its NUL terminator
+    out = bytearray(64)
+    with caplog.at_level(logging.WARNING):
+        n = asyncio.run(s.handle_request([memoryview(bad)], [memoryview(out)]))
+    header = codec.decode_out_header(bytes(out[:16]))
+    assert n == 16 and header.unique == 14 and header.error == errno.EINVAL
+    assert "malformed" in caplog.text
+    # Garbage too short for a header: no unique to answer, nothing written.
+    assert asyncio.run(s.handle_request([memoryview(b"\x01\x02")], [memoryview(out)])) == 0
+
+
+def test_forget_gets_no_reply_and_reaches_the_backend() -> None:
+    seen = []
+
+    class Forgetful(Files):
+        async def forget(self, inodes):
+            seen.extend(inodes)
+
+    s = FuseSession(Forgetful())
+    init(s)
+    h, _ = call(s, codec.ForgetRequest(hdr(20, nodeid=2), nlookup=3))
+    assert h is None
+    h, _ = call(s, codec.BatchForgetRequest(hdr(21), items=[(2, 1), (5, 7)]))
+    assert h is None
+    assert seen == [(2, 3), (2, 1), (5, 7)]
