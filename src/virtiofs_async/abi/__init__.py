@@ -1,0 +1,1 @@
+"""Kernel ABI definitions (constants and binary layouts), no behaviour."""
