@@ -41,9 +41,13 @@ class FuseProtocolError(ProtocolError):
 
 
 class VringError(ProtocolError):
-    """A malformed descriptor chain or a guest address outside mapped memory."""
+    """A malformed descriptor chain or a guest address outside mapped memory.
+
+    ``head`` is the chain's head index when the chain can still be returned
+    to the used ring (with length 0), None otherwise."""
 
     errno = _errno.EFAULT
+    head: int | None = None
 
 
 class VhostUserProtocolError(ProtocolError):

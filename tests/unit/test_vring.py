@@ -1,0 +1,1003 @@
+"""Split virtqueue: the device side (VirtQueue) against the driver side
+(DriverQueue) sharing one memfd, as a guest and a vhost-user backend would."""
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from virtiofs_async._accel import DescriptorChain, VirtQueue
+from virtiofs_async.abi.virtio import (
+    DESC_SIZE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    avail_ring_size,
+    vring_need_event,
+)
+from virtiofs_async.errors import ProtocolError, VringError
+from virtiofs_async.memory import GuestMemory
+from virtiofs_async.testing.driver_queue import DriverQueue, DriverQueueFull
+
+BASE = 0x4000_0000  # guest physical address of the memfd's first byte
+UVA = 0x7F00_0000_0000
+MEM_SIZE = 256 * 1024
+N = VIRTQ_DESC_F_NEXT
+W = VIRTQ_DESC_F_WRITE
+I = VIRTQ_DESC_F_INDIRECT
+
+
+class Rig:
+    """One memfd mapped twice: by the driver (DriverQueue) and by the device
+    (GuestMemory), with a VirtQueue configured on the driver's rings."""
+
+    def __init__(
+        self,
+        size: int = 16,
+        *,
+        event_idx: bool = False,
+        indirect: bool = True,
+        start_idx: int = 0,
+        mem_size: int = MEM_SIZE,
+        configure: bool = True,
+    ) -> None:
+        self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, mem_size)
+        self.mem_size = mem_size
+        self.mm = mmap.mmap(self.fd, mem_size)
+        self.memory = GuestMemory()
+        self.memory.add_region(os.dup(self.fd), BASE, mem_size, UVA, 0)
+        self.drv = DriverQueue(memoryview(self.mm), BASE, size, event_idx=event_idx, start_idx=start_idx)
+        self.vq = VirtQueue(max_size=max(size, 1024))
+        self.vq.event_idx = event_idx
+        self.vq.indirect = indirect
+        if configure:
+            self.vq.set_size(size)
+            self.vq.next_avail = start_idx
+            self.vq.set_addresses(self.memory, self.drv.desc_gpa, self.drv.avail_gpa, self.drv.used_gpa)
+
+    def close(self) -> None:
+        self.memory.close()
+        os.close(self.fd)
+
+    def pop(self) -> DescriptorChain | None:
+        return self.vq.pop(self.memory)
+
+    def complete(self, chain: DescriptorChain, data: bytes = b"") -> None:
+        """Device: write ``data`` across the writable views and return it."""
+        pos = 0
+        for view in chain.writable:
+            take = min(len(view), len(data) - pos)
+            view[:take] = data[pos : pos + take]
+            pos += take
+        assert pos == len(data)
+        self.vq.add_used(self.memory, chain.head, len(data))
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def expect_chain_error(r: Rig, head: int | None, match: str | None = None) -> VringError:
+    before = r.vq.next_avail
+    with pytest.raises(VringError, match=match) as info:
+        r.pop()
+    err = info.value
+    assert isinstance(err, ProtocolError)
+    assert err.head == head
+    if head is not None:
+        assert r.vq.next_avail == (before + 1) & 0xFFFF  # consumed
+        assert not r.vq.broken
+    return err
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+def test_unconfigured_queue_pops_nothing(rig: Rig) -> None:
+    vq = VirtQueue()
+    assert not vq.is_configured
+    assert vq.pop(rig.memory) is None
+    assert vq.needs_notification(rig.memory) is False
+    with pytest.raises(VringError):
+        vq.add_used(rig.memory, 0, 0)
+    assert rig.vq.is_configured
+    assert (rig.vq.desc_gpa, rig.vq.avail_gpa, rig.vq.used_gpa) == (
+        rig.drv.desc_gpa,
+        rig.drv.avail_gpa,
+        rig.drv.used_gpa,
+    )
+
+
+@pytest.mark.parametrize("size", [0, 3, 6, 100, 2048, 65536, -1])
+def test_bad_size(size: int) -> None:
+    vq = VirtQueue(max_size=1024)
+    with pytest.raises(VringError):
+        vq.set_size(size)
+    assert vq.size == 0
+
+
+def test_good_sizes() -> None:
+    vq = VirtQueue(max_size=32768)
+    for size in (1, 2, 256, 32768):
+        vq.set_size(size)
+        assert vq.size == size
+
+
+def test_addresses_need_a_size(rig: Rig) -> None:
+    vq = VirtQueue()
+    with pytest.raises(VringError):
+        vq.set_addresses(rig.memory, rig.drv.desc_gpa, rig.drv.avail_gpa, rig.drv.used_gpa)
+
+
+@pytest.mark.parametrize("which, delta", [(0, 8), (0, 2), (1, 1), (2, 2), (2, 1)])
+def test_misaligned_addresses(rig: Rig, which: int, delta: int) -> None:
+    addrs = [rig.drv.desc_gpa, rig.drv.avail_gpa, rig.drv.used_gpa]
+    addrs[which] += delta
+    vq = VirtQueue()
+    vq.set_size(16)
+    with pytest.raises(VringError, match="aligned"):
+        vq.set_addresses(rig.memory, *addrs)
+    assert not vq.is_configured
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_rings_outside_memory(rig: Rig, which: int) -> None:
+    end = BASE + rig.mem_size
+    addrs = [rig.drv.desc_gpa, rig.drv.avail_gpa, rig.drv.used_gpa]
+    addrs[which] = end - 16  # starts inside, ends outside
+    vq = VirtQueue()
+    vq.set_size(16)
+    with pytest.raises(VringError):
+        vq.set_addresses(rig.memory, *addrs)
+    addrs[which] = 0x1000  # not mapped at all
+    with pytest.raises(VringError):
+        vq.set_addresses(rig.memory, *addrs)
+    assert not vq.is_configured
+
+
+def test_event_fields_must_be_mapped(rig: Rig) -> None:
+    # The avail ring fits without used_event but not with it.
+    end = BASE + rig.mem_size
+    vq = VirtQueue()
+    vq.set_size(16)
+    with pytest.raises(VringError):
+        vq.set_addresses(rig.memory, rig.drv.desc_gpa, end - (avail_ring_size(16) - 2), rig.drv.used_gpa)
+    vq.set_addresses(rig.memory, rig.drv.desc_gpa, end - avail_ring_size(16), rig.drv.used_gpa)
+    assert vq.is_configured
+
+
+def test_set_size_forgets_addresses(rig: Rig) -> None:
+    rig.vq.set_size(16)  # same size: kept
+    assert rig.vq.is_configured
+    rig.vq.set_size(8)
+    assert not rig.vq.is_configured
+
+
+@pytest.mark.parametrize("value", [-1, 65536, 2**32])
+def test_bad_base(rig: Rig, value: int) -> None:
+    with pytest.raises(VringError):
+        rig.vq.next_avail = value
+    with pytest.raises(VringError):
+        rig.vq.next_used = value
+
+
+def test_used_index_is_read_from_the_ring() -> None:
+    r = Rig(start_idx=1234)
+    assert r.vq.next_avail == 1234
+    assert r.vq.next_used == 1234
+    r.close()
+
+
+def test_reset_keeps_features(rig: Rig) -> None:
+    rig.drv.add_chain([b"x"], [])
+    rig.drv.publish()
+    rig.vq.reset()
+    assert not rig.vq.is_configured
+    assert rig.vq.size == 0
+    assert rig.vq.next_avail == 0
+    assert rig.vq.indirect is True
+    assert rig.pop() is None
+
+
+# -- data path -------------------------------------------------------------------------
+
+
+def test_simple_chain(rig: Rig) -> None:
+    head = rig.drv.add_chain([b"header", b"body!"], [8, 32])
+    assert rig.pop() is None  # not published yet
+    assert rig.drv.publish() == 1
+    chain = rig.pop()
+    assert chain is not None
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"header", b"body!"]
+    assert [len(v) for v in chain.writable] == [8, 32]
+    assert chain.readable_len == 11
+    assert chain.writable_len == 40
+    assert all(not v.readonly for v in chain.writable)
+    assert rig.pop() is None
+    rig.complete(chain, b"0123456789")
+    assert rig.vq.needs_notification(rig.memory) is True
+    used = rig.drv.pop_used()
+    assert used is not None
+    assert used == (head, 10, [b"01234567", b"89"])
+    assert rig.drv.pop_used() is None
+    assert rig.drv.num_free == 16
+
+
+def test_readable_only_and_writable_only(rig: Rig) -> None:
+    a = rig.drv.add_chain([b"only readable"], [])
+    b = rig.drv.add_chain([], [4, 4])
+    rig.drv.publish()
+    ca, cb = rig.pop(), rig.pop()
+    assert (ca.head, ca.writable, ca.readable_len) == (a, [], 13)
+    assert (cb.head, cb.readable, cb.writable_len) == (b, [], 8)
+    rig.complete(cb, b"wxyz!")
+    rig.complete(ca)
+    assert rig.drv.pop_used() == (b, 5, [b"wxyz", b"!"])
+    assert rig.drv.pop_used() == (a, 0, [])
+
+
+def test_zero_length_descriptors_yield_no_views(rig: Rig) -> None:
+    rig.drv.add_chain([b"", b"abc"], [0, 5])
+    rig.drv.publish()
+    chain = rig.pop()
+    assert [bytes(v) for v in chain.readable] == [b"abc"]
+    assert [len(v) for v in chain.writable] == [5]
+
+
+def test_indirect_chain(rig: Rig) -> None:
+    head = rig.drv.add_chain([b"in", b"direct"], [3, 3, 3], indirect=True)
+    assert rig.drv.num_free == 15  # one main descriptor
+    rig.drv.publish()
+    chain = rig.pop()
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"in", b"direct"]
+    assert [len(v) for v in chain.writable] == [3, 3, 3]
+    rig.complete(chain, b"abcdefg")
+    assert rig.drv.pop_used() == (head, 7, [b"abc", b"def", b"g"])
+    assert rig.drv.num_free == 16
+
+
+def test_indirect_chain_longer_than_a_small_queue() -> None:
+    r = Rig(size=2)
+    r.drv.add_chain([b"a", b"b"], [1], indirect=True)
+    r.drv.add_chain([b"c"], [1, 1], indirect=True)
+    r.drv.publish()
+    assert r.pop().readable_len == 2
+    assert r.pop().writable_len == 2
+    r.close()
+
+
+@pytest.mark.parametrize("entries, ok", [(1024, True), (1025, False)])
+def test_indirect_chain_length_limit(rig: Rig, entries: int, ok: bool) -> None:
+    buf = rig.drv.alloc(1)
+    table = rig.drv.alloc(16 * entries)
+    rig.drv.write_table(table, [(buf, 1, N if i + 1 < entries else 0, i + 1) for i in range(entries)])
+    rig.drv.write_desc(0, table, 16 * entries, I)
+    publish_raw(rig, 0)
+    if ok:
+        assert rig.pop().readable_len == entries
+    else:
+        expect_chain_error(rig, 0, "too long")
+
+
+def test_direct_descriptors_then_indirect(rig: Rig) -> None:
+    drv = rig.drv
+    a = drv.alloc(4)
+    drv.write(a, b"head")
+    table = drv.alloc(32)
+    b = drv.alloc(4)
+    drv.write(b, b"tail")
+    c = drv.alloc(8)
+    drv.write_table(table, [(b, 4, N, 1), (c, 8, W, 0)])
+    drv.write_desc(0, a, 4, N, 5)
+    drv.write_desc(5, table, 32, I | W, 0)  # WRITE on the table descriptor is ignored
+    drv.push_head(0)
+    drv.publish()
+    chain = rig.pop()
+    assert chain.head == 0
+    assert [bytes(v) for v in chain.readable] == [b"head", b"tail"]
+    assert chain.writable_len == 8
+
+
+def test_descriptor_spanning_adjacent_regions() -> None:
+    r = Rig()
+    # Re-map the same memfd as two adjacent regions split at an odd offset.
+    split = 0x2_0123
+    r.memory.clear()
+    r.memory.add_region(os.dup(r.fd), BASE, split, UVA, 0)
+    r.memory.add_region(os.dup(r.fd), BASE + split, r.mem_size - split, UVA + 0x100_0000, split)
+    payload = bytes(range(256)) * 4
+    gpa = BASE + split - 100
+    r.drv.write(gpa, payload)
+    r.drv.write_desc(3, gpa, len(payload), W)
+    r.drv.push_head(3)
+    r.drv.publish()
+    chain = r.pop()  # rings are looked up again in the new memory table
+    assert [len(v) for v in chain.writable] == [100, len(payload) - 100]
+    assert b"".join(chain.writable) == payload
+    r.close()
+
+
+def test_fill_the_whole_ring_and_complete_out_of_order() -> None:
+    r = Rig(size=8)
+    heads = [r.drv.add_chain([bytes([i])], [1]) for i in range(2)]  # 2 descriptors each
+    heads += [r.drv.add_chain([bytes([i])], [1], indirect=True) for i in range(2, 6)]
+    assert r.drv.num_free == 0
+    with pytest.raises(DriverQueueFull):
+        r.drv.add_chain([b"x"], [], indirect=True)
+    r.drv.publish()
+    chains = r.vq.pop_many(r.memory, 100)
+    assert [c.head for c in chains] == heads
+    assert [bytes(c.readable[0]) for c in chains] == [bytes([i]) for i in range(6)]
+    for c in reversed(chains):
+        r.complete(c, bytes([0x80 | c.head]))
+    got = [r.drv.pop_used() for _ in range(6)]
+    assert [(u.head, u.data) for u in got] == [(c.head, [bytes([0x80 | c.head])]) for c in reversed(chains)]
+    assert r.drv.pop_used() is None
+    assert r.drv.num_free == 8
+    # a full ring of single-descriptor chains: avail idx exactly size ahead
+    heads = [r.drv.add_chain([], [1]) for _ in range(8)]
+    r.drv.publish()
+    assert [c.head for c in r.vq.pop_many(r.memory, 100)] == heads
+    r.close()
+
+
+def test_pop_many_respects_limit(rig: Rig) -> None:
+    for _ in range(5):
+        rig.drv.add_chain([b"x"], [])
+    rig.drv.publish()
+    assert len(rig.vq.pop_many(rig.memory, 3)) == 3
+    assert len(rig.vq.pop_many(rig.memory, 3)) == 2
+    assert rig.vq.pop_many(rig.memory, 3) == []
+
+
+@pytest.mark.parametrize("start", [65530, 65535, 0xFFF0])
+def test_indices_wrap_past_65535(start: int) -> None:
+    r = Rig(size=8, start_idx=start, event_idx=True)
+    total = 0
+    for round_ in range(12):
+        heads = [r.drv.add_chain([bytes([round_, k])], [2], indirect=k == 1) for k in range(3)]
+        r.drv.publish()
+        chains = [r.pop() for _ in range(3)]
+        assert r.pop() is None
+        assert [c.head for c in chains] == heads
+        for c in chains:
+            r.complete(c, bytes(c.readable[0]))
+        assert r.vq.needs_notification(r.memory) in (True, False)
+        for c in chains:
+            assert r.drv.pop_used() == (c.head, 2, [bytes(c.readable[0])])
+        total += 3
+        assert r.vq.next_avail == (start + total) & 0xFFFF
+        assert r.vq.next_used == (start + total) & 0xFFFF
+        assert r.drv.used_idx() == (start + total) & 0xFFFF
+    r.close()
+
+
+def test_memory_changes_are_followed(rig: Rig) -> None:
+    rig.drv.add_chain([b"one"], [])
+    rig.drv.publish()
+    first = rig.pop()
+    rig.memory.clear()
+    rig.drv.add_chain([b"two"], [])
+    rig.drv.publish()
+    with pytest.raises(VringError) as info:
+        rig.pop()  # rings are gone
+    assert info.value.head is None
+    rig.memory.add_region(os.dup(rig.fd), BASE, rig.mem_size, UVA, 0)
+    assert bytes(rig.pop().readable[0]) == b"two"
+    assert bytes(first.readable[0]) == b"one"  # old views stay valid
+    rig.vq.add_used(rig.memory, first.head, 0)
+    assert rig.drv.pop_used().head == first.head
+
+
+def test_add_used_checks(rig: Rig) -> None:
+    with pytest.raises(VringError):
+        rig.vq.add_used(rig.memory, 16, 0)
+    with pytest.raises(VringError):
+        rig.vq.add_used(rig.memory, -1, 0)
+    with pytest.raises(VringError):
+        rig.vq.add_used(rig.memory, 0, 2**32)
+    assert rig.drv.used_idx() == 0
+
+
+# -- notifications -------------------------------------------------------------------
+
+
+def test_vring_need_event() -> None:
+    assert vring_need_event(5, 6, 5)  # entry 5 written
+    assert not vring_need_event(6, 6, 5)
+    assert vring_need_event(5, 10, 0)
+    assert not vring_need_event(10, 10, 0)
+    assert vring_need_event(0xFFFF, 2, 0xFFFE)  # across the wrap
+    assert not vring_need_event(3, 2, 0xFFFE)
+    assert not vring_need_event(7, 7, 7)
+
+
+def test_no_interrupt_flag(rig: Rig) -> None:
+    rig.drv.add_chain([b"a"], [])
+    rig.drv.add_chain([b"b"], [])
+    rig.drv.publish()
+    a, b = rig.pop(), rig.pop()
+    rig.drv.disable_interrupts()
+    rig.complete(a)
+    assert rig.vq.needs_notification(rig.memory) is False
+    assert rig.drv.enable_interrupts() is True  # one is pending already
+    rig.complete(b)
+    assert rig.vq.needs_notification(rig.memory) is True
+
+
+def test_no_notify_flag(rig: Rig) -> None:
+    rig.vq.disable_notification(rig.memory)
+    rig.drv.add_chain([b"a"], [])
+    rig.drv.publish()
+    assert rig.drv.needs_kick() is False
+    assert rig.vq.enable_notification(rig.memory) is True  # must re-check
+    rig.drv.add_chain([b"b"], [])
+    rig.drv.publish()
+    assert rig.drv.needs_kick() is True
+    assert rig.drv.needs_kick() is False  # nothing new published
+
+
+def test_used_event_suppresses_notifications() -> None:
+    r = Rig(event_idx=True, start_idx=65534)
+    for _ in range(6):
+        r.drv.add_chain([b"x"], [])
+    r.drv.publish()
+    chains = r.vq.pop_many(r.memory, 6)
+    # first decision is always a notification
+    r.complete(chains[0])  # used idx 65534 -> 65535
+    assert r.vq.needs_notification(r.memory) is True
+    # driver: interrupt me when used entry 1 is written (used idx reaches 2)
+    r.drv.set_used_event(1)
+    r.complete(chains[1])  # -> 0
+    assert r.vq.needs_notification(r.memory) is False
+    r.complete(chains[2])  # -> 1
+    assert r.vq.needs_notification(r.memory) is False
+    r.complete(chains[3])  # -> 2: entry 1 written
+    assert r.vq.needs_notification(r.memory) is True
+    r.complete(chains[4])  # -> 3: event already passed
+    assert r.vq.needs_notification(r.memory) is False
+    # several add_used between decisions: crossing counts
+    r.drv.set_used_event(3)
+    r.complete(chains[5])  # -> 4, entry 3 written
+    assert r.vq.needs_notification(r.memory) is True
+    r.close()
+
+
+def test_used_event_batch_crossing() -> None:
+    r = Rig(event_idx=True)
+    for _ in range(5):
+        r.drv.add_chain([b"x"], [])
+    r.drv.publish()
+    chains = r.vq.pop_many(r.memory, 5)
+    r.complete(chains[0])
+    assert r.vq.needs_notification(r.memory) is True  # used idx 1
+    r.drv.set_used_event(2)
+    for c in chains[1:]:
+        r.complete(c)  # 1 -> 5, passes entry 2
+    assert r.vq.needs_notification(r.memory) is True
+    assert r.vq.needs_notification(r.memory) is False  # nothing new
+
+
+def test_avail_event_suppresses_kicks() -> None:
+    r = Rig(event_idx=True, start_idx=65535)
+    assert r.vq.enable_notification(r.memory) is False  # avail_event = 65535
+    r.drv.add_chain([b"1"], [])
+    r.drv.publish()
+    assert r.drv.needs_kick() is True  # entry 65535 published
+    r.drv.add_chain([b"2"], [])
+    r.drv.publish()
+    assert r.drv.needs_kick() is False  # device has not caught up
+    assert r.pop() is not None
+    assert r.pop() is not None
+    assert r.pop() is None  # drained: re-arms avail_event = 1
+    r.drv.add_chain([b"3"], [])
+    r.drv.add_chain([b"4"], [])
+    r.drv.publish()
+    assert r.drv.needs_kick() is True
+    r.close()
+
+
+def test_disabled_event_idx_notifications_do_not_rearm() -> None:
+    r = Rig(event_idx=True)
+    r.vq.disable_notification(r.memory)
+    r.drv.add_chain([b"1"], [])
+    r.drv.publish()
+    assert r.drv.needs_kick() is True  # avail_event 0 initially
+    assert r.pop() is not None
+    assert r.pop() is None  # disabled: avail_event stays at 0
+    r.drv.add_chain([b"2"], [])
+    r.drv.publish()
+    assert r.drv.needs_kick() is False
+    assert r.vq.enable_notification(r.memory) is True  # buffer 2 is waiting
+    r.close()
+
+
+def test_used_flags_without_event_idx_ignore_used_event(rig: Rig) -> None:
+    rig.drv.add_chain([b"a"], [])
+    rig.drv.publish()
+    rig.drv.set_used_event(100)  # meaningless without EVENT_IDX
+    rig.complete(rig.pop())
+    assert rig.vq.needs_notification(rig.memory) is True
+
+
+# -- malformed chains -------------------------------------------------------------------
+
+
+def publish_raw(r: Rig, head: int) -> None:
+    r.drv.push_head(head)
+    r.drv.publish()
+
+
+def test_address_outside_memory_then_queue_continues(rig: Rig) -> None:
+    rig.drv.write_desc(2, 0x1000, 16, 0)
+    publish_raw(rig, 2)
+    good = rig.drv.alloc(4)
+    rig.drv.write(good, b"good")
+    rig.drv.write_desc(3, good, 4, 0)
+    publish_raw(rig, 3)
+    err = expect_chain_error(rig, 2)
+    # the caller returns the bad head with length 0
+    rig.vq.add_used(rig.memory, err.head, 0)
+    assert rig.drv.pop_used_raw() == (2, 0)
+    chain = rig.pop()
+    assert chain.head == 3
+    assert bytes(chain.readable[0]) == b"good"
+
+
+@pytest.mark.parametrize(
+    "addr, length",
+    [
+        (BASE + MEM_SIZE - 8, 16),  # runs off the end
+        (BASE - 8, 16),  # starts before
+        (2**64 - 8, 16),  # wraps 2**64
+        (2**64 - 1, 0xFFFF_FFFF),
+    ],
+)
+def test_bad_buffer_addresses(rig: Rig, addr: int, length: int) -> None:
+    ok = rig.drv.alloc(8)
+    rig.drv.write_desc(0, ok, 8, N, 1)
+    rig.drv.write_desc(1, addr, length, W)
+    publish_raw(rig, 0)
+    expect_chain_error(rig, 0)
+
+
+def test_next_index_out_of_range(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    rig.drv.write_desc(0, ok, 8, N, 16)
+    publish_raw(rig, 0)
+    expect_chain_error(rig, 0, "out of range")
+
+
+def test_head_out_of_range(rig: Rig) -> None:
+    publish_raw(rig, 16)
+    expect_chain_error(rig, None)
+    assert not rig.vq.broken
+    ok = rig.drv.alloc(8)
+    rig.drv.write_desc(0, ok, 8, 0)
+    publish_raw(rig, 0)
+    assert rig.pop().head == 0
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        [(0, 0)],  # a -> a
+        [(0, 1), (1, 0)],  # a -> b -> a
+        [(4, 9), (9, 15), (15, 9)],  # a -> b -> c -> b
+    ],
+)
+def test_loops(rig: Rig, links: list[tuple[int, int]]) -> None:
+    ok = rig.drv.alloc(8)
+    for idx, nxt in links:
+        rig.drv.write_desc(idx, ok, 8, N, nxt)
+    publish_raw(rig, links[0][0])
+    expect_chain_error(rig, links[0][0], "loop")
+
+
+def test_chain_of_exactly_queue_size_is_fine() -> None:
+    r = Rig(size=4)
+    ok = r.drv.alloc(8)
+    for i in range(4):
+        r.drv.write_desc(i, ok, 8, N if i < 3 else 0, i + 1)
+    publish_raw(r, 0)
+    assert r.pop().readable_len == 32
+    r.close()
+
+
+def test_loop_inside_indirect_table(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    table = rig.drv.alloc(48)
+    rig.drv.write_table(table, [(ok, 8, N, 1), (ok, 8, N, 2), (ok, 8, N, 0)])
+    rig.drv.write_desc(7, table, 48, I)
+    publish_raw(rig, 7)
+    expect_chain_error(rig, 7, "loop")
+
+
+def test_indirect_next_out_of_table(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    table = rig.drv.alloc(32)
+    rig.drv.write_table(table, [(ok, 8, N, 1), (ok, 8, N, 2)])
+    rig.drv.write_desc(7, table, 32, I)
+    publish_raw(rig, 7)
+    expect_chain_error(rig, 7, "out of range")
+
+
+def test_indirect_inside_indirect(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    inner = rig.drv.alloc(16)
+    rig.drv.write_table(inner, [(ok, 8, 0, 0)])
+    outer = rig.drv.alloc(32)
+    rig.drv.write_table(outer, [(ok, 8, N, 1), (inner, 16, I, 0)])
+    rig.drv.write_desc(1, outer, 32, I)
+    publish_raw(rig, 1)
+    expect_chain_error(rig, 1, "inside an indirect")
+
+
+def test_indirect_without_feature() -> None:
+    r = Rig(indirect=False)
+    r.drv.add_chain([b"x"], [1], indirect=True)
+    r.drv.add_chain([b"y"], [1])
+    r.drv.publish()
+    err = expect_chain_error(r, 0, "INDIRECT_DESC")
+    r.vq.add_used(r.memory, err.head, 0)
+    assert r.drv.pop_used() == (0, 0, [b""])
+    assert bytes(r.pop().readable[0]) == b"y"
+    r.close()
+
+
+@pytest.mark.parametrize(
+    "length, flags, reason",
+    [(0, I, "multiple of 16"), (24, I, "multiple of 16"), (17, I, "multiple of 16"), (32, I | N, "NEXT")],
+)
+def test_bad_indirect_descriptor(rig: Rig, length: int, flags: int, reason: str) -> None:
+    ok = rig.drv.alloc(8)
+    table = rig.drv.alloc(64)
+    rig.drv.write_table(table, [(ok, 8, 0, 0), (ok, 8, 0, 0)])
+    rig.drv.write_desc(3, table, length, flags, 4)
+    rig.drv.write_desc(4, ok, 8, 0)
+    publish_raw(rig, 3)
+    expect_chain_error(rig, 3, reason)
+
+
+def test_indirect_table_outside_memory(rig: Rig) -> None:
+    rig.drv.write_desc(3, BASE + MEM_SIZE - 16, 32, I)
+    publish_raw(rig, 3)
+    expect_chain_error(rig, 3)
+
+
+def test_readable_after_writable(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    rig.drv.write_desc(0, ok, 8, N | W, 1)
+    rig.drv.write_desc(1, ok, 8, 0)
+    publish_raw(rig, 0)
+    expect_chain_error(rig, 0, "after a device-writable")
+
+
+def test_readable_after_zero_length_writable(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    rig.drv.write_desc(0, ok, 0, N | W, 1)
+    rig.drv.write_desc(1, ok, 8, 0)
+    publish_raw(rig, 0)
+    expect_chain_error(rig, 0, "after a device-writable")
+
+
+def test_readable_after_writable_in_indirect_table(rig: Rig) -> None:
+    ok = rig.drv.alloc(8)
+    table = rig.drv.alloc(32)
+    rig.drv.write_table(table, [(ok, 8, W | N, 1), (ok, 8, 0, 0)])
+    rig.drv.write_desc(0, ok, 8, N | W, 1)
+    rig.drv.write_desc(1, table, 32, I)
+    publish_raw(rig, 0)
+    expect_chain_error(rig, 0, "after a device-writable")
+
+
+def test_total_length_over_4g() -> None:
+    # A sparse 4 GiB + 1 MiB memfd: nothing is touched, the chain is only measured.
+    r = Rig(mem_size=(1 << 32) + (1 << 20))
+    r.drv.write_desc(0, BASE, 0xFFFF_FFFF, N, 1)
+    r.drv.write_desc(1, BASE, 1, N, 2)
+    r.drv.write_desc(2, BASE, 1, 0)
+    publish_raw(r, 0)
+    expect_chain_error(r, 0, "2\\*\\*32")
+    # exactly 2**32 bytes is allowed
+    r.drv.write_desc(3, BASE, 0xFFFF_FFFF, N, 4)
+    r.drv.write_desc(4, BASE, 1, 0)
+    publish_raw(r, 3)
+    assert r.pop().readable_len == 1 << 32
+    r.close()
+
+
+def test_avail_index_jump_breaks_the_queue(rig: Rig) -> None:
+    rig.drv.add_chain([b"x"], [])
+    rig.drv.publish()
+    assert rig.pop() is not None
+    rig.drv.set_avail_idx(rig.vq.next_avail + 17)  # more than size ahead
+    with pytest.raises(VringError) as info:
+        rig.pop()
+    assert info.value.head is None
+    assert rig.vq.broken
+    assert rig.pop() is None
+    assert rig.pop() is None
+    rig.vq.reset()
+    assert not rig.vq.broken
+
+
+def test_avail_index_exactly_size_ahead_is_fine(rig: Rig) -> None:
+    for _ in range(16):
+        rig.drv.add_chain([b"x"], [])
+    rig.drv.publish()
+    assert len(rig.vq.pop_many(rig.memory, 100)) == 16
+    assert not rig.vq.broken
+
+
+def test_avail_index_going_backwards_is_a_jump(rig: Rig) -> None:
+    rig.drv.add_chain([b"x"], [])
+    rig.drv.publish()
+    rig.pop()
+    rig.drv.set_avail_idx(0)  # behind next_avail = 1: 65535 ahead
+    with pytest.raises(VringError):
+        rig.pop()
+    assert rig.vq.broken
+
+
+def test_enable_notification_sees_a_jump() -> None:
+    r = Rig(event_idx=True)
+    r.drv.set_avail_idx(100)
+    with pytest.raises(VringError):
+        r.vq.enable_notification(r.memory)
+    assert r.vq.broken
+    assert r.vq.enable_notification(r.memory) is False
+    r.close()
+
+
+def test_pop_many_defers_an_error_after_good_chains(rig: Rig) -> None:
+    rig.drv.add_chain([b"a"], [])
+    rig.drv.add_chain([b"b"], [])
+    rig.drv.write_desc(10, 0x10, 8, 0)  # unmapped
+    publish_raw(rig, 10)
+    rig.drv.add_chain([b"c"], [])
+    rig.drv.publish()
+    first = rig.vq.pop_many(rig.memory, 10)
+    assert [bytes(c.readable[0]) for c in first] == [b"a", b"b"]
+    with pytest.raises(VringError) as info:
+        rig.vq.pop_many(rig.memory, 10)
+    assert info.value.head == 10
+    assert [bytes(c.readable[0]) for c in rig.vq.pop_many(rig.memory, 10)] == [b"c"]
+
+
+# -- property tests -------------------------------------------------------------------------
+
+payloads = st.lists(st.binary(max_size=40), max_size=3)
+writable_lens = st.lists(st.integers(0, 48), max_size=3)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """Random well-formed driver/device interleavings keep both sides in
+    agreement: contents, order, indices, and no lost notifications."""
+
+    @initialize(
+        size=st.sampled_from([1, 2, 4, 8, 16]),
+        event_idx=st.booleans(),
+        start=st.one_of(st.sampled_from([0, 65533, 65535]), st.integers(0, 65535)),
+    )
+    def setup(self, size: int, event_idx: bool, start: int) -> None:
+        self.rig = Rig(size=size, event_idx=event_idx, start_idx=start, mem_size=128 * 1024)
+        self.size = size
+        self.expected: dict[int, tuple[list[bytes], list[int]]] = {}
+        self.unpublished: list[int] = []
+        self.published: collections.deque[int] = collections.deque()
+        self.device: list[DescriptorChain] = []
+        self.used: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        self.device_idle = False  # pop found nothing: waiting for a kick
+        self.driver_waiting = False  # enabled interrupts with nothing pending
+        self.popped = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "rig"):
+            self.device.clear()
+            self.rig.close()
+
+    @rule(readable=payloads, wlens=writable_lens, indirect=st.booleans())
+    def add(self, readable: list[bytes], wlens: list[int], indirect: bool) -> None:
+        if not readable and not wlens:
+            return
+        needed = 1 if indirect else len(readable) + len(wlens)
+        if needed > self.rig.drv.num_free:
+            with pytest.raises(DriverQueueFull):
+                self.rig.drv.add_chain(readable, wlens, indirect)
+            return
+        head = self.rig.drv.add_chain(readable, wlens, indirect)
+        assert head not in self.expected
+        self.expected[head] = (readable, wlens)
+        self.unpublished.append(head)
+
+    @rule()
+    def publish(self) -> None:
+        count = self.rig.drv.publish()
+        assert count == len(self.unpublished)
+        self.published.extend(self.unpublished)
+        self.unpublished.clear()
+        kick = self.rig.drv.needs_kick()
+        if self.device_idle and count:
+            assert kick, "device is waiting and was not kicked"
+        if kick:
+            self.device_idle = False
+
+    @rule()
+    def device_pop(self) -> None:
+        chain = self.rig.pop()
+        if not self.published:
+            assert chain is None
+            self.device_idle = True
+            return
+        assert chain is not None
+        head = self.published.popleft()
+        assert chain.head == head
+        readable, wlens = self.expected[head]
+        assert b"".join(chain.readable) == b"".join(readable)
+        assert chain.writable_len == sum(wlens)
+        self.device.append(chain)
+        self.popped += 1
+
+    @precondition(lambda self: self.device)
+    @rule(data=st.data())
+    def device_complete(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.device) - 1))
+        chain = self.device.pop(i)
+        n = data.draw(st.integers(0, chain.writable_len))
+        content = bytes((chain.head * 31 + k) % 256 for k in range(n))
+        self.rig.complete(chain, content)
+        self.used.append((chain.head, n, content))
+        notify = self.rig.vq.needs_notification(self.rig.memory)
+        if self.driver_waiting:
+            assert notify, "driver is waiting and got no interrupt"
+        if notify:
+            self.driver_waiting = False
+
+    @rule()
+    def driver_pop_used(self) -> None:
+        got = self.rig.drv.pop_used()
+        if not self.used:
+            assert got is None
+            return
+        head, n, content = self.used.popleft()
+        assert got is not None
+        assert (got.head, got.written) == (head, n)
+        assert b"".join(got.data) == content
+        _, wlens = self.expected.pop(head)
+        assert [len(d) for d in got.data] == [min(w, max(0, n - sum(wlens[:k]))) for k, w in enumerate(wlens)]
+
+    @rule()
+    def driver_wait(self) -> None:
+        if not self.rig.drv.enable_interrupts():
+            assert not self.used
+            self.driver_waiting = True
+
+    @rule()
+    def driver_stop_interrupts(self) -> None:
+        self.rig.drv.disable_interrupts()
+        self.driver_waiting = False
+
+    @invariant()
+    def indices_agree(self) -> None:
+        if not hasattr(self, "rig"):
+            return
+        vq, drv = self.rig.vq, self.rig.drv
+        assert (drv.avail_idx - vq.next_avail) & 0xFFFF == len(self.published)
+        assert (vq.next_used - drv.last_used) & 0xFFFF == len(self.used)
+        assert drv.in_flight == len(self.expected)
+        assert not vq.broken
+
+
+TestQueueMachine = QueueMachine.TestCase
+TestQueueMachine.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+# Random rings: only VringError, bounded work, one outcome per available entry.
+
+GARBAGE_SIZE = 8
+GARBAGE_MEM = 64 * 1024
+_DATA_GPA = BASE + 4096  # where DriverQueue puts the data area for GARBAGE_SIZE
+_addresses = st.one_of(
+    st.integers(_DATA_GPA, _DATA_GPA + 4096),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from([0, BASE - 8, 2**64 - 1, 2**64 - 16, BASE + GARBAGE_MEM - 16]),
+)
+_lengths = st.one_of(st.integers(0, 64), st.sampled_from([0xFFFF_FFF0, 0xFFFF_FFFF]), st.integers(0, 2**32 - 1))
+_flags = st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF))
+_nexts = st.one_of(st.integers(0, GARBAGE_SIZE + 1), st.integers(0, 0xFFFF))
+_descriptor = st.tuples(_addresses, _lengths, _flags, _nexts)
+_table = st.lists(_descriptor, min_size=GARBAGE_SIZE, max_size=GARBAGE_SIZE)
+_indirect_tables = st.lists(st.lists(_descriptor, min_size=1, max_size=6), max_size=3)
+_avail_entries = st.lists(
+    st.one_of(st.integers(0, GARBAGE_SIZE), st.integers(0, 0xFFFF)), min_size=GARBAGE_SIZE, max_size=GARBAGE_SIZE
+)
+
+
+@pytest.fixture(scope="module")
+def garbage_rig():
+    r = Rig(size=GARBAGE_SIZE, mem_size=GARBAGE_MEM)
+    assert r.drv.data_gpa == _DATA_GPA
+    yield r
+    r.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    table=_table,
+    indirect_tables=_indirect_tables,
+    noise=st.binary(max_size=256),
+    entries=_avail_entries,
+    ahead=st.one_of(st.integers(0, GARBAGE_SIZE), st.integers(0, 0xFFFF)),
+    indirect=st.booleans(),
+    event_idx=st.booleans(),
+    start=st.integers(0, 65535),
+)
+def test_garbage_rings_only_raise_vring_error(
+    garbage_rig: Rig,
+    table: list,
+    indirect_tables: list,
+    noise: bytes,
+    entries: list[int],
+    ahead: int,
+    indirect: bool,
+    event_idx: bool,
+    start: int,
+) -> None:
+    r = garbage_rig
+    drv, vq = r.drv, r.vq
+    for i, desc in enumerate(table):
+        drv.write_desc(i, *desc)
+    # indirect tables in the data area, where descriptors may point, then raw noise
+    for k, itable in enumerate(indirect_tables):
+        drv.write_table(_DATA_GPA + 128 * k, itable)
+    drv.write(_DATA_GPA + 512, noise)
+    for slot, head in enumerate(entries):
+        drv.write(drv.avail_gpa + 4 + 2 * slot, head.to_bytes(2, "little"))
+    drv.write(drv.avail_gpa + 2, ((start + ahead) & 0xFFFF).to_bytes(2, "little"))
+    vq.reset()
+    vq.indirect = indirect
+    vq.event_idx = event_idx
+    vq.set_size(GARBAGE_SIZE)
+    vq.next_avail = start
+    vq.set_addresses(r.memory, drv.desc_gpa, drv.avail_gpa, drv.used_gpa)
+
+    results = 0
+    for _ in range(GARBAGE_SIZE + 2):
+        try:
+            chain = vq.pop(r.memory)
+        except VringError as exc:
+            results += 1
+            if exc.head is None:
+                if ahead > GARBAGE_SIZE:
+                    assert vq.broken
+                    break
+                continue
+            assert 0 <= exc.head < GARBAGE_SIZE
+            vq.add_used(r.memory, exc.head, 0)
+            continue
+        if chain is None:
+            break
+        results += 1
+        assert 0 <= chain.head < GARBAGE_SIZE
+        assert chain.readable_len + chain.writable_len <= 2**32
+        assert all(len(v) > 0 for v in chain.readable + chain.writable)
+        vq.add_used(r.memory, chain.head, min(chain.writable_len, 3))
+    if ahead <= GARBAGE_SIZE:
+        assert results == ahead  # every available entry produced exactly one outcome
+        assert vq.next_avail == (start + ahead) & 0xFFFF
+    else:
+        assert vq.broken and results == 1
