@@ -185,6 +185,7 @@ class FuseSession:
         self.config = config or SessionConfig()
         self.negotiated: Negotiated | None = None
         self.destroyed = False
+        self._reinit_allowed = False
         self._handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
             abi.Opcode.INIT: self._init,
             abi.Opcode.DESTROY: self._destroy,
@@ -274,6 +275,13 @@ class FuseSession:
             return 0
         return self._reply(writable, header.unique, body, opcode)
 
+    def device_reset(self) -> None:
+        """The transport stopped a queue (guest reset or reboot, VM pause):
+        a FUSE_INIT that follows starts a new mount instead of being an
+        error. Requests of the current mount keep working meanwhile."""
+        if self.negotiated is not None:
+            self._reinit_allowed = True
+
     async def close(self) -> None:
         """The connection is gone: let the backend forget this mount."""
         if self.negotiated is not None and not self.destroyed:
@@ -331,8 +339,23 @@ class FuseSession:
     # -- handlers ----------------------------------------------------------------
     async def _init(self, req: codec.InitRequest) -> Body:
         if self.negotiated is not None:
-            log.warning("second FUSE_INIT on one session -> EPROTO")
-            raise FuseError(errno.EPROTO)
+            # Linux sends FUSE_INIT once per mount. Another one is a new mount
+            # after FUSE_DESTROY, or the guest driver starting over after a
+            # device reset (reboot): end the old mount as virtiofsd does and
+            # negotiate afresh. Anything else is a protocol error.
+            if not (self.destroyed or self._reinit_allowed):
+                log.warning("second FUSE_INIT on one session -> EPROTO")
+                raise FuseError(errno.EPROTO)
+            log.info("FUSE_INIT after %s: starting a new mount", "FUSE_DESTROY" if self.destroyed else "a device reset")
+            self.negotiated = None
+            if not self.destroyed:
+                self.destroyed = True
+                try:
+                    await self.operations.destroy()
+                except Exception:
+                    log.exception("backend failed in destroy()")
+            self.destroyed = False
+            self._reinit_allowed = False
         if req.major > OUR_MAJOR:
             # Tell the kernel our major; it retries with it (fuse.h "INIT request and reply").
             return codec.InitOut(major=OUR_MAJOR, minor=OUR_MINOR, max_readahead=0, flags=0,

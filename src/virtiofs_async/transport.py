@@ -45,6 +45,10 @@ class RequestHandler(Protocol):
     async def close(self) -> None:
         """The connection ended; no further request will come."""
 
+    # Optional: ``device_reset()`` is called (if the handler has it) whenever
+    # a queue is stopped or the device is reset, so a FUSE session may accept
+    # the FUSE_INIT of a rebooted guest.
+
 
 @attrs.define
 class DeviceConfig:
@@ -93,10 +97,19 @@ class _QueueWorker:
         while not self.stopping:
             memory = self.conn.backend.memory
             while True:
-                queue.disable_notification(memory)
-                self._pop_all(group, memory)
-                if self.stopping or not queue.enable_notification(memory):
-                    break
+                try:
+                    queue.disable_notification(memory)
+                    self._pop_all(group, memory)
+                    if self.stopping or not queue.enable_notification(memory):
+                        break
+                except VringError as exc:
+                    # The guest corrupted the available index after the last
+                    # pop, or the rings left mapped memory: same as in _pop_all.
+                    log.warning("queue %d: %s", self.index, exc)
+                    log.error("queue %d is broken; it stops until the frontend resets it", self.index)
+                    self.stopping = True
+            if self.stopping:
+                return
             try:
                 await read_eventfd(runtime, self.kick_fd)
             except OSError as exc:
@@ -127,16 +140,20 @@ class _QueueWorker:
     async def _serve(self, chain: object) -> None:
         written = 0
         try:
-            written = await self.conn.handler.handle_request(chain.readable, chain.writable)  # type: ignore[attr-defined]
-        except Exception:
-            log.exception("queue %d: request handler failed", self.index)
-        finally:
+            try:
+                written = await self.conn.handler.handle_request(chain.readable, chain.writable)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("queue %d: request handler failed", self.index)
+            # Only a request that ran to its end is returned to the guest: a
+            # cancelled one (the frontend left, or the daemon shuts down) is
+            # abandoned, not completed with an empty reply.
             memory = self.conn.backend.memory
             try:
                 self.queue.add_used(memory, chain.head, written)  # type: ignore[attr-defined]
                 self._notify(memory)
             except ProtocolError as exc:
                 log.warning("queue %d: cannot complete head %s: %s", self.index, chain.head, exc)  # type: ignore[attr-defined]
+        finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
@@ -190,8 +207,10 @@ class Connection:
             try:
                 await self._message_loop(group)
             finally:
+                # The frontend is gone: nobody will read the replies of the
+                # requests still running, so cancel them rather than wait.
                 for index in list(self.workers):
-                    await self._stop_queue(index)
+                    await self._stop_queue(index, drain=False)
                 group.cancel()
         await self.handler.close()
 
@@ -234,6 +253,7 @@ class Connection:
             log.debug("queue %d started", event.index)
         elif isinstance(event, vhost_user.QueueStopped):
             await self._stop_queue(event.index)
+            self._device_reset()
         elif isinstance(event, vhost_user.CallFdChanged):
             worker = self.workers.get(event.index)
             if worker is not None:
@@ -241,13 +261,21 @@ class Connection:
         elif isinstance(event, vhost_user.Reset):
             for index in list(self.workers):
                 await self._stop_queue(index)
+            self._device_reset()
 
-    async def _stop_queue(self, index: int) -> None:
+    def _device_reset(self) -> None:
+        reset = getattr(self.handler, "device_reset", None)
+        if reset is not None:
+            reset()
+
+    async def _stop_queue(self, index: int, drain: bool = True) -> None:
         worker = self.workers.pop(index, None)
         if worker is None:
             return
         worker.stop()
         await worker.done.wait()
+        if not drain:
+            return
         # Requests already taken from the ring must be answered before the
         # frontend reads the ring's state (GET_VRING_BASE) or frees it.
         async with self.runtime.move_on_after(30):
@@ -393,6 +421,10 @@ class VhostUserServer:
                 log.info("frontend connected")
                 try:
                     await conn.serve()
+                except Exception:
+                    # A bug, not the peer's fault (that is a ProtocolError,
+                    # handled inside): drop this connection, keep listening.
+                    log.exception("the connection failed; dropping it")
                 finally:
                     conn.close()
                     conn_sock.close()
