@@ -1,0 +1,4 @@
+"""Ready-made backends."""
+from .memory import MemoryFS
+
+__all__ = ["MemoryFS"]
