@@ -67,6 +67,8 @@ class Negotiated:
     flags: int
     max_write: int
     max_readahead: int
+    #: The largest READ/READDIR the kernel can ask for (max_pages pages).
+    max_read: int = 1 << 20
 
 
 def _split_timeout(seconds: float) -> tuple[int, int]:
@@ -397,7 +399,8 @@ class FuseSession:
         max_write = min(cfg.max_write, max_pages * 4096)
         await ops.init()
         self.negotiated = Negotiated(
-            major=OUR_MAJOR, minor=minor, flags=flags, max_write=max_write, max_readahead=req.max_readahead
+            major=OUR_MAJOR, minor=minor, flags=flags, max_write=max_write, max_readahead=req.max_readahead,
+            max_read=max_pages * 4096,
         )
         log.info("FUSE_INIT: guest 7.%d, agreed 7.%d, flags %#x, max_write %d", req.minor, minor, flags, max_write)
         return codec.InitOut(
@@ -514,7 +517,17 @@ class FuseSession:
         fi = await self.operations.open(req.header.nodeid, req.flags, self._ctx(req.header))
         return file_info_to_open_out(fi)
 
+    def _check_io_size(self, size: int, what: str) -> None:
+        # A guest asking for more than it negotiated would make a backend
+        # allocate it: refuse instead.
+        neg = self.negotiated
+        limit = neg.max_read if neg is not None else 0
+        if size > max(limit, neg.max_write if neg is not None else 0):
+            log.warning("%s of %d bytes exceeds the negotiated %d -> EINVAL", what, size, limit)
+            raise FuseError(errno.EINVAL)
+
     async def _read(self, req: codec.ReadRequest) -> Body:
+        self._check_io_size(req.size, "READ")
         data = await self.operations.read(req.fh, req.offset, req.size)
         if len(data) > req.size:
             raise _backend_bug(f"read() returned {len(data)} bytes, {req.size} were asked")
@@ -584,6 +597,7 @@ class FuseSession:
         return file_info_to_open_out(fi)
 
     async def _readdir_common(self, req: codec.ReaddirRequest, plus: bool) -> Body:
+        self._check_io_size(req.size, "READDIR")
         reply = _DirectoryReply(req.size, plus)
         await self.operations.readdir(req.fh, req.offset, reply)
         return reply.parts

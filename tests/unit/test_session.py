@@ -188,3 +188,19 @@ def test_forget_gets_no_reply_and_reaches_the_backend() -> None:
     h, _ = call(s, codec.BatchForgetRequest(hdr(21), items=[(2, 1), (5, 7)]))
     assert h is None
     assert seen == [(2, 3), (2, 1), (5, 7)]
+
+
+def test_read_larger_than_negotiated_is_refused_before_the_backend() -> None:
+    asked = []
+
+    class Recorder(Files):
+        async def read(self, fh, offset, size):
+            asked.append(size)
+            return b""
+
+    s = FuseSession(Recorder())
+    init(s)
+    h, _ = call(s, codec.ReadRequest(hdr(30, nodeid=2), fh=1, offset=0, size=(1 << 20) + 1, read_flags=0, lock_owner=0, flags=0))
+    assert h.error == errno.EINVAL and asked == []
+    h, _ = call(s, codec.ReadRequest(hdr(31, nodeid=2), fh=1, offset=0, size=1 << 20, read_flags=0, lock_owner=0, flags=0))
+    assert h.error == 0 and asked == [1 << 20]
