@@ -27,7 +27,7 @@ length (``ENAMETOOLONG``) and the meaning of ``.`` / ``..``.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, NewType, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NewType, Sequence, TypeVar
 
 import attrs
 
@@ -35,6 +35,8 @@ from .errors import FuseError
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
+
+T = TypeVar("T")
 
 InodeT = NewType("InodeT", int)
 FileHandleT = NewType("FileHandleT", int)
@@ -181,6 +183,15 @@ class Operations:
     supports_posix_acl: bool = False
     #: READDIRPLUS is offered to the guest (FUSE_DO_READDIRPLUS).
     supports_readdirplus: bool = True
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking ``fn(*args)`` without holding up other requests.
+
+        The server replaces this, before ``init()``, with its runtime's
+        bounded worker pool (``--thread-pool-size``), so a backend can offload
+        blocking syscalls without knowing which event loop runs it. This
+        default (no server) simply calls ``fn`` inline."""
+        return fn(*args)
 
     # -- lifecycle -------------------------------------------------------
     async def init(self) -> None:

@@ -29,7 +29,10 @@ def make_server(
     session_config: SessionConfig | None = None,
     socket_group: str | None = None,
 ) -> VhostUserServer:
-    """A server (not yet listening) for ``operations``; see :func:`serve`."""
+    """A server (not yet listening) for ``operations``; see :func:`serve`.
+
+    Gives ``operations.run_blocking`` the runtime's worker pool."""
+    operations.run_blocking = runtime.run_in_thread  # type: ignore[method-assign]
     return VhostUserServer(
         runtime,
         lambda: FuseSession(operations, session_config),

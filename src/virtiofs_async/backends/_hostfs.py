@@ -1,0 +1,437 @@
+"""Linux syscalls the passthrough backend needs and :mod:`os` lacks (ctypes).
+
+Everything here is a thin, blocking wrapper that raises :class:`OSError`
+with the kernel's errno; nothing imports an event loop or knows FUSE.
+
+Contracts:
+
+* :func:`call_as` runs a function with the filesystem credentials
+  (fsuid/fsgid via setfsuid/setfsgid, supplementary groups via the raw
+  ``setgroups`` syscall) and optionally the umask of a caller, *on the
+  calling thread only*, and restores the thread's previous credentials
+  before it returns or raises. Linux keeps these per thread; glibc's
+  ``setgroups()`` would broadcast to every thread, so the raw syscall is
+  used. Switching happens only when the process runs as root
+  (``SWITCH_CREDENTIALS``).
+* A per-call umask needs a thread-private umask: the first time a worker
+  thread needs one it calls ``unshare(CLONE_FS)`` (its cwd, root and umask
+  become its own). The main thread never unshares; there, the process
+  umask is switched under a global lock instead.
+* :func:`open_beneath` opens one name relative to a directory fd without
+  ever following a symlink or ``..`` on the host: ``openat2`` with
+  RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS where the
+  kernel has it, else ``openat`` with O_NOFOLLOW (the caller has already
+  refused names containing ``/``).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+import threading
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _raise_errno() -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        _raise_errno()
+    return ret
+
+
+# -- syscall numbers that glibc does not wrap (or wraps with other semantics) ----------
+
+_MACHINE = platform.machine()
+#: openat2(2) has the same number on every architecture (added in 5.6).
+SYS_openat2 = 437
+#: setgroups(2), raw (glibc's wrapper changes every thread of the process).
+_SETGROUPS_NR = {
+    "x86_64": 116,
+    "aarch64": 159,
+    "arm64": 159,
+    "riscv64": 159,
+    "loongarch64": 159,
+    "ppc64le": 81,
+    "ppc64": 81,
+}
+SYS_setgroups: int | None = _SETGROUPS_NR.get(_MACHINE)
+
+_libc.syscall.restype = ctypes.c_long
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsuid.restype = ctypes.c_int
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.restype = ctypes.c_int
+
+# -- openat2 -------------------------------------------------------------------------------
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_CONFINED = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+#: None = not probed yet; set by the first call of ``open_beneath``.
+HAVE_OPENAT2: bool | None = None
+
+
+_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+#: (flags, mode, resolve) -> (struct, its byref): read-only once built, so
+#: shared by every thread; saves a third of the call's cost.
+_how_cache: dict[tuple[int, int, int], Any] = {}
+
+
+def openat2(dirfd: int, name: bytes, flags: int, mode: int = 0, resolve: int = _CONFINED) -> int:
+    """The raw openat2 syscall; OSError(ENOSYS) on kernels before 5.6."""
+    key = (flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    ref = _how_cache.get(key)
+    if ref is None:
+        how = _OpenHow(*key)
+        ref = (how, ctypes.byref(how))
+        if len(_how_cache) < 512:
+            _how_cache[key] = ref
+    return _check(_libc.syscall(SYS_openat2, ctypes.c_int(dirfd), name, ref[1], _HOW_SIZE))
+
+
+def open_beneath(dirfd: int, name: bytes, flags: int, mode: int = 0) -> int:
+    """Open the single component ``name`` (no ``/``) relative to ``dirfd``
+    without following any host symlink; O_CLOEXEC is always added. A
+    trailing symlink with O_PATH|O_NOFOLLOW gives an fd of the link itself;
+    otherwise it fails with ELOOP."""
+    global HAVE_OPENAT2
+    if HAVE_OPENAT2 is not False and name not in (b".", b".."):
+        try:
+            return openat2(dirfd, name, flags | os.O_NOFOLLOW, mode)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM) or HAVE_OPENAT2:
+                raise
+            # ENOSYS: no openat2; EPERM on the very first call: a seccomp
+            # filter refusing it. Use openat from now on.
+            HAVE_OPENAT2 = False
+        else:
+            HAVE_OPENAT2 = True
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+# -- file handles ------------------------------------------------------------------------
+
+MAX_HANDLE_SZ = 128
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class _FileHandleStruct(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+@attrs.frozen
+class FileHandle:
+    """A filesystem's persistent name for an inode (name_to_handle_at)."""
+
+    handle_type: int
+    data: bytes
+    mount_id: int
+
+
+def name_to_handle(fd: int) -> FileHandle:
+    """The file handle of the inode ``fd`` refers to (``fd`` may be O_PATH).
+    EOPNOTSUPP / EOVERFLOW when the filesystem cannot make one."""
+    fh = _FileHandleStruct(MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH))
+    return FileHandle(fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes]), mount_id.value)
+
+
+def open_by_handle(mount_fd: int, handle: FileHandle, flags: int) -> int:
+    """open_by_handle_at(2). ``mount_fd`` must be a non-O_PATH fd on the
+    handle's mount; needs CAP_DAC_READ_SEARCH. ESTALE for a gone inode."""
+    fh = _FileHandleStruct(len(handle.data), handle.handle_type)
+    ctypes.memmove(fh.f_handle, handle.data, len(handle.data))
+    return _check(_libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC))
+
+
+# -- credentials ---------------------------------------------------------------------------
+
+#: Whether call_as switches anything: only a root daemon can.
+SWITCH_CREDENTIALS = os.geteuid() == 0
+#: The process's supplementary groups at import (what a thread goes back to).
+_BASE_GROUPS: tuple[int, ...] = tuple(os.getgroups())
+
+_gid_array_cache: dict[tuple[int, ...], Any] = {}
+
+
+def _setgroups_thread(groups: Sequence[int]) -> None:
+    if SYS_setgroups is None:
+        raise OSError(errno.ENOSYS, "per-thread setgroups is not known on " + _MACHINE)
+    key = tuple(groups)
+    arr = _gid_array_cache.get(key)
+    if arr is None:
+        arr = (ctypes.c_uint * max(1, len(key)))(*key)
+        if len(_gid_array_cache) < 256:
+            _gid_array_cache[key] = arr
+    _check(_libc.syscall(SYS_setgroups, len(key), arr))
+
+
+def per_thread_groups_supported() -> bool:
+    return SYS_setgroups is not None
+
+
+@attrs.frozen
+class Credentials:
+    """Whom a syscall runs as. ``groups`` None leaves the daemon's groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] | None = None
+
+
+_local = threading.local()
+_umask_lock = threading.Lock()
+CLONE_FS = 0x00000200
+
+
+def _private_umask_possible() -> bool:
+    """Give this (non-main) thread its own umask and cwd via unshare(CLONE_FS)."""
+    state = getattr(_local, "fs_private", None)
+    if state is None:
+        if threading.current_thread() is threading.main_thread():
+            state = False
+        else:
+            state = _libc.unshare(CLONE_FS) == 0
+        _local.fs_private = state
+    return state
+
+
+_cwd_lock = threading.Lock()
+
+
+def call_in_dir(dirfd: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` with this thread's working directory at ``dirfd``
+    (relative paths resolve there), then go back. On a worker thread the
+    cwd is the thread's own (unshare(CLONE_FS)); on the main thread the
+    process cwd moves for the call, under a lock."""
+    if _private_umask_possible():
+        home = getattr(_local, "home", None)
+        if home is None:
+            home = _local.home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fchdir(dirfd)
+        try:
+            return fn(*args)
+        finally:
+            os.fchdir(home)
+    with _cwd_lock:
+        home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fchdir(dirfd)
+            try:
+                return fn(*args)
+            finally:
+                os.fchdir(home)
+        finally:
+            os.close(home)
+
+
+def call_as(creds: Credentials | None, umask: int | None, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` with ``creds`` as this thread's filesystem
+    credentials and ``umask`` as its umask (None: leave as is); restore both
+    before returning. See the module docstring."""
+    if umask is not None and not _private_umask_possible():
+        with _umask_lock:
+            old_mask = os.umask(umask)
+            try:
+                return _call_with_creds(creds, fn, args)
+            finally:
+                os.umask(old_mask)
+    old_mask = os.umask(umask) if umask is not None else None
+    try:
+        return _call_with_creds(creds, fn, args)
+    finally:
+        if old_mask is not None:
+            os.umask(old_mask)
+
+
+def _call_with_creds(creds: Credentials | None, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    if creds is None or not SWITCH_CREDENTIALS:
+        return fn(*args)
+    set_gid = creds.gid != 0
+    set_uid = creds.uid != 0
+    set_groups = creds.groups is not None and SYS_setgroups is not None
+    if set_groups:
+        _setgroups_thread(creds.groups)  # type: ignore[arg-type]
+    old_gid = _libc.setfsgid(creds.gid) if set_gid else None
+    old_uid = _libc.setfsuid(creds.uid) if set_uid else None
+    try:
+        return fn(*args)
+    finally:
+        if old_uid is not None:
+            _libc.setfsuid(old_uid)
+        if old_gid is not None:
+            _libc.setfsgid(old_gid)
+        if set_groups:
+            _setgroups_thread(_BASE_GROUPS)
+
+
+def current_fs_ids() -> tuple[int, int]:
+    """This thread's (fsuid, fsgid) (for tests: setfs*id(-1) changes nothing)."""
+    return _libc.setfsuid(0xFFFFFFFF), _libc.setfsgid(0xFFFFFFFF)
+
+
+# -- misc syscalls -----------------------------------------------------------------------
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    if flags == 0:
+        os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    _check(_libc.renameat2(olddirfd, old, newdirfd, new, flags))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_libc.fallocate(fd, mode, offset, length))
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd))
+
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _timespec(ns: int | None, now: bool) -> _Timespec:
+    if now:
+        return _Timespec(0, UTIME_NOW)
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return _Timespec(sec, nsec)
+
+
+def utimensat(
+    dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None,
+    atime_now: bool = False, mtime_now: bool = False, flags: int = 0,
+) -> None:
+    """utimensat(2) with per-field UTIME_NOW / UTIME_OMIT (None = omit)."""
+    times = (_Timespec * 2)(_timespec(atime_ns, atime_now), _timespec(mtime_ns, mtime_now))
+    _check(_libc.utimensat(dirfd, name, times, flags))
+
+
+# -- directories: getdents64 with resumable offsets ----------------------------------------
+
+_DIRENT_HEAD = struct.Struct("=QqHB")
+_SYS_getdents64 = {"x86_64": 217, "aarch64": 61, "arm64": 61, "riscv64": 61, "loongarch64": 61,
+                   "ppc64le": 202, "ppc64": 202}.get(_MACHINE)
+_getdents64 = getattr(_libc, "getdents64", None)
+
+
+@attrs.frozen
+class Dirent:
+    ino: int
+    #: the host's cookie to resume *after* this entry (lseek(fd, off))
+    off: int
+    type: int
+    name: bytes
+
+
+def getdents(fd: int, offset: int, bufsize: int = 32768) -> list[Dirent]:
+    """Entries of the directory ``fd`` (opened O_RDONLY) from the host
+    cookie ``offset`` (0 = start), as many as one getdents64 call returns.
+    An empty list means the end. The caller serialises use of ``fd``."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    buf = ctypes.create_string_buffer(bufsize)
+    if _getdents64 is not None:
+        n = _getdents64(fd, buf, bufsize)
+    elif _SYS_getdents64 is not None:
+        n = _libc.syscall(_SYS_getdents64, fd, buf, bufsize)
+    else:  # pragma: no cover
+        raise OSError(errno.ENOSYS, "getdents64 unavailable")
+    _check(n)
+    raw = buf.raw[:n]
+    out: list[Dirent] = []
+    pos = 0
+    head = _DIRENT_HEAD
+    while pos < n:
+        ino, off, reclen, dtype = head.unpack_from(raw, pos)
+        if reclen < head.size or pos + reclen > n:
+            raise OSError(errno.EIO, "corrupt getdents64 record")
+        name_start = pos + head.size
+        end = raw.index(b"\0", name_start, pos + reclen)
+        out.append(Dirent(ino, off, dtype, raw[name_start:end]))
+        pos += reclen
+    return out
+
+
+def iter_all(fd: int) -> Iterator[Dirent]:
+    """Every entry of directory ``fd`` (tests and tools)."""
+    off = 0
+    while True:
+        batch = getdents(fd, off)
+        if not batch:
+            return
+        yield from batch
+        off = batch[-1].off
+
+
+# -- device numbers: the guest's 32-bit encoding (new_encode_dev) ---------------------------
+
+
+def guest_rdev_to_host(rdev: int) -> int:
+    """FUSE carries rdev as Linux's 32-bit ``new_encode_dev`` value."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+def host_rdev_to_guest(dev: int) -> int:
+    if dev == 0:
+        return 0
+    major, minor = os.major(dev), os.minor(dev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+# -- OFD / flock locks ----------------------------------------------------------------------
+
+_FLOCK = struct.Struct("hhqqi4x")
+#: FUSE's "to the end of the file" (OFFSET_MAX).
+OFFSET_MAX = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def pack_flock(type_: int, start: int, end: int) -> bytes:
+    """A struct flock for [start, end] (end inclusive; OFFSET_MAX = to EOF)."""
+    length = 0 if end >= OFFSET_MAX else end - start + 1
+    return _FLOCK.pack(type_, os.SEEK_SET, start, length, 0)
+
+
+def unpack_flock(data: bytes) -> tuple[int, int, int, int]:
+    """(type, start, end, pid) of a struct flock; end inclusive."""
+    type_, _whence, start, length, pid = _FLOCK.unpack(data)
+    end = OFFSET_MAX if length == 0 else start + length - 1
+    return type_, start, end, pid

@@ -1,0 +1,1424 @@
+"""A host directory served to the guest, as QEMU's C and the Rust virtiofsd do.
+
+Contracts:
+
+* **Inodes.** A host inode is identified by ``(st_dev, st_ino)``. Each one
+  the guest knows holds either an ``O_PATH`` fd or, with
+  ``inode_file_handles="prefer"|"mandatory"``, a file handle
+  (``name_to_handle_at``; reopened with ``open_by_handle_at`` when needed),
+  so open fds stay bounded by what the guest caches. Lookup counts follow
+  ``operations.py``; an inode is dropped (its fd closed) when it has no
+  lookup, no open handle and no request in flight. The guest's nodeid is
+  also the ``st_ino`` it sees (the interface has one number for both): the
+  host ``st_ino`` when that number is free, else a number from ``2**63`` up.
+  A nodeid only ever resolves through this table: a guest that forges one
+  (say, the host inode number of ``/etc/passwd``) gets ESTALE.
+* **Confinement.** Names are resolved one component at a time relative to
+  the parent's fd, never following a host symlink (``openat2`` with
+  RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS where the
+  kernel has it, else ``openat`` + O_NOFOLLOW); ``..`` at the root is the
+  root; names with ``/`` or NUL are EINVAL. Files are opened for I/O by
+  reopening the inode's own fd through ``/proc/self/fd/N`` (or by handle),
+  never through a path built from guest names; only regular files and
+  directories are ever opened for I/O (a device node or fifo in the share
+  is never opened on the host). Symlinks in the share are the guest's to
+  resolve. Not covered: a host process moving a directory out of the shared
+  tree while the guest is using it.
+* **Credentials.** Every request that creates, opens, changes or looks up
+  runs its syscalls with the caller's fsuid/fsgid and supplementary groups
+  (``ctx.groups``, none when the guest does not send them) on the thread
+  that makes them (:func:`_hostfs.call_as`), so the host kernel checks
+  permissions and owns new files by the caller. Skipped when the daemon is
+  not root. READDIRPLUS's implicit lookups run as the daemon (as in
+  virtiofsd); the guest still checks search permission itself.
+* **killpriv_v2.** suid (and sgid with group-exec) is dropped by a write or
+  truncate from a non-root caller, by chown, and whenever SETATTR carries
+  FATTR_KILL_SUIDGID.
+* **Blocking.** Calls that can block on I/O go through ``run_blocking``
+  (the runtime's worker pool, injected by the server; inline until then).
+  Fast metadata calls (lookup, getattr, readlink, access, xattr reads,
+  statfs, non-waiting locks, forget) run inline on the event loop when
+  ``inline_metadata`` is true (the default: measured faster, see
+  ``INLINE_METADATA_DEFAULT``). A waiting SETLKW / flock occupies one pool
+  thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
+* **readdir offsets** are the host filesystem's own ``d_off`` cookies:
+  each READDIR seeks the handle's directory fd to the guest's offset and
+  calls ``getdents64`` (ctypes), so listings resume exactly where the host
+  would, with the host's guarantees under concurrent changes; calls on
+  one handle are serialised by a per-handle lock.
+* **Cache policies** give the Rust virtiofsd's timeouts and open flags:
+  ``never`` 0 s + FOPEN_DIRECT_IO (and no READDIRPLUS); ``metadata``
+  86400 s, DIRECT_IO for files, KEEP_CACHE + CACHE_DIR for directories;
+  ``auto`` 1 s, no flags; ``always`` 86400 s, KEEP_CACHE (+ CACHE_DIR for
+  directories).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import attrs
+
+from ..abi import fuse as abi
+from ..errors import FuseError
+from ..operations import (
+    ROOT_INODE,
+    DirectoryReply,
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileLock,
+    InodeT,
+    Operations,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+)
+from . import _hostfs
+from ._hostfs import Credentials, FileHandle, call_as
+
+__all__ = ["PassthroughFS", "CACHE_POLICIES", "CACHE_TIMEOUTS", "INODE_FILE_HANDLES", "INLINE_METADATA_DEFAULT"]
+
+log = logging.getLogger("virtiofs_async.passthrough")
+T = TypeVar("T")
+
+CACHE_POLICIES = ("never", "metadata", "auto", "always")
+#: entry/attr timeout per cache policy (the Rust virtiofsd's values).
+CACHE_TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
+INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
+#: Run fast metadata syscalls on the event loop (see the module docstring;
+#: the numbers are in the module's report / benchmark).
+INLINE_METADATA_DEFAULT = True
+
+NAME_MAX = 255
+_DOTS = (b".", b"..")
+_O_PATH = os.O_PATH | os.O_CLOEXEC
+_OPEN_ALLOWED = (
+    os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | getattr(os, "O_LARGEFILE", 0)
+)
+_F_RDLCK, _F_WRLCK, _F_UNLCK = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
+_FIRST_SYNTHETIC_NODEID = 1 << 63
+_NO_HANDLE_ERRNOS = (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOTSUP, errno.EPERM, errno.ENOSYS)
+_XATTR_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+@attrs.define(slots=True, eq=False)
+class _Inode:
+    nodeid: int
+    key: tuple[int, int]
+    #: S_IFMT bits (an inode's type never changes)
+    kind: int
+    #: O_PATH fd, or -1 when ``handle`` is used
+    fd: int
+    handle: FileHandle | None = None
+    #: a non-O_PATH fd on the handle's mount (shared, not owned)
+    mount_fd: int = -1
+    lookups: int = 0
+    opens: int = 0
+    pins: int = 0
+    #: POSIX lock owner -> an fd of its own carrying the owner's OFD locks
+    plocks: dict[int, int] = attrs.Factory(dict)
+    #: dropped from the tables; fd closed
+    gone: bool = False
+
+    @property
+    def dev(self) -> int:
+        return self.key[0]
+
+
+@attrs.define(slots=True, eq=False)
+class _Handle:
+    fh: int
+    node: _Inode
+    fd: int
+    is_dir: bool
+    writable: bool
+    pins: int = 0
+    closed: bool = False
+    #: serialises lseek+getdents64 on a directory fd
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+
+
+class _Box:
+    """Hands a worker's result to the request, or to ``cleanup`` when the
+    request was cancelled before it could take it."""
+
+    __slots__ = ("_cleanup", "_lock", "_done", "_abandoned", "_value")
+
+    def __init__(self, cleanup: Callable[[Any], None] | None) -> None:
+        self._cleanup = cleanup
+        self._lock = threading.Lock()
+        self._done = False
+        self._abandoned = False
+        self._value: Any = None
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        value = fn(*args)
+        if self._cleanup is None:
+            return value
+        with self._lock:
+            if self._abandoned:
+                self._cleanup(value)
+                return None
+            self._done = True
+            self._value = value
+        return value
+
+    def abandon(self) -> None:
+        if self._cleanup is None:
+            return
+        with self._lock:
+            self._abandoned = True
+            if self._done:
+                self._done = False
+                self._cleanup(self._value)
+
+
+def _close_lookup_result(result: tuple[int, os.stat_result, Any]) -> None:
+    fd, _st, info = result
+    _close_quietly(fd)
+    if info is not None and info[1] <= -2:
+        _close_quietly(-info[1] - 2)
+
+
+def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> None:
+    _close_quietly(result[0])
+    _close_lookup_result(result[1])
+
+
+def _err(code: int) -> FuseError:
+    return FuseError(code)
+
+
+_OFF_MAX = (1 << 63) - 1
+
+
+def _check_range(*values: int) -> None:
+    """Offsets/lengths from the guest are u64: refuse what no off_t holds."""
+    for v in values:
+        if not 0 <= v <= _OFF_MAX:
+            raise _err(errno.EINVAL)
+
+
+def _check_name(name: bytes) -> None:
+    if not name or b"/" in name or b"\0" in name:
+        raise _err(errno.EINVAL)
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+
+
+def _kill_suidgid_mode(mode: int) -> int:
+    """The mode with suid dropped, and sgid when group-exec is set (Linux)."""
+    new = mode & ~stat.S_ISUID
+    if new & (stat.S_ISGID | stat.S_IXGRP) == (stat.S_ISGID | stat.S_IXGRP):
+        new &= ~stat.S_ISGID
+    return new
+
+
+class PassthroughFS(Operations):
+    """Serve the host directory ``root``; see the module docstring.
+
+    Options (the daemon's command line maps onto them): ``readonly`` (EROFS
+    on every mutation), ``xattr`` (off: xattr requests answer ENOSYS, as in
+    virtiofsd), ``posix_acl`` (implies ``xattr``; FUSE_POSIX_ACL and
+    FUSE_DONT_MASK), ``cache`` (one of ``CACHE_POLICIES``), ``writeback``
+    (FUSE_WRITEBACK_CACHE: write-only opens are made read-write and O_APPEND
+    is left to the guest), ``announce_submounts`` (FUSE_ATTR_SUBMOUNT on
+    directories whose st_dev differs from their parent's),
+    ``allow_direct_io`` (pass O_DIRECT through; stripped otherwise),
+    ``inode_file_handles`` (one of ``INODE_FILE_HANDLES``), ``posix_locks``
+    and ``flock_locks``, ``readdirplus``, ``entry_timeout`` /
+    ``attr_timeout`` (override the policy's), ``inline_metadata``,
+    ``max_lock_waiters``.
+    """
+
+    supports_killpriv_v2 = True
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        xattr: bool = False,
+        posix_acl: bool = False,
+        cache: str = "auto",
+        writeback: bool = False,
+        announce_submounts: bool = False,
+        allow_direct_io: bool = False,
+        inode_file_handles: str = "never",
+        posix_locks: bool = True,
+        flock_locks: bool = True,
+        readdirplus: bool = True,
+        entry_timeout: float | None = None,
+        attr_timeout: float | None = None,
+        inline_metadata: bool = INLINE_METADATA_DEFAULT,
+        max_lock_waiters: int = 16,
+        proc_self_fd: int | None = None,
+    ) -> None:
+        if cache not in CACHE_POLICIES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
+        if inode_file_handles not in INODE_FILE_HANDLES:
+            raise ValueError(f"inode_file_handles must be one of {', '.join(INODE_FILE_HANDLES)}")
+        self.root_path = os.fspath(root)
+        self.readonly = readonly
+        self.xattr = xattr or posix_acl
+        self.posix_acl = posix_acl
+        self.cache = cache
+        self.writeback = writeback
+        self.announce_submounts = announce_submounts
+        self.allow_direct_io = allow_direct_io
+        self.inline_metadata = inline_metadata
+        self.max_lock_waiters = max_lock_waiters
+        timeout = CACHE_TIMEOUTS[cache]
+        self.entry_timeout = timeout if entry_timeout is None else entry_timeout
+        self.attr_timeout = timeout if attr_timeout is None else attr_timeout
+        # Instance values of the session's capability flags.
+        self.enable_writeback_cache = writeback
+        self.handles_umask = posix_acl
+        self.supports_posix_acl = posix_acl
+        self.supports_posix_locks = posix_locks
+        self.supports_flock_locks = flock_locks
+        self.supports_readdirplus = readdirplus and cache != "never"
+
+        if proc_self_fd is not None:
+            self._proc_fd = fcntl.fcntl(proc_self_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        else:
+            self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root_fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self._proc_fd)
+            raise
+        # A readable fd of the root: syncfs(), and open_by_handle_at's mount fd.
+        self._root_rd = self._proc_open(root_fd, os.O_RDONLY | os.O_DIRECTORY)
+        st = os.fstat(root_fd)
+        self._root = _Inode(ROOT_INODE, (st.st_dev, st.st_ino), stat.S_IFDIR, root_fd, lookups=1)
+        self._inodes: dict[int, _Inode] = {ROOT_INODE: self._root}
+        self._by_key: dict[tuple[int, int], _Inode] = {self._root.key: self._root}
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._next_synthetic = _FIRST_SYNTHETIC_NODEID
+        self._mount_fds: dict[int, int] = {}
+        self._lock_waiters = 0
+        self._switching = _hostfs.SWITCH_CREDENTIALS
+        if self._switching and not _hostfs.per_thread_groups_supported():
+            log.warning("no per-thread setgroups on %s: requests keep the daemon's supplementary groups",
+                        _hostfs._MACHINE)
+        self.file_handles = inode_file_handles
+        if inode_file_handles != "never":
+            self._setup_file_handles(inode_file_handles)
+
+    def _setup_file_handles(self, mode: str) -> None:
+        try:
+            handle = _hostfs.name_to_handle(self._root.fd)
+            probe = _hostfs.open_by_handle(self._root_rd, handle, os.O_PATH)
+            os.close(probe)
+        except OSError as exc:
+            if mode == "mandatory":
+                self.close()
+                raise OSError(exc.errno, f"inode_file_handles=mandatory, but file handles fail here: {exc.strerror}")
+            log.warning("file handles unavailable (%s): using O_PATH fds", exc.strerror)
+            self.file_handles = "never"
+            return
+        self._mount_fds[handle.mount_id] = self._root_rd
+
+    # ------------------------------------------------------------------
+    # the worker pool (replaced by the server with the runtime's run_in_thread)
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:  # type: ignore[override]
+        """Run the blocking ``fn(*args)``; this fallback runs it inline."""
+        return fn(*args)
+
+    # ------------------------------------------------------------------
+    # introspection (tests and tools)
+    @property
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    def lookup_count(self, nodeid: int) -> int:
+        node = self._inodes.get(nodeid)
+        return 0 if node is None else node.lookups
+
+    def held_fds(self) -> int:
+        """fds this backend holds open right now (inodes, handles, locks, mounts)."""
+        n = 2 + sum(1 for node in self._inodes.values() if node.fd >= 0)
+        n += sum(len(node.plocks) for node in self._inodes.values())
+        n += sum(1 for h in self._handles.values())
+        n += sum(1 for fd in self._mount_fds.values() if fd != self._root_rd)
+        return n
+
+    def host_key(self, nodeid: int) -> tuple[int, int]:
+        """The (st_dev, st_ino) behind a nodeid."""
+        return self._node(nodeid).key
+
+    def close(self) -> None:
+        """Close every fd, the root's too; the object is unusable after."""
+        self._reset()
+        for node in list(self._inodes.values()):  # still pinned by abandoned workers
+            if node is not self._root:
+                node.pins = 0
+                self._maybe_drop(node)
+        for fd in {self._root.fd, self._root_rd, self._proc_fd, *self._mount_fds.values()}:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._mount_fds.clear()
+        self._root.fd = -1
+        self._root_rd = -1
+        self._proc_fd = -1
+
+    # ------------------------------------------------------------------
+    # plumbing
+    def _node(self, nodeid: int) -> _Inode:
+        node = self._inodes.get(nodeid)
+        if node is None:
+            raise _err(errno.ESTALE)
+        return node
+
+    def _dir_node(self, nodeid: int) -> _Inode:
+        node = self._node(nodeid)
+        if node.kind != stat.S_IFDIR:
+            raise _err(errno.ENOTDIR)
+        return node
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF)
+        return h
+
+    def _file_handle(self, fh: int) -> _Handle:
+        h = self._handle(fh)
+        if h.is_dir:
+            raise _err(errno.EISDIR)
+        return h
+
+    def _check_writable_fs(self) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    def _creds(self, ctx: RequestContext) -> Credentials | None:
+        if not self._switching or (ctx.uid == 0 and ctx.gid == 0):
+            return None
+        return Credentials(ctx.uid, ctx.gid, None if ctx.uid == 0 else tuple(ctx.groups))
+
+    def _umask(self, ctx: RequestContext) -> int:
+        return ctx.umask if self.handles_umask else 0
+
+    async def _run(
+        self, pins: Iterable[Any], blocking: bool, fn: Callable[..., T], *args: Any,
+        cleanup: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run ``fn(*args)`` (in the pool if ``blocking`` or not inlining)
+        with the inodes/handles in ``pins`` kept open; OSError -> FuseError.
+
+        If the awaiting request is cancelled while a worker still runs, the
+        pins stay (the worker may be using their fds) and ``cleanup`` undoes
+        whatever the worker returns (closes the fds it opened)."""
+        pinned = tuple(pins)
+        for obj in pinned:
+            obj.pins += 1
+        if not blocking and self.inline_metadata:
+            try:
+                return fn(*args)
+            except OSError as exc:
+                raise FuseError(exc.errno or errno.EIO) from None
+            finally:
+                self._unpin(pinned)
+        box = _Box(cleanup)
+        try:
+            result = await self.run_blocking(box.run, fn, *args)
+        except OSError as exc:
+            self._unpin(pinned)
+            raise FuseError(exc.errno or errno.EIO) from None
+        except Exception:
+            self._unpin(pinned)
+            raise
+        except BaseException:
+            box.abandon()  # cancelled: leave the pins, let the worker clean up
+            raise
+        self._unpin(pinned)
+        return result
+
+    def _unpin(self, pinned: tuple[Any, ...]) -> None:
+        for obj in pinned:
+            obj.pins -= 1
+            if obj.pins == 0:
+                if isinstance(obj, _Inode):
+                    self._maybe_drop(obj)
+                elif obj.closed:
+                    self._close_handle_fd(obj)
+
+    # -- fds of inodes (called on worker threads) ------------------------------------
+    def _with_fd(self, node: _Inode, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(fd, *args)`` with an O_PATH fd of ``node``."""
+        if node.fd >= 0:
+            return fn(node.fd, *args)
+        assert node.handle is not None
+        fd = _hostfs.open_by_handle(node.mount_fd, node.handle, os.O_PATH)
+        try:
+            return fn(fd, *args)
+        finally:
+            os.close(fd)
+
+    def _proc_open(self, fd: int, flags: int) -> int:
+        """Reopen the inode behind ``fd`` through /proc/self/fd (no path
+        from the guest involved)."""
+        return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
+    def _lookup_at(self, dirfd: int, name: bytes, creds: Credentials | None) -> tuple[int, os.stat_result, Any]:
+        """(O_PATH fd, stat, handle info) of ``name`` in ``dirfd``."""
+        if name == b"..":
+            fd = os.open(b"..", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        else:
+            fd = call_as(creds, None, _hostfs.open_beneath, dirfd, name, os.O_PATH)
+        try:
+            st = os.fstat(fd)
+            info = self._handle_info(fd, st) if self.file_handles != "never" else None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st, info
+
+    def _handle_info(self, fd: int, st: os.stat_result) -> tuple[FileHandle, int] | None:
+        """A file handle for ``fd`` plus a mount fd to open it with (a new
+        fd when its mount is new, else the known one), or None to keep the
+        O_PATH fd. Worker thread; the loop registers the result."""
+        try:
+            handle = _hostfs.name_to_handle(fd)
+        except OSError as exc:
+            if self.file_handles == "mandatory" or exc.errno not in _NO_HANDLE_ERRNOS:
+                raise
+            return None
+        mount_fd = self._mount_fds.get(handle.mount_id)
+        if mount_fd is None:
+            if not stat.S_ISDIR(st.st_mode):
+                if self.file_handles == "mandatory":
+                    raise OSError(errno.EOPNOTSUPP, "no mount fd for a non-directory on a new mount")
+                return None
+            mount_fd = self._proc_open(fd, os.O_RDONLY | os.O_DIRECTORY)
+            return handle, -mount_fd - 2  # marks "new mount fd, register it"
+        return handle, mount_fd
+
+    # -- the inode table (event loop only) -------------------------------------------
+    def _alloc_nodeid(self, ino: int) -> int:
+        if 1 < ino < _FIRST_SYNTHETIC_NODEID and ino not in self._inodes:
+            return ino
+        while self._next_synthetic in self._inodes:
+            self._next_synthetic += 1
+        nodeid = self._next_synthetic
+        self._next_synthetic += 1
+        return nodeid
+
+    def _install(self, fd: int, st: os.stat_result, info: Any) -> _Inode:
+        """The table's inode for a fresh lookup result (fd is consumed);
+        a new one is added with no lookups counted."""
+        key = (st.st_dev, st.st_ino)
+        handle: FileHandle | None = None
+        mount_fd = -1
+        if info is not None:
+            handle, mount_fd = info
+            if mount_fd <= -2:  # a new mount fd from the worker
+                mount_fd = -mount_fd - 2
+                known = self._mount_fds.get(handle.mount_id)
+                if known is None:
+                    self._mount_fds[handle.mount_id] = mount_fd
+                else:
+                    os.close(mount_fd)
+                    mount_fd = known
+        node = self._by_key.get(key)
+        if node is not None and (handle is None or node.handle is None or node.handle == handle):
+            os.close(fd)
+            return node
+        if node is not None:
+            # Same (dev, ino), another handle: the old inode is gone and its
+            # number reused. The old record lives on for its holders only.
+            del self._by_key[key]
+        nodeid = self._alloc_nodeid(st.st_ino)
+        if handle is not None:
+            os.close(fd)
+            fd = -1
+        node = _Inode(nodeid, key, stat.S_IFMT(st.st_mode), fd, handle, mount_fd)
+        self._inodes[nodeid] = node
+        self._by_key[key] = node
+        return node
+
+    def _maybe_drop(self, node: _Inode) -> None:
+        if node.lookups > 0 or node.opens > 0 or node.pins > 0 or node is self._root or node.gone:
+            return
+        node.gone = True
+        if self._inodes.get(node.nodeid) is node:
+            del self._inodes[node.nodeid]
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+        for fd in node.plocks.values():
+            _close_quietly(fd)
+        node.plocks.clear()
+        if node.fd >= 0:
+            _close_quietly(node.fd)
+            node.fd = -1
+
+    def _attrs(self, nodeid: int, st: os.stat_result, flags: int = 0) -> EntryAttributes:
+        return EntryAttributes(
+            st_ino=nodeid,
+            generation=0,
+            entry_timeout=self.entry_timeout,
+            attr_timeout=self.attr_timeout,
+            st_mode=st.st_mode,
+            st_nlink=st.st_nlink,
+            st_uid=st.st_uid,
+            st_gid=st.st_gid,
+            st_rdev=_hostfs.host_rdev_to_guest(st.st_rdev),
+            st_size=st.st_size,
+            st_blksize=st.st_blksize,
+            st_blocks=st.st_blocks,
+            st_atime_ns=st.st_atime_ns,
+            st_mtime_ns=st.st_mtime_ns,
+            st_ctime_ns=st.st_ctime_ns,
+            attr_flags=flags,
+        )
+
+    def _entry_flags(self, st: os.stat_result, parent: _Inode) -> int:
+        if self.announce_submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != parent.dev:
+            return abi.FUSE_ATTR_SUBMOUNT
+        return 0
+
+    def _entry(self, node: _Inode, st: os.stat_result, parent: _Inode) -> EntryAttributes:
+        """Attributes handed to the guest: counts one lookup of ``node``."""
+        node.lookups += 1
+        return self._attrs(node.nodeid, st, self._entry_flags(st, parent))
+
+    def _register(self, result: tuple[int, os.stat_result, Any], parent: _Inode) -> tuple[_Inode, EntryAttributes]:
+        fd, st, info = result
+        node = self._install(fd, st, info)
+        return node, self._entry(node, st, parent)
+
+    # -- handles -----------------------------------------------------------------------
+    def _new_handle(self, node: _Inode, fd: int, is_dir: bool, flags: int) -> FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        writable = not is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY
+        self._handles[fh] = _Handle(fh, node, fd, is_dir, writable)
+        node.opens += 1
+        policy = self.cache
+        if is_dir:
+            cached = policy in ("metadata", "always")
+            return FileInfo(fh=fh, keep_cache=cached, cache_dir=cached)
+        direct = policy in ("never", "metadata") or bool(self.allow_direct_io and flags & os.O_DIRECT)
+        return FileInfo(fh=fh, direct_io=direct, keep_cache=policy == "always")
+
+    def _close_handle_fd(self, h: _Handle) -> None:
+        if h.fd >= 0:
+            _close_quietly(h.fd)
+            h.fd = -1
+
+    def _drop_handle(self, fh: int) -> _Handle | None:
+        """Take ``fh`` out of the table; its fd is closed by the caller when
+        nothing uses it, else by the last user."""
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return None
+        h.closed = True
+        h.node.opens -= 1
+        self._maybe_drop(h.node)
+        return h
+
+    def _reset(self) -> None:
+        for fh in list(self._handles):
+            h = self._drop_handle(fh)
+            if h is not None and h.pins == 0:
+                self._close_handle_fd(h)
+        for node in list(self._inodes.values()):
+            if node is self._root:
+                continue
+            node.lookups = 0
+            self._maybe_drop(node)
+        for fd in self._root.plocks.values():
+            _close_quietly(fd)
+        self._root.plocks.clear()
+
+    def _open_flags(self, flags: int) -> int:
+        allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
+        out = flags & allowed
+        if self.writeback:
+            out &= ~os.O_APPEND  # the guest's page cache decides where appends go
+        return out
+
+    # ------------------------------------------------------------------
+    # lifecycle
+    async def destroy(self) -> None:
+        """Drop every lookup and handle; the root stays."""
+        self._reset()
+
+    # ------------------------------------------------------------------
+    # names and inodes
+    async def lookup(self, parent: InodeT, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        p = self._dir_node(parent)
+        _check_name(name)
+        if name == b"." or (name == b".." and p is self._root):
+            st = await self._run((p,), False, self._with_fd, p, os.fstat)
+            return self._entry(p, st, p)
+        result = await self._run((p,), False, self._with_fd, p, self._lookup_at, name, self._creds(ctx),
+                                 cleanup=_close_lookup_result)
+        return self._register(result, p)[1]
+
+    async def forget(self, inodes: Sequence[tuple[InodeT, int]]) -> None:
+        for nodeid, n in inodes:
+            node = self._inodes.get(nodeid)
+            if node is None or node is self._root or n <= 0:
+                continue
+            node.lookups = max(0, node.lookups - n)
+            self._maybe_drop(node)
+
+    async def getattr(self, inode: InodeT, ctx: RequestContext, fh: FileHandleT | None = None) -> EntryAttributes:
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.node.nodeid == inode:
+            st = await self._run((h,), False, os.fstat, h.fd)
+            return self._attrs(h.node.nodeid, st)
+        node = self._node(inode)
+        st = await self._run((node,), False, self._with_fd, node, os.fstat)
+        return self._attrs(node.nodeid, st)
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        self._check_writable_fs()
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.node.nodeid != inode:
+            h = None
+        node = h.node if h is not None else self._node(inode)
+        f = fields
+        if f.update_mode and node.kind == stat.S_IFLNK:
+            raise _err(errno.EOPNOTSUPP)
+        if f.update_size:
+            if node.kind != stat.S_IFREG:
+                raise _err(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
+            _check_range(attr.st_size)
+        pins: tuple[Any, ...] = (node,) if h is None else (node, h)
+        st = await self._run(
+            pins, True, self._with_fd, node, self._w_setattr, node, attr, f, h, self._creds(ctx), ctx.uid
+        )
+        return self._attrs(node.nodeid, st)
+
+    def _w_setattr(
+        self, pfd: int, node: _Inode, attr: EntryAttributes, f: SetattrFields, h: _Handle | None,
+        creds: Credentials | None, uid: int,
+    ) -> os.stat_result:
+        name = str(pfd).encode()
+        proc = self._proc_fd
+
+        def apply() -> None:
+            if f.update_mode:
+                os.chmod(name, attr.st_mode & 0o7777, dir_fd=proc)
+            if f.update_uid or f.update_gid:
+                # Following the magic link reaches the inode itself, a symlink included.
+                os.chown(name, attr.st_uid if f.update_uid else -1, attr.st_gid if f.update_gid else -1,
+                         dir_fd=proc)
+            if f.update_size:
+                if h is not None and h.writable:
+                    os.ftruncate(h.fd, attr.st_size)
+                else:
+                    fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+                    try:
+                        os.ftruncate(fd, attr.st_size)
+                    finally:
+                        os.close(fd)
+            if f.update_atime or f.update_mtime or f.update_atime_now or f.update_mtime_now:
+                _hostfs.utimensat(
+                    proc, name,
+                    attr.st_atime_ns if f.update_atime else None,
+                    attr.st_mtime_ns if f.update_mtime else None,
+                    atime_now=f.update_atime_now, mtime_now=f.update_mtime_now,
+                )
+
+        call_as(creds, None, apply)
+        st = os.fstat(pfd)
+        if node.kind == stat.S_IFREG and (f.kill_suidgid or (uid != 0 and f.update_size)):
+            new = _kill_suidgid_mode(st.st_mode)
+            if new != st.st_mode:
+                os.chmod(name, stat.S_IMODE(new), dir_fd=proc)
+                st = os.fstat(pfd)
+        return st
+
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.kind != stat.S_IFLNK:
+            raise _err(errno.EINVAL)
+        return await self._run((node,), False, self._with_fd, node, _readlink)
+
+    async def _make(
+        self, parent: InodeT, name: bytes, ctx: RequestContext, fn: Callable[..., Any], *args: Any,
+        umask: bool = True,
+    ) -> EntryAttributes:
+        """Create ``name`` in ``parent`` with ``fn(dirfd, name, *args)`` as
+        the caller, then look it up (counts one lookup)."""
+        self._check_writable_fs()
+        p = self._dir_node(parent)
+        _check_name(name)
+        creds = self._creds(ctx)
+        mask = self._umask(ctx) if umask else None
+
+        def work(dirfd: int) -> tuple[int, os.stat_result, Any]:
+            call_as(creds, mask, fn, dirfd, name, *args)
+            return self._lookup_at(dirfd, name, None)
+
+        result = await self._run((p,), True, self._with_fd, p, work, cleanup=_close_lookup_result)
+        return self._register(result, p)[1]
+
+    async def mknod(self, parent: InodeT, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _err(errno.EPERM if kind == stat.S_IFDIR else errno.EINVAL)
+        device = _hostfs.guest_rdev_to_host(rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        return await self._make(parent, name, ctx, _mknodat, kind | (mode & 0o7777), device)
+
+    async def mkdir(self, parent: InodeT, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
+        return await self._make(parent, name, ctx, _mkdirat, mode & 0o7777)
+
+    async def symlink(self, parent: InodeT, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
+        if not target or b"\0" in target:
+            raise _err(errno.ENOENT if not target else errno.EINVAL)
+        return await self._make(parent, name, ctx, _symlinkat, bytes(target), umask=False)
+
+    async def link(self, inode: InodeT, new_parent: InodeT, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
+        self._check_writable_fs()
+        node = self._node(inode)
+        p = self._dir_node(new_parent)
+        _check_name(new_name)
+        if node.kind == stat.S_IFDIR:
+            raise _err(errno.EPERM)
+        creds = self._creds(ctx)
+
+        def work(dirfd: int) -> os.stat_result:
+            return self._with_fd(node, self._w_link, dirfd, new_name, creds)
+
+        st = await self._run((p, node), True, self._with_fd, p, work)
+        return self._entry(node, st, p)
+
+    def _w_link(self, srcfd: int, dirfd: int, name: bytes, creds: Credentials | None) -> os.stat_result:
+        call_as(creds, None, _linkat_proc, self._proc_fd, srcfd, dirfd, name)
+        return os.fstat(srcfd)
+
+    async def _remove(self, parent: InodeT, name: bytes, ctx: RequestContext, fn: Callable[..., None]) -> None:
+        self._check_writable_fs()
+        p = self._dir_node(parent)
+        _check_name(name)
+        creds = self._creds(ctx)
+        await self._run((p,), True, self._with_fd, p, lambda dirfd: call_as(creds, None, fn, dirfd, name))
+
+    async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
+        if name in _DOTS:
+            raise _err(errno.EISDIR)
+        await self._remove(parent, name, ctx, _unlinkat)
+
+    async def rmdir(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
+        if name in _DOTS:
+            raise _err(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
+        await self._remove(parent, name, ctx, _rmdirat)
+
+    async def rename(
+        self,
+        parent_old: InodeT,
+        name_old: bytes,
+        parent_new: InodeT,
+        name_new: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        self._check_writable_fs()
+        op = self._dir_node(parent_old)
+        np = self._dir_node(parent_new)
+        _check_name(name_old)
+        _check_name(name_new)
+        if name_old in _DOTS or name_new in _DOTS:
+            raise _err(errno.EBUSY)
+        creds = self._creds(ctx)
+
+        def work(ofd: int) -> None:
+            self._with_fd(np, lambda nfd: call_as(creds, None, _hostfs.renameat2, ofd, name_old, nfd, name_new, flags))
+
+        await self._run((op, np), True, self._with_fd, op, work)
+
+    # ------------------------------------------------------------------
+    # files
+    def _check_openable(self, node: _Inode) -> None:
+        if node.kind == stat.S_IFDIR:
+            raise _err(errno.EISDIR)
+        if node.kind == stat.S_IFLNK:
+            raise _err(errno.ELOOP)
+        if node.kind != stat.S_IFREG:
+            raise _err(errno.ENXIO)  # devices, fifos, sockets: the guest's own business
+
+    def _upgrade_for_writeback(self, fd: int, oflags: int) -> int:
+        """With the write-back cache, the guest reads through write-only
+        handles (partial pages): reopen read-write as the daemon, after the
+        caller's own open has passed the permission check."""
+        if not self.writeback or oflags & os.O_ACCMODE != os.O_WRONLY:
+            return fd
+        try:
+            rw = self._proc_open(fd, (oflags & ~(os.O_ACCMODE | os.O_TRUNC)) | os.O_RDWR)
+        except OSError:
+            return fd
+        os.close(fd)
+        return rw
+
+    def _w_open(self, pfd: int, oflags: int, creds: Credentials | None) -> int:
+        fd = call_as(creds, None, self._proc_open, pfd, oflags)
+        return self._upgrade_for_writeback(fd, oflags)
+
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
+        node = self._node(inode)
+        self._check_openable(node)
+        if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            raise _err(errno.EROFS)
+        oflags = self._open_flags(flags)
+        fd = await self._run((node,), True, self._with_fd, node, self._w_open, oflags, self._creds(ctx),
+                             cleanup=_close_quietly)
+        return self._new_handle(node, fd, False, oflags)
+
+    async def create(
+        self, parent: InodeT, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        self._check_writable_fs()
+        p = self._dir_node(parent)
+        _check_name(name)
+        oflags = self._open_flags(flags)
+        excl = bool(flags & os.O_EXCL)
+        args = (oflags, mode & 0o7777, excl, self._creds(ctx), self._umask(ctx))
+        fd, result = await self._run((p,), True, self._with_fd, p, self._w_create, name, *args,
+                                     cleanup=_close_open_result)
+        try:
+            node, entry = self._register(result, p)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._new_handle(node, fd, False, oflags), entry
+
+    def _w_create(
+        self, dirfd: int, name: bytes, oflags: int, mode: int, excl: bool, creds: Credentials | None, umask: int
+    ) -> tuple[int, tuple[int, os.stat_result, Any]]:
+        try:
+            fd = call_as(creds, umask, _hostfs.open_beneath, dirfd, name, oflags | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            if excl:
+                raise
+            # It exists: open it as ``open`` would, never a non-regular file.
+            opath, st, info = self._lookup_at(dirfd, name, creds)
+            try:
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EEXIST, "not a regular file")
+                fd = self._w_open(opath, oflags, creds)
+            except BaseException:
+                os.close(opath)
+                raise
+            return fd, (opath, os.fstat(fd), info)  # after O_TRUNC
+        try:
+            fd = self._upgrade_for_writeback(fd, oflags)
+            st = os.fstat(fd)
+            opath = self._proc_open(fd, os.O_PATH)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            info = self._handle_info(opath, st) if self.file_handles != "never" else None
+        except BaseException:
+            os.close(fd)
+            os.close(opath)
+            raise
+        return fd, (opath, st, info)
+
+    async def tmpfile(
+        self, parent: InodeT, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        self._check_writable_fs()
+        p = self._dir_node(parent)
+        oflags = self._open_flags(flags) | (flags & os.O_EXCL)
+        if oflags & os.O_ACCMODE == os.O_RDONLY:
+            oflags |= os.O_RDWR  # O_TMPFILE needs write access
+        creds = self._creds(ctx)
+        umask = self._umask(ctx)
+
+        def work(dirfd: int) -> tuple[int, tuple[int, os.stat_result, Any]]:
+            fd = call_as(creds, umask, _open_tmpfile, dirfd, oflags, mode & 0o7777)
+            try:
+                fd = self._upgrade_for_writeback(fd, oflags)
+                st = os.fstat(fd)
+                opath = self._proc_open(fd, os.O_PATH)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, (opath, st, None)  # unnamed: no file handle can reopen it
+
+        fd, result = await self._run((p,), True, self._with_fd, p, work, cleanup=_close_open_result)
+        try:
+            node, entry = self._register(result, p)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._new_handle(node, fd, False, oflags), entry
+
+    async def read(self, fh: FileHandleT, offset: int, size: int) -> bytes:
+        h = self._file_handle(fh)
+        _check_range(offset, size)
+        return await self._run((h,), True, os.pread, h.fd, size, offset)
+
+    async def write(self, fh: FileHandleT, offset: int, data: Sequence[memoryview], ctx: RequestContext) -> int:
+        h = self._file_handle(fh)
+        self._check_writable_fs()
+        _check_range(offset)
+        return await self._run((h,), True, _pwrite_killpriv, h.fd, data, offset, ctx.uid != 0)
+
+    async def flush(self, fh: FileHandleT, lock_owner: int) -> None:
+        h = self._handle(fh)
+        fd = h.node.plocks.pop(lock_owner, None)
+        if fd is not None:
+            _close_quietly(fd)  # the owner's POSIX locks on this file go with it
+        # close(dup(fd)): the host filesystem's own flush-on-close (NFS, FUSE).
+        await self._run((h,), True, _flush_fd, h.fd)
+
+    async def release(self, fh: FileHandleT) -> None:
+        h = self._drop_handle(fh)
+        if h is not None and h.pins == 0 and h.fd >= 0:
+            fd, h.fd = h.fd, -1
+            await self.run_blocking(_close_quietly, fd)  # a last close may free blocks
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        h = self._handle(fh)
+        await self._run((h,), True, os.fdatasync if datasync else os.fsync, h.fd)
+
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        h = self._file_handle(fh)
+        self._check_writable_fs()
+        _check_range(offset, length)
+        if not 0 <= mode < 1 << 31:
+            raise _err(errno.EOPNOTSUPP)
+        await self._run((h,), True, _hostfs.fallocate, h.fd, mode, offset, length)
+
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        h = self._file_handle(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        _check_range(offset)
+        return await self._run((h,), True, os.lseek, h.fd, offset, whence)
+
+    async def copy_file_range(
+        self, fh_in: FileHandleT, off_in: int, fh_out: FileHandleT, off_out: int, length: int, flags: int
+    ) -> int:
+        hin = self._file_handle(fh_in)
+        hout = self._file_handle(fh_out)
+        self._check_writable_fs()
+        if flags:
+            raise _err(errno.EINVAL)
+        _check_range(off_in, off_out)
+        length = min(length, _OFF_MAX)
+        return await self._run((hin, hout), True, os.copy_file_range, hin.fd, hout.fd, length, off_in, off_out)
+
+    # ------------------------------------------------------------------
+    # directories
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileInfo:
+        node = self._dir_node(inode)
+        fd = await self._run(
+            (node,), True, self._with_fd, node, self._w_open, os.O_RDONLY | os.O_DIRECTORY, self._creds(ctx),
+            cleanup=_close_quietly,
+        )
+        return self._new_handle(node, fd, True, os.O_RDONLY)
+
+    async def readdir(self, fh: FileHandleT, offset: int, reply: DirectoryReply) -> None:
+        h = self._handle(fh)
+        if not h.is_dir:
+            raise _err(errno.ENOTDIR)
+        node = h.node
+        _check_range(offset)
+        plus = reply.plus
+        pos = offset
+        bufsize = 4096 if plus else 16384
+        while True:
+            batch = await self._run((h,), True, _getdents_locked, h, pos, bufsize)
+            if not batch:
+                return
+            if plus:
+                done = await self._readdirplus_batch(h, batch, reply)
+            else:
+                done = self._readdir_batch(node, batch, reply)
+            if done:
+                return
+            pos = batch[-1].off
+
+    def _dirent_ino(self, node: _Inode, d: _hostfs.Dirent) -> int:
+        if d.name == b".":
+            return node.nodeid
+        if d.name == b".." and node is self._root:
+            return ROOT_INODE
+        known = self._by_key.get((node.dev, d.ino))
+        return known.nodeid if known is not None else d.ino
+
+    def _readdir_batch(self, node: _Inode, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
+        for d in batch:
+            a = EntryAttributes(st_ino=self._dirent_ino(node, d), st_mode=d.type << 12)
+            if not reply.add(d.name, a, d.off):
+                return True
+        return False
+
+    async def _readdirplus_batch(self, h: _Handle, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
+        node = h.node
+        chunk = 32
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            names = [d.name for d in part if d.name not in _DOTS]
+            looked = await self._run((h,), False, self._lookup_many, h.fd, names, cleanup=_close_many)
+            try:
+                for d in part:
+                    if d.name in _DOTS:
+                        a = EntryAttributes(st_ino=self._dirent_ino(node, d), st_mode=stat.S_IFDIR)
+                        if not reply.add(d.name, a, d.off):
+                            return True
+                        continue
+                    result = looked.pop(d.name)
+                    if isinstance(result, OSError):
+                        if result.errno == errno.ENOENT:
+                            continue  # gone since getdents
+                        raise FuseError(result.errno or errno.EIO)
+                    fd, st, info = result
+                    child = self._install(fd, st, info)
+                    a = self._attrs(child.nodeid, st, self._entry_flags(st, node))
+                    if not reply.add(d.name, a, d.off):
+                        self._maybe_drop(child)
+                        return True
+                    child.lookups += 1
+            finally:
+                for rest in looked.values():
+                    if not isinstance(rest, OSError):
+                        _close_quietly(rest[0])
+        return False
+
+    def _lookup_many(self, dirfd: int, names: list[bytes]) -> dict[bytes, Any]:
+        out: dict[bytes, Any] = {}
+        for name in names:
+            try:
+                out[name] = self._lookup_at(dirfd, name, None)
+            except OSError as exc:
+                out[name] = exc
+        return out
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        h = self._drop_handle(fh)
+        if h is not None and h.pins == 0:
+            self._close_handle_fd(h)
+
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        h = self._handle(fh)
+        await self._run((h,), True, os.fdatasync if datasync else os.fsync, h.fd)
+
+    # ------------------------------------------------------------------
+    # filesystem
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        st = await self._run((self._root,), False, os.fstatvfs, self._root.fd)
+        return StatvfsData(
+            f_bsize=st.f_bsize,
+            f_frsize=st.f_frsize,
+            f_blocks=st.f_blocks,
+            f_bfree=st.f_bfree,
+            f_bavail=st.f_bavail,
+            f_files=st.f_files,
+            f_ffree=st.f_ffree,
+            f_favail=st.f_favail,
+            f_namemax=st.f_namemax,
+        )
+
+    async def syncfs(self) -> None:
+        await self._run((), True, _hostfs.syncfs, self._root_rd)
+
+    async def access(self, inode: InodeT, mask: int, ctx: RequestContext) -> None:
+        node = self._node(inode)
+        if mask & ~(os.R_OK | os.W_OK | os.X_OK):
+            raise _err(errno.EINVAL)
+        if self.readonly and mask & os.W_OK and node.kind in (stat.S_IFREG, stat.S_IFDIR):
+            raise _err(errno.EROFS)
+        creds = self._creds(ctx)
+        ok = await self._run((node,), False, self._with_fd, node, self._w_access, mask, creds)
+        if not ok:
+            raise _err(errno.EACCES)
+
+    def _w_access(self, pfd: int, mask: int, creds: Credentials | None) -> bool:
+        return call_as(creds, None, _faccess_proc, self._proc_fd, pfd, mask)
+
+    # ------------------------------------------------------------------
+    # extended attributes
+    def _xattr_check(self, name: bytes, write: bool, ctx: RequestContext) -> None:
+        if not self.xattr:
+            raise _err(errno.ENOSYS)
+        if not name or len(name) > 255 or b"\0" in name:
+            raise _err(errno.ERANGE if name else errno.EINVAL)
+        if name in _XATTR_ACL_NAMES and not self.posix_acl:
+            raise _err(errno.EOPNOTSUPP)
+        if ctx.uid != 0:
+            # CAP_SYS_ADMIN survives the fsuid switch: keep the guest's rules.
+            if name.startswith(b"trusted."):
+                raise _err(errno.EPERM if write else errno.ENODATA)
+            if write and name.startswith(b"security."):
+                raise _err(errno.EPERM)
+        if write:
+            self._check_writable_fs()
+
+    async def _xattr_call(self, inode: InodeT, ctx: RequestContext, blocking: bool, fn: Callable[..., T], *args: Any) -> T:
+        node = self._node(inode)
+        if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            blocking = True  # moves a worker's private cwd (see _w_xattr)
+        return await self._run((node,), blocking, self._with_fd, node, self._w_xattr, node, self._creds(ctx), fn, *args)
+
+    def _w_xattr(
+        self, pfd: int, node: _Inode, creds: Credentials | None, fn: Callable[..., T], *args: Any
+    ) -> T:
+        """``fn(target, *args)`` as the caller, ``target`` naming ``node``
+        without any path from the guest or from the filesystem root (which
+        is the share itself once a sandbox pivoted into it): a fresh fd for
+        files and directories (f*xattr), else the name ``N`` relative to
+        /proc/self/fd, whose magic link lands on the inode itself and never
+        follows a symlink further."""
+        if node.kind in (stat.S_IFREG, stat.S_IFDIR):
+            try:
+                fd = self._proc_open(pfd, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError:
+                fd = -1  # e.g. an unreadable file for a non-root daemon
+            if fd >= 0:
+                try:
+                    return call_as(creds, None, fn, fd, *args)
+                finally:
+                    os.close(fd)
+        return _hostfs.call_in_dir(self._proc_fd, call_as, creds, None, fn, str(pfd).encode(), *args)
+
+    async def setxattr(self, inode: InodeT, name: bytes, value: bytes, flags: int, ctx: RequestContext) -> None:
+        self._xattr_check(name, True, ctx)
+        await self._xattr_call(inode, ctx, True, os.setxattr, name, bytes(value), flags)
+
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        self._xattr_check(name, False, ctx)
+        return await self._xattr_call(inode, ctx, False, os.getxattr, name)
+
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
+        if not self.xattr:
+            raise _err(errno.ENOSYS)
+        names = [os.fsencode(n) for n in await self._xattr_call(inode, ctx, False, os.listxattr)]
+        if not self.posix_acl:
+            names = [n for n in names if n not in _XATTR_ACL_NAMES]
+        if ctx.uid != 0:
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
+
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
+        self._xattr_check(name, True, ctx)
+        await self._xattr_call(inode, ctx, True, os.removexattr, name)
+
+    # ------------------------------------------------------------------
+    # locks: POSIX locks are OFD locks on one host fd per (inode, lock owner);
+    # flock() locks are flock() on the handle's own fd.
+    @staticmethod
+    def _check_lock(lock: FileLock) -> None:
+        if lock.type not in (_F_RDLCK, _F_WRLCK, _F_UNLCK):
+            raise _err(errno.EINVAL)
+        if lock.start < 0 or lock.end < lock.start or lock.start > _hostfs.OFFSET_MAX:
+            raise _err(errno.EINVAL)
+
+    def _owner_fd(self, node: _Inode, owner: int) -> int:
+        fd = node.plocks.get(owner)
+        if fd is None:
+            fd = self._with_fd(node, _open_for_locks, self._proc_fd)
+            node.plocks[owner] = fd
+        return fd
+
+    async def getlk(self, fh: FileHandleT, owner: int, lock: FileLock) -> FileLock:
+        h = self._file_handle(fh)
+        self._check_lock(lock)
+        fd = h.node.plocks.get(owner, h.fd)
+        req = _hostfs.pack_flock(lock.type, lock.start, lock.end)
+        out = await self._run((h,), False, fcntl.fcntl, fd, fcntl.F_OFD_GETLK, req)
+        type_, start, end, _pid = _hostfs.unpack_flock(out)
+        if type_ == _F_UNLCK:
+            return FileLock(start=lock.start, end=lock.end, type=_F_UNLCK, pid=0)
+        return FileLock(start=start, end=end, type=type_, pid=0)
+
+    async def setlk(self, fh: FileHandleT, owner: int, lock: FileLock, wait: bool, flock: bool) -> None:
+        h = self._file_handle(fh)
+        self._check_lock(lock)
+        if flock:
+            op = {_F_RDLCK: fcntl.LOCK_SH, _F_WRLCK: fcntl.LOCK_EX, _F_UNLCK: fcntl.LOCK_UN}[lock.type]
+            await self._lock(h, wait and lock.type != _F_UNLCK, _flock_try, _flock_wait, lambda: h.fd, op)
+            return
+        node = h.node
+        if lock.type == _F_UNLCK and owner not in node.plocks:
+            return
+        try:
+            self._owner_fd(node, owner)
+        except OSError as exc:
+            raise FuseError(exc.errno or errno.EIO) from None
+        req = _hostfs.pack_flock(lock.type, lock.start, lock.end)
+        await self._lock(h, wait and lock.type != _F_UNLCK, _ofd_try, _ofd_wait,
+                         lambda: node.plocks.get(owner, -1), req)
+
+    async def _lock(
+        self, h: _Handle, wait: bool, try_fn: Callable[[int, Any], None], wait_fn: Callable[[int, Any], None],
+        fd_of: Callable[[], int], arg: Any,
+    ) -> None:
+        """Take a lock without ever blocking the event loop: try at once; a
+        waiting request then blocks in one pool thread (at most
+        ``max_lock_waiters`` at a time), or polls with back-off beyond that."""
+        fd = fd_of()
+        try:
+            await self._run((h,), False, try_fn, fd, arg)
+            return
+        except FuseError as exc:
+            if not wait or exc.errno != errno.EAGAIN:
+                raise
+        if self._lock_waiters < self.max_lock_waiters:
+            self._lock_waiters += 1
+            try:
+                await self._run((h,), True, wait_fn, fd, arg)
+            finally:
+                self._lock_waiters -= 1
+            return
+        delay = 0.001
+        while True:
+            await self.run_blocking(time.sleep, delay)
+            if h.closed or fd_of() != fd:
+                raise _err(errno.ENOLCK)  # the handle or the owner's fd went away meanwhile
+            try:
+                await self._run((h,), False, try_fn, fd, arg)
+                return
+            except FuseError as exc:
+                if exc.errno != errno.EAGAIN:
+                    raise
+            delay = min(delay * 2, 0.05)
+
+
+# -- blocking helpers (worker threads) ----------------------------------------------------
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _close_many(results: dict[bytes, Any]) -> None:
+    for value in results.values():
+        if not isinstance(value, OSError):
+            _close_lookup_result(value)
+
+
+def _readlink(fd: int) -> bytes:
+    return os.readlink(b"", dir_fd=fd)
+
+
+def _mknodat(dirfd: int, name: bytes, mode: int, device: int) -> None:
+    os.mknod(name, mode, device, dir_fd=dirfd)
+
+
+def _mkdirat(dirfd: int, name: bytes, mode: int) -> None:
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def _symlinkat(dirfd: int, name: bytes, target: bytes) -> None:
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def _unlinkat(dirfd: int, name: bytes) -> None:
+    os.unlink(name, dir_fd=dirfd)
+
+
+def _rmdirat(dirfd: int, name: bytes) -> None:
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def _linkat_proc(proc_fd: int, srcfd: int, dirfd: int, name: bytes) -> None:
+    # Through the magic link: the inode itself, even a symlink or an
+    # O_TMPFILE file (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+    os.link(str(srcfd).encode(), name, src_dir_fd=proc_fd, dst_dir_fd=dirfd, follow_symlinks=True)
+
+
+def _open_tmpfile(dirfd: int, flags: int, mode: int) -> int:
+    return os.open(".", flags | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def _faccess_proc(proc_fd: int, fd: int, mask: int) -> bool:
+    return os.access(str(fd), mask, dir_fd=proc_fd, effective_ids=True)
+
+
+def _open_for_locks(pfd: int, proc_fd: int) -> int:
+    last: OSError | None = None
+    for flags in (os.O_RDWR, os.O_RDONLY, os.O_WRONLY):
+        try:
+            return os.open(str(pfd), flags | os.O_CLOEXEC, dir_fd=proc_fd)
+        except OSError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> list[_hostfs.Dirent]:
+    with h.lock:
+        return _hostfs.getdents(h.fd, offset, bufsize)
+
+
+_IOV_MAX = 1024
+
+
+def _pwrite_killpriv(fd: int, data: Sequence[memoryview], offset: int, kill: bool) -> int:
+    """Write ``data`` at ``offset``; for a non-root writer then drop suid
+    (and sgid with group-exec) as Linux would (the daemon's own write keeps
+    them: it has CAP_FSETID)."""
+    if len(data) > _IOV_MAX:
+        data = [b"".join(data)]  # type: ignore[list-item]
+    n = os.pwritev(fd, data, offset)
+    if kill and n:
+        try:
+            mode = os.fstat(fd).st_mode
+            new = _kill_suidgid_mode(mode)
+            if new != mode:
+                os.fchmod(fd, stat.S_IMODE(new))
+        except OSError as exc:  # the data is written: do not fail the write
+            log.warning("could not drop suid/sgid after a write: %s", exc.strerror)
+    return n
+
+
+def _flush_fd(fd: int) -> None:
+    os.close(os.dup(fd))
+
+
+def _ofd_try(fd: int, req: bytes) -> None:
+    if fd < 0:
+        raise OSError(errno.ENOLCK, "no lock fd")
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, req)
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise OSError(errno.EAGAIN, exc.strerror) from None
+        raise
+
+
+def _ofd_wait(fd: int, req: bytes) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, req)
+
+
+def _flock_try(fd: int, op: int) -> None:
+    try:
+        fcntl.flock(fd, op | (fcntl.LOCK_NB if op != fcntl.LOCK_UN else 0))
+    except BlockingIOError:
+        raise OSError(errno.EAGAIN, "would block") from None
+
+
+def _flock_wait(fd: int, op: int) -> None:
+    fcntl.flock(fd, op)
+

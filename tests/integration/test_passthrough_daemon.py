@@ -1,0 +1,248 @@
+"""PassthroughFS served in-process through the real transport (unix socket,
+SCM_RIGHTS, eventfds, shared guest RAM), driven by the testing frontend +
+FUSE client; every result is checked on the host directory too.
+
+Each test runs under asyncio, uvloop and trio (the ``run`` fixture). The
+backend's worker pool is the runtime's (``run_blocking``), injected here
+as the server will.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from typing import Any, AsyncIterator
+
+import pytest
+
+from virtiofs_async import FuseError
+from virtiofs_async.abi import fuse as abi
+from virtiofs_async.backends.passthrough import PassthroughFS
+from virtiofs_async.runtime import Runtime
+from virtiofs_async.testing import Caller, FuseClient, serve_in_background
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the passthrough daemon tests need root")
+
+ROOT = abi.FUSE_ROOT_ID
+USER = Caller(uid=1000, gid=1000, pid=4242)
+OFFSET_MAX = 0x7FFF_FFFF_FFFF_FFFF
+
+
+@pytest.fixture
+def share(short_tmp: str) -> str:
+    path = os.path.join(short_tmp, "share")
+    os.mkdir(path)
+    os.chmod(path, 0o777)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def passthrough_client(rt: Runtime, sock: str, share: str, **options: Any) -> AsyncIterator[tuple[PassthroughFS, FuseClient]]:
+    fs = PassthroughFS(share, **options)
+    fs.run_blocking = rt.run_in_thread  # type: ignore[method-assign]
+    try:
+        async with serve_in_background(fs, sock, runtime=rt):
+            async with FuseClient.connect(sock, runtime=rt) as client:
+                yield fs, client
+    finally:
+        fs.close()
+
+
+async def expect_errno(code: int, coro: Any) -> None:
+    with pytest.raises(FuseError) as info:
+        await coro
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value!r}"
+
+
+def test_init_flags_follow_the_options(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            flags = client.flags
+            for flag in (abi.FUSE_POSIX_LOCKS, abi.FUSE_FLOCK_LOCKS, abi.FUSE_HANDLE_KILLPRIV_V2,
+                         abi.FUSE_DO_READDIRPLUS):
+                assert flags & flag, hex(flag)
+            for flag in (abi.FUSE_WRITEBACK_CACHE, abi.FUSE_POSIX_ACL, abi.FUSE_DONT_MASK):
+                assert not flags & flag, hex(flag)
+        async with passthrough_client(rt, sock_path, share, writeback=True, posix_acl=True,
+                                      cache="never") as (fs, client):
+            flags = client.flags
+            for flag in (abi.FUSE_WRITEBACK_CACHE, abi.FUSE_POSIX_ACL, abi.FUSE_DONT_MASK):
+                assert flags & flag, hex(flag)
+            assert not flags & abi.FUSE_DO_READDIRPLUS  # cache=never, as virtiofsd
+            entry = await client.lookup(ROOT, b".")
+            assert entry.entry_valid == entry.attr_valid == 0
+
+    run(body)
+
+
+def test_create_write_read_readdir_rename(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            d = await client.mkdir(ROOT, b"dir", 0o750)
+            assert stat.S_IMODE(os.stat(os.path.join(share, "dir")).st_mode) == 0o750
+            created = await client.create(d.nodeid, b"file", 0o640, os.O_RDWR)
+            ino, fh = created.entry.nodeid, created.open.fh
+            data = bytes(range(251)) * 1000
+            n = 0
+            while n < len(data):
+                n += await client.write(ino, fh, n, data[n:n + client.max_write])
+            assert await client.read(ino, fh, 0, len(data)) == data
+            await client.flush(ino, fh)
+            await client.release(ino, fh)
+            with open(os.path.join(share, "dir", "file"), "rb") as f:
+                assert f.read() == data
+            assert os.stat(os.path.join(share, "dir", "file")).st_ino == ino
+            # As a user: the host owns the new file by that user.
+            u = await client.create(ROOT, b"users", 0o600, os.O_WRONLY, ctx=USER)
+            await client.write(u.entry.nodeid, u.open.fh, 0, b"mine", ctx=USER)
+            await client.release(u.entry.nodeid, u.open.fh, ctx=USER)
+            st = os.stat(os.path.join(share, "users"))
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
+            await expect_errno(errno.EACCES, client.open(ino, os.O_RDONLY, ctx=USER))  # 0640 root:root
+            # readdir of a directory the host filled.
+            for i in range(100):
+                open(os.path.join(share, "dir", f"host-{i:03d}"), "wb").close()
+            listing = await client.readdir_all(d.nodeid, size=1024)
+            names = [e.name for e in listing]
+            assert sorted(names) == sorted([b".", b"..", b"file"] + [f"host-{i:03d}".encode() for i in range(100)])
+            # Rename across directories, checked on the host.
+            await client.rename(d.nodeid, b"file", ROOT, b"moved")
+            assert os.path.exists(os.path.join(share, "moved"))
+            assert not os.path.exists(os.path.join(share, "dir", "file"))
+            await expect_errno(errno.EEXIST, client.rename(ROOT, b"moved", ROOT, b"users", 1))  # NOREPLACE
+            await client.unlink(ROOT, b"moved")
+            assert not os.path.exists(os.path.join(share, "moved"))
+
+    run(body)
+
+
+def test_readdirplus_counts_and_forget_releases(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    for i in range(40):
+        with open(os.path.join(share, f"f{i:02d}"), "wb") as f:
+            f.write(b"x" * i)
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            base = fs.held_fds()
+            fh = (await client.opendir(ROOT)).fh
+            seen = []
+            offset = 0
+            while True:
+                batch = await client.readdirplus(ROOT, fh, offset, 4096)
+                if not batch:
+                    break
+                seen += batch
+                offset = batch[-1].dirent.off
+            await client.releasedir(ROOT, fh)
+            files = [e for e in seen if e.dirent.name not in (b".", b"..")]
+            assert len(files) == 40
+            for e in files:
+                assert e.entry.attr.size == int(e.dirent.name[1:])
+                assert fs.lookup_count(e.entry.nodeid) == 1
+            assert fs.held_fds() == base + 40
+            await client.batch_forget([(e.entry.nodeid, 1) for e in files])
+            await client.getattr(ROOT)  # the forget was handled before this reply
+            assert fs.held_fds() == base
+
+    run(body)
+
+
+def test_xattrs_on_the_host(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    open(os.path.join(share, "f"), "wb").close()
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share, xattr=True) as (fs, client):
+            f = await client.lookup(ROOT, b"f")
+            await client.setxattr(f.nodeid, b"user.k", b"value")
+            assert os.getxattr(os.path.join(share, "f"), "user.k") == b"value"
+            assert await client.getxattr(f.nodeid, b"user.k", 0) == 5
+            assert await client.getxattr(f.nodeid, b"user.k", 100) == b"value"
+            await expect_errno(errno.ERANGE, client.getxattr(f.nodeid, b"user.k", 2))
+            assert b"user.k" in await client.listxattr(f.nodeid, 1000)
+            await client.removexattr(f.nodeid, b"user.k")
+            assert os.listxattr(os.path.join(share, "f")) == []
+            await expect_errno(errno.ENODATA, client.getxattr(f.nodeid, b"user.k", 100))
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            f = await client.lookup(ROOT, b"f")
+            await expect_errno(errno.ENOSYS, client.getxattr(f.nodeid, b"user.k", 100))
+
+    run(body)
+
+
+def test_posix_and_flock_locks(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    with open(os.path.join(share, "f"), "wb") as f:
+        f.write(b"x" * 10)
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            f = await client.lookup(ROOT, b"f")
+            a = (await client.open(f.nodeid, os.O_RDWR)).fh
+            b = (await client.open(f.nodeid, os.O_RDWR)).fh
+            await client.setlk(f.nodeid, a, 1, type=fcntl.F_WRLCK)
+            await expect_errno(errno.EAGAIN, client.setlk(f.nodeid, b, 2, type=fcntl.F_RDLCK, start=5, end=5))
+            got = await client.getlk(f.nodeid, b, 2)
+            assert (got.type, got.start, got.end) == (fcntl.F_WRLCK, 0, OFFSET_MAX)
+            granted = rt.event()
+
+            async def waiter() -> None:
+                await client.setlkw(f.nodeid, b, 2, type=fcntl.F_WRLCK)
+                granted.set()
+
+            async with rt.task_group() as group:
+                group.start_soon(waiter)
+                for _ in range(5):  # other requests are served while SETLKW waits
+                    await client.getattr(f.nodeid)
+                    await rt.sleep(0.01)
+                assert not granted.is_set()
+                await client.setlk(f.nodeid, a, 1, type=fcntl.F_UNLCK)
+            assert granted.is_set()
+            # The host sees the guest's lock.
+            fd = os.open(os.path.join(share, "f"), os.O_RDWR)
+            try:
+                with pytest.raises(OSError):
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+            await client.flush(f.nodeid, b, lock_owner=2)  # close() drops the owner's locks
+            await client.setlk(f.nodeid, a, 1, type=fcntl.F_WRLCK)
+            await client.setlk(f.nodeid, a, 1, type=fcntl.F_UNLCK)
+            # flock(): per open file.
+            await client.setlk(f.nodeid, a, 0, type=fcntl.F_WRLCK, flock=True)
+            await expect_errno(errno.EAGAIN, client.setlk(f.nodeid, b, 0, type=fcntl.F_RDLCK, flock=True))
+            await client.release(f.nodeid, a)
+            await client.setlk(f.nodeid, b, 0, type=fcntl.F_RDLCK, flock=True)
+            await client.release(f.nodeid, b)
+
+    run(body)
+
+
+def test_escapes_fail_through_the_transport(run, sock_path, share, short_tmp) -> None:  # type: ignore[no-untyped-def]
+    outside = os.path.join(short_tmp, "outside")
+    os.mkdir(outside)
+    with open(os.path.join(outside, "secret"), "wb") as f:
+        f.write(b"secret")
+    os.symlink(os.path.join(outside, "secret"), os.path.join(share, "abs"))
+    os.symlink("../outside", os.path.join(share, "rel"))
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        async with passthrough_client(rt, sock_path, share, xattr=True) as (fs, client):
+            abs_ = await client.lookup(ROOT, b"abs")
+            assert stat.S_ISLNK(abs_.attr.mode)
+            await expect_errno(errno.ELOOP, client.open(abs_.nodeid, os.O_RDWR | os.O_TRUNC))
+            rel = await client.lookup(ROOT, b"rel")
+            await expect_errno(errno.ENOTDIR, client.lookup(rel.nodeid, b"secret"))
+            await expect_errno(errno.ENOTDIR, client.create(rel.nodeid, b"planted", 0o644))
+            assert (await client.lookup(ROOT, b"..")).nodeid == ROOT
+            # A forged nodeid: the host inode number of the secret.
+            forged = os.stat(os.path.join(outside, "secret")).st_ino
+            await expect_errno(errno.ESTALE, client.getattr(forged))
+            await expect_errno(errno.ESTALE, client.open(forged, os.O_RDONLY))
+            await expect_errno(errno.ESTALE, client.lookup(forged, b"."))
+            await expect_errno(errno.ESTALE, client.setxattr(forged, b"user.x", b"1"))
+
+    run(body)
+    assert os.listdir(outside) == ["secret"]
+    assert open(os.path.join(outside, "secret"), "rb").read() == b"secret"
+    assert os.listxattr(os.path.join(outside, "secret")) == []
