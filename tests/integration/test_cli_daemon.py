@@ -38,7 +38,10 @@ from virtiofs_async.runtime import get_runtime
 from virtiofs_async.testing import FuseClient
 
 ROOT = abi.FUSE_ROOT_ID
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+import virtiofs_async
+
+# Subprocesses import the same build the tests import (site-packages in CI).
+SRC = str(Path(virtiofs_async.__file__).resolve().parents[1])
 MODES = ["namespace", "chroot", "none"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon's sandbox needs root")

@@ -24,7 +24,10 @@ from hypothesis import strategies as st
 from virtiofs_async import cli, sandbox
 from virtiofs_async.cli import DaemonError, Options, UsageError, parse_args, split_compat_options
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+import virtiofs_async
+
+# Subprocesses import the same build the tests import (site-packages in CI).
+SRC = str(Path(virtiofs_async.__file__).resolve().parents[1])
 BASE = ["--socket-path", "/run/vfs.sock", "--shared-dir", "/srv/share"]
 
 

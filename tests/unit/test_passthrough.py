@@ -20,6 +20,8 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
+import virtiofs_async
+
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.backends import _hostfs
 from virtiofs_async.backends.passthrough import CACHE_TIMEOUTS, PassthroughFS
@@ -1239,7 +1241,7 @@ def test_xattrs_never_use_a_path_after_the_root_moves(share: str) -> None:
     os.mkdir(host(share, "dir"))
     os.symlink("decoy", host(share, "link"))
     os.mkfifo(host(share, "fifo"))
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    src = os.path.dirname(os.path.dirname(virtiofs_async.__file__))  # the tested install
     script = _CHROOTED_XATTR_SCRIPT % {"src": os.path.abspath(src), "share": share}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

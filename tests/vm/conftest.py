@@ -81,14 +81,7 @@ MEMFS = DaemonSpec("memfs", _memfs, ours=True, passthrough=False)
 #: The daemons every test taking a ``daemon_spec`` argument runs against.
 DAEMONS = [
     pytest.param(VIRTIOFSD, id="virtiofsd"),
-    pytest.param(
-        MEMFS,
-        id="memfs",
-        marks=pytest.mark.skipif(
-            not (REPO / "examples" / "memfs.py").exists(),
-            reason="examples/memfs.py does not exist yet",
-        ),
-    ),
+    pytest.param(MEMFS, id="memfs"),
 ]
 
 
