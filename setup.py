@@ -1,7 +1,8 @@
 """Build the Cython twins in cyext/ as virtiofs_async._cy_* extension modules.
 
 ``pip install .`` compiles them; set VIRTIOFS_ASYNC_NO_EXT=1 to build a
-pure-Python install.
+pure-Python install. For development: ``python setup.py build_ext --inplace``
+(the .so files land in src/virtiofs_async/).
 """
 import os
 
@@ -11,11 +12,25 @@ ext_modules = []
 if os.environ.get("VIRTIOFS_ASYNC_NO_EXT", "") in ("", "0"):
     from Cython.Build import cythonize
 
+    # Shared C helpers (barriers, little-endian access) and their Cython
+    # declarations; listed as depends so edits rebuild and sdists carry them.
+    shared = ["cyext/include/vfa_hotpath.h", "cyext/vfa_hotpath.pxd"]
     ext_modules = cythonize(
         [
-            Extension("virtiofs_async._cy_codec", ["cyext/codec.pyx"]),
-            Extension("virtiofs_async._cy_vring", ["cyext/vring.pyx"]),
+            Extension(
+                "virtiofs_async._cy_codec",
+                ["cyext/codec.pyx"],
+                include_dirs=["cyext/include"],
+                depends=[*shared, "cyext/codec.pyx"],
+            ),
+            Extension(
+                "virtiofs_async._cy_vring",
+                ["cyext/vring.pyx"],
+                include_dirs=["cyext/include"],
+                depends=[*shared, "cyext/vring.pyx"],
+            ),
         ],
+        include_path=["cyext"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         annotate=os.environ.get("VIRTIOFS_ASYNC_ANNOTATE", "") not in ("", "0"),
     )

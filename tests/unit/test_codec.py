@@ -9,6 +9,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from virtiofs_async import codec
+# The hot functions come from the active implementation (Cython or pure, see
+# VIRTIOFS_ASYNC_IMPLEMENTATION); the record classes always from codec.
+from virtiofs_async._accel import decode_request, encode_out_header, pack_dirent, pack_direntplus
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.abi.fuse import Opcode
 from virtiofs_async.errors import FuseProtocolError
@@ -45,7 +48,7 @@ def raw_request(opcode: int, body: bytes, unique: int = 77, nodeid: int = 1, ext
 
 def decode_error(buffers, **kw) -> FuseProtocolError:
     with pytest.raises(FuseProtocolError) as info:
-        codec.decode_request(buffers, **kw)
+        decode_request(buffers, **kw)
     return info.value
 
 
@@ -129,7 +132,7 @@ def test_every_opcode_has_a_request_type_or_is_deliberately_unsupported():
 def test_lookup_hand_vector():
     wire = raw_request(1, b"hello\0", unique=0x0102030405060708, nodeid=1)
     assert len(wire) == 46
-    req = codec.decode_request([wire])
+    req = decode_request([wire])
     assert req == codec.LookupRequest(codec.InHeader(46, Opcode.LOOKUP, 0x0102030405060708, 1, 1, 2, 3), b"hello")
     assert type(req.header.opcode) is Opcode
     again = codec.LookupRequest(codec.InHeader(0, 0, 0x0102030405060708, 1, 1, 2, 3), b"hello")
@@ -153,11 +156,11 @@ def test_in_header_field_offsets():
 
 def test_write_hand_vector_and_rename_two_names():
     body = struct.pack("<QQIIQII", 9, 4096, 3, 2, 0xAB, 0o2, 0) + b"xyz"
-    req = codec.decode_request([raw_request(16, body)])
+    req = decode_request([raw_request(16, body)])
     assert isinstance(req, codec.WriteRequest)
     assert (req.fh, req.offset, req.size, req.write_flags, req.lock_owner, req.flags) == (9, 4096, 3, 2, 0xAB, 2)
     assert b"".join(req.data) == b"xyz"
-    rn = codec.decode_request([raw_request(12, struct.pack("<Q", 5) + b"a\0bc\0")])
+    rn = decode_request([raw_request(12, struct.pack("<Q", 5) + b"a\0bc\0")])
     assert rn == codec.RenameRequest(rn.header, 5, b"a", b"bc")
 
 
@@ -189,15 +192,15 @@ def test_init_out_wire_layout_splits_flags():
 
 
 def test_init_request_compat_and_extended_layouts():
-    compat = codec.decode_request([raw_request(26, struct.pack("<IIII", 7, 31, 131072, abi.FUSE_ASYNC_READ))])
+    compat = decode_request([raw_request(26, struct.pack("<IIII", 7, 31, 131072, abi.FUSE_ASYNC_READ))])
     assert compat == codec.InitRequest(compat.header, 7, 31, 131072, abi.FUSE_ASYNC_READ)
     ext_flags = abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT
     body = struct.pack("<IIIII11I", 7, 38, 4096, ext_flags, 0b11, *([0] * 11))
-    req = codec.decode_request([raw_request(26, body)])
+    req = decode_request([raw_request(26, body)])
     assert req.flags == ext_flags | abi.FUSE_SECURITY_CTX | abi.FUSE_HAS_INODE_DAX
     # flags2 is ignored without FUSE_INIT_EXT
     body = struct.pack("<IIIII11I", 7, 38, 4096, abi.FUSE_ASYNC_READ, 0b11, *([0] * 11))
-    assert codec.decode_request([raw_request(26, body)]).flags == abi.FUSE_ASYNC_READ
+    assert decode_request([raw_request(26, body)]).flags == abi.FUSE_ASYNC_READ
     # FUSE_INIT_EXT promises the 64-byte struct
     err = decode_error([raw_request(26, struct.pack("<IIII", 7, 38, 0, ext_flags))])
     assert err.unique == 77
@@ -207,9 +210,9 @@ def test_init_request_compat_and_extended_layouts():
 
 
 def test_out_header_error_is_negated_on_the_wire():
-    raw = codec.encode_out_header(0xDEAD, errno.ENOENT, 0)
+    raw = encode_out_header(0xDEAD, errno.ENOENT, 0)
     assert raw == struct.pack("<IiQ", 16, -errno.ENOENT, 0xDEAD)
-    assert codec.encode_out_header(5, 0, 128)[:4] == struct.pack("<I", 144)
+    assert encode_out_header(5, 0, 128)[:4] == struct.pack("<I", 144)
     assert codec.decode_out_header(raw) == codec.OutHeader(16, errno.ENOENT, 0xDEAD)
     with pytest.raises(FuseProtocolError):
         codec.decode_out_header(struct.pack("<IiQ", 16, 5, 1))
@@ -222,12 +225,12 @@ def test_out_header_error_is_negated_on_the_wire():
 def test_setxattr_layout_depends_on_setxattr_ext():
     value = b"v" * 5
     compat = raw_request(21, struct.pack("<II", 5, 1) + b"user.a\0" + value)
-    req = codec.decode_request([compat])
+    req = decode_request([compat])
     assert (req.size, req.flags, req.setxattr_flags, req.name, req.value, req.extended) == (
         5, 1, 0, b"user.a", value, False,
     )
     ext = raw_request(21, struct.pack("<IIII", 5, 2, abi.FUSE_SETXATTR_ACL_KILL_SGID, 0) + b"user.a\0" + value)
-    req = codec.decode_request([ext], setxattr_ext=True)
+    req = decode_request([ext], setxattr_ext=True)
     assert (req.flags, req.setxattr_flags, req.name, req.value, req.extended) == (2, 1, b"user.a", value, True)
     # Read with the wrong layout, the extended message does not frame.
     decode_error([ext])
@@ -255,13 +258,13 @@ def test_request_round_trip(cls, data):
     assert req.header.opcode == cls.OPCODE
     assert len(buffers[0]) == 40
     assert req.header.total_extlen * 8 == len(req.ext)
-    decoded = codec.decode_request(buffers, **_decode_kw(req))
+    decoded = decode_request(buffers, **_decode_kw(req))
     assert type(decoded) is cls
     assert decoded == req
     pieces = data.draw(resplit(buffers))
-    assert codec.decode_request(pieces, **_decode_kw(req)) == req
+    assert decode_request(pieces, **_decode_kw(req)) == req
     # bytes past header.len are ignored
-    assert codec.decode_request([*pieces, b"trailing garbage"], **_decode_kw(req)) == req
+    assert decode_request([*pieces, b"trailing garbage"], **_decode_kw(req)) == req
 
 
 @relaxed
@@ -269,7 +272,7 @@ def test_request_round_trip(cls, data):
 def test_requests_differ_when_a_field_differs(req):
     """Equality is not vacuous: changing the header changes the decoded request."""
     buffers = req.encode()
-    decoded = codec.decode_request(buffers, **_decode_kw(req))
+    decoded = decode_request(buffers, **_decode_kw(req))
     decoded.header.unique ^= 1
     assert decoded != req
 
@@ -279,7 +282,7 @@ def test_write_payload_views_are_zero_copy():
     wire = b"".join(req.encode())
     source_a = bytearray(wire[:84])  # header, write_in and 4 payload bytes
     source_b = bytearray(wire[84:])
-    decoded = codec.decode_request([source_a, memoryview(source_b)])
+    decoded = decode_request([source_a, memoryview(source_b)])
     assert [bytes(v) for v in decoded.data] == [b"abcd", b"efgh"]
     assert decoded.data[0].obj is source_a and decoded.data[1].obj is source_b
     source_a[80] = ord("X")
@@ -290,14 +293,14 @@ def test_write_payload_views_are_zero_copy():
 def test_write_payload_split_from_header_is_a_single_view():
     payload = bytearray(b"p" * 4096)
     head = b"".join(codec.WriteRequest(hdr(), 1, 0, 4096, 0, 0, 0, [memoryview(payload)]).encode()[:2])
-    decoded = codec.decode_request([head, payload])
+    decoded = decode_request([head, payload])
     assert len(decoded.data) == 1 and decoded.data[0].obj is payload
 
 
 def test_non_byte_memoryviews_are_accepted():
     wire = bytearray(b"".join(codec.GetattrRequest(hdr(), 0, 0).encode()))
     assert len(wire) % 4 == 0
-    req = codec.decode_request([memoryview(wire).cast("I")])
+    req = decode_request([memoryview(wire).cast("I")])
     assert isinstance(req, codec.GetattrRequest)
 
 
@@ -307,7 +310,7 @@ def test_extensions_are_split_off_and_parsed():
     req = codec.MkdirRequest(hdr(), 0o755, 0o22, b"d", ext=ext)
     wire = b"".join(req.encode())
     assert req.header.total_extlen == 3
-    decoded = codec.decode_request([wire])
+    decoded = decode_request([wire])
     assert decoded.name == b"d" and decoded.ext == ext
     assert codec.supp_groups(decoded.ext) == (1000, 1001)
     assert codec.supp_groups(b"") == ()
@@ -323,10 +326,10 @@ def test_extensions_are_split_off_and_parsed():
 
 def test_tmpfile_accepts_the_slash_name_linux_sends():
     body = struct.pack("<IIII", 0o100000 | 0o2, 0o600, 0o22, 0) + b"/\0"
-    req = codec.decode_request([raw_request(51, body)])
+    req = decode_request([raw_request(51, body)])
     assert isinstance(req, codec.TmpfileRequest) and req.name == b"/"
     with pytest.raises(FuseProtocolError):
-        codec.decode_request([raw_request(35, body)])  # CREATE needs a real component
+        decode_request([raw_request(35, body)])  # CREATE needs a real component
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +428,7 @@ def test_corrupted_requests_raise_only_protocol_error(req, data):
         del wire[cut:]
         struct.pack_into("<I", wire, 0, cut)
     try:
-        codec.decode_request(data.draw(resplit([bytes(wire)])), setxattr_ext=data.draw(st.booleans()))
+        decode_request(data.draw(resplit([bytes(wire)])), setxattr_ext=data.draw(st.booleans()))
     except FuseProtocolError as exc:
         assert isinstance(exc.errno, int)
 
@@ -436,7 +439,7 @@ def test_corrupted_requests_raise_only_protocol_error(req, data):
 def test_arbitrary_bytes_raise_only_protocol_error(blob, data):
     pieces = [blob] if data is None else data.draw(resplit([blob]))
     try:
-        codec.decode_request(pieces)
+        decode_request(pieces)
     except FuseProtocolError:
         pass
 
@@ -452,7 +455,7 @@ def test_arbitrary_bytes_raise_only_protocol_error(blob, data):
 def test_valid_header_with_arbitrary_body_raises_only_protocol_error(opcode, body, extlen, unique, data):
     wire = raw_request(opcode, body, unique=unique, extlen=extlen)
     try:
-        req = codec.decode_request(data.draw(resplit([wire])), setxattr_ext=data.draw(st.booleans()))
+        req = decode_request(data.draw(resplit([wire])), setxattr_ext=data.draw(st.booleans()))
     except FuseProtocolError as exc:
         assert exc.unique == unique
     else:
@@ -462,7 +465,7 @@ def test_valid_header_with_arbitrary_body_raises_only_protocol_error(opcode, bod
 @relaxed
 @given(name=names)
 def test_valid_names_are_returned_without_nul(name):
-    req = codec.decode_request([raw_request(1, name + b"\0")])
+    req = decode_request([raw_request(1, name + b"\0")])
     assert req.name == name
 
 
@@ -527,13 +530,13 @@ def test_decode_reply_typed_bodies(data):
     body = data.draw(REPLY_STRATEGIES[codec.REPLY_BODY[op]])
     raw = body.encode()
     unique = data.draw(st.integers(0, 2**64 - 1))
-    out_hdr, decoded = codec.decode_reply(op, codec.encode_out_header(unique, 0, len(raw)) + raw)
+    out_hdr, decoded = codec.decode_reply(op, encode_out_header(unique, 0, len(raw)) + raw)
     assert out_hdr == codec.OutHeader(16 + len(raw), 0, unique)
     assert decoded == body
 
 
 def test_decode_reply_other_shapes():
-    ok = codec.encode_out_header
+    ok = encode_out_header
     assert codec.decode_reply(Opcode.READ, ok(1, 0, 3) + b"abc") == (codec.OutHeader(19, 0, 1), b"abc")
     assert codec.decode_reply(Opcode.UNLINK, ok(1, 0, 0)) == (codec.OutHeader(16, 0, 1), None)
     assert codec.decode_reply(Opcode.LOOKUP, ok(1, errno.ENOENT, 0)) == (codec.OutHeader(16, errno.ENOENT, 1), None)
@@ -562,7 +565,7 @@ def test_decode_reply_other_shapes():
 @relaxed
 @given(entries=st.lists(dirents, max_size=8))
 def test_dirent_round_trip(entries):
-    packed = [codec.pack_dirent(d.ino, d.off, d.type, d.name) for d in entries]
+    packed = [pack_dirent(d.ino, d.off, d.type, d.name) for d in entries]
     for d, p in zip(entries, packed):
         assert len(p) == codec.dirent_size(len(d.name))
         assert len(p) % 8 == 0
@@ -575,7 +578,7 @@ def test_dirent_round_trip(entries):
 @given(entries=st.lists(direntpluses, max_size=5))
 def test_direntplus_round_trip(entries):
     packed = [
-        codec.pack_direntplus(d.entry, d.dirent.ino, d.dirent.off, d.dirent.type, d.dirent.name) for d in entries
+        pack_direntplus(d.entry, d.dirent.ino, d.dirent.off, d.dirent.type, d.dirent.name) for d in entries
     ]
     for d, p in zip(entries, packed):
         assert len(p) == codec.direntplus_size(len(d.dirent.name))
@@ -592,7 +595,7 @@ def test_dirent_sizes():
 @relaxed
 @given(entry=dirents, cut=st.integers(1, 40))
 def test_truncated_dirents_raise(entry, cut):
-    packed = codec.pack_dirent(entry.ino, entry.off, entry.type, entry.name)
+    packed = pack_dirent(entry.ino, entry.off, entry.type, entry.name)
     assume(cut < len(packed))
     with pytest.raises(FuseProtocolError):
         list(codec.iter_dirents(packed[:-cut]))
@@ -601,7 +604,7 @@ def test_truncated_dirents_raise(entry, cut):
 @relaxed
 @given(entry=entry_outs, cut=st.integers(1, 200))
 def test_truncated_direntplus_raise(entry, cut):
-    packed = codec.pack_direntplus(entry, 1, 2, 4, b"name")
+    packed = pack_direntplus(entry, 1, 2, 4, b"name")
     assume(cut < len(packed))
     with pytest.raises(FuseProtocolError):
         list(codec.iter_direntplus(packed[:-cut]))
@@ -610,7 +613,7 @@ def test_truncated_direntplus_raise(entry, cut):
 @pytest.mark.parametrize("name", [b"", b"a/b", b"a\0b", b"x" * (abi.FUSE_NAME_MAX + 1)])
 def test_bad_dirent_names_raise(name):
     with pytest.raises(FuseProtocolError):
-        list(codec.iter_dirents(codec.pack_dirent(1, 1, 8, name)))
+        list(codec.iter_dirents(pack_dirent(1, 1, 8, name)))
 
 
 @relaxed

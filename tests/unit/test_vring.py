@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from virtiofs_async._accel import DescriptorChain, VirtQueue
+# The active implementation (Cython or pure, see VIRTIOFS_ASYNC_IMPLEMENTATION).
+from virtiofs_async._accel import DescriptorChain, VirtQueue, scatter
 from virtiofs_async.abi.virtio import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
@@ -70,12 +71,7 @@ class Rig:
 
     def complete(self, chain: DescriptorChain, data: bytes = b"") -> None:
         """Device: write ``data`` across the writable views and return it."""
-        pos = 0
-        for view in chain.writable:
-            take = min(len(view), len(data) - pos)
-            view[:take] = data[pos : pos + take]
-            pos += take
-        assert pos == len(data)
+        assert scatter(chain.writable, [data]) == len(data)
         self.vq.add_used(self.memory, chain.head, len(data))
 
 

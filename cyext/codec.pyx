@@ -1,0 +1,844 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled twin of the hot functions of :mod:`virtiofs_async.codec`.
+
+Built as ``virtiofs_async._cy_codec``: :func:`decode_request`,
+:func:`encode_out_header`, :func:`pack_dirent` and :func:`pack_direntplus`,
+with the pure module's signatures, results (the same request and header
+classes, imported from it) and errors. The pure docstrings are the contract;
+``tests/unit/test_twins.py`` compares the two on random and malformed input.
+
+How :func:`decode_request` is split:
+
+* In C: taking the input buffers, the header (also when it straddles
+  buffers), the framing checks, and the bodies of the frequent opcodes
+  (LOOKUP, FORGET, GETATTR, SETATTR, READLINK, MKNOD, MKDIR, UNLINK, RMDIR,
+  OPEN, READ, WRITE with zero-copy payload views, STATFS, RELEASE, FSYNC,
+  GETXATTR, LISTXATTR, FLUSH, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS,
+  CREATE, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, LSEEK)
+  and the extension framing.
+* The other opcodes: the body is gathered in C and handed to the pure
+  codec's decoder for that opcode.
+* Anything the C path finds malformed, and any input it does not take in
+  directly (not bytes/bytearray/C-contiguous buffers), is re-parsed by the
+  pure :func:`~virtiofs_async.codec.decode_request`, which raises its exact
+  FuseProtocolError (or, for odd buffer types, does whatever it does). The
+  reference decoder is thereby the one source of diagnostics, and the C path
+  only ever returns what the reference would.
+
+The pack functions take the C path for plain ints in range and ``bytes``
+names, and call the pure functions otherwise (so they raise the same
+``struct.error`` or accept the same int-likes).
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_CheckExact
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject, PyTypeObject, descrgetfunc, descrsetfunc
+from cpython.ref cimport Py_INCREF
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcpy, memset
+
+from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_st32, vfa_st64
+
+import types
+
+import attrs
+
+from virtiofs_async import codec as _pure
+from virtiofs_async.abi.fuse import Opcode
+from virtiofs_async.codec import (
+    AccessRequest,
+    BatchForgetRequest,
+    CreateRequest,
+    DestroyRequest,
+    FallocateRequest,
+    FlushRequest,
+    ForgetRequest,
+    FsyncdirRequest,
+    FsyncRequest,
+    GetattrRequest,
+    GetxattrRequest,
+    InHeader,
+    InterruptRequest,
+    ListxattrRequest,
+    LookupRequest,
+    LseekRequest,
+    MkdirRequest,
+    MknodRequest,
+    OpendirRequest,
+    OpenRequest,
+    ReaddirplusRequest,
+    ReaddirRequest,
+    ReadlinkRequest,
+    ReadRequest,
+    ReleasedirRequest,
+    ReleaseRequest,
+    RmdirRequest,
+    SetattrRequest,
+    StatfsRequest,
+    UnlinkRequest,
+    WriteRequest,
+)
+
+__all__ = ["decode_request", "encode_out_header", "pack_dirent", "pack_direntplus"]
+
+_pure_decode_request = _pure.decode_request
+_pure_encode_out_header = _pure.encode_out_header
+_pure_pack_dirent = _pure.pack_dirent
+_pure_pack_direntplus = _pure.pack_direntplus
+_DECODERS = _pure._DECODERS  # opcode -> (Opcode member, pure body decoder)
+_dec_setxattr_ext = _pure._dec_setxattr_ext
+
+
+# enum fuse_opcode values (fuse.h) this module switches on; checked against
+# abi.fuse.Opcode when the module loads.
+cdef enum:
+    OP_LOOKUP = 1
+    OP_FORGET = 2
+    OP_GETATTR = 3
+    OP_SETATTR = 4
+    OP_READLINK = 5
+    OP_MKNOD = 8
+    OP_MKDIR = 9
+    OP_UNLINK = 10
+    OP_RMDIR = 11
+    OP_OPEN = 14
+    OP_READ = 15
+    OP_WRITE = 16
+    OP_STATFS = 17
+    OP_RELEASE = 18
+    OP_FSYNC = 20
+    OP_SETXATTR = 21
+    OP_GETXATTR = 22
+    OP_LISTXATTR = 23
+    OP_FLUSH = 25
+    OP_OPENDIR = 27
+    OP_READDIR = 28
+    OP_RELEASEDIR = 29
+    OP_FSYNCDIR = 30
+    OP_ACCESS = 34
+    OP_CREATE = 35
+    OP_INTERRUPT = 36
+    OP_DESTROY = 38
+    OP_BATCH_FORGET = 42
+    OP_FALLOCATE = 43
+    OP_READDIRPLUS = 44
+    OP_LSEEK = 46
+
+    IN_HEADER_SIZE = 40
+    MAX_FIXED = 96  # largest fixed argument struct read here (fuse_setattr_in: 88)
+    N_STATIC_SEGS = 8
+
+_C_OPCODES = {
+    "LOOKUP": OP_LOOKUP, "FORGET": OP_FORGET, "GETATTR": OP_GETATTR, "SETATTR": OP_SETATTR,
+    "READLINK": OP_READLINK, "MKNOD": OP_MKNOD, "MKDIR": OP_MKDIR, "UNLINK": OP_UNLINK, "RMDIR": OP_RMDIR,
+    "OPEN": OP_OPEN, "READ": OP_READ, "WRITE": OP_WRITE, "STATFS": OP_STATFS, "RELEASE": OP_RELEASE,
+    "FSYNC": OP_FSYNC, "SETXATTR": OP_SETXATTR, "GETXATTR": OP_GETXATTR, "LISTXATTR": OP_LISTXATTR,
+    "FLUSH": OP_FLUSH, "OPENDIR": OP_OPENDIR, "READDIR": OP_READDIR, "RELEASEDIR": OP_RELEASEDIR,
+    "FSYNCDIR": OP_FSYNCDIR, "ACCESS": OP_ACCESS, "CREATE": OP_CREATE, "INTERRUPT": OP_INTERRUPT,
+    "DESTROY": OP_DESTROY, "BATCH_FORGET": OP_BATCH_FORGET, "FALLOCATE": OP_FALLOCATE,
+    "READDIRPLUS": OP_READDIRPLUS, "LSEEK": OP_LSEEK,
+}
+for _name, _value in _C_OPCODES.items():
+    if Opcode[_name] != _value:
+        raise ImportError(f"_cy_codec: opcode {_name} is {int(Opcode[_name])} in abi.fuse, {_value} here")
+if _pure.IN_HEADER_SIZE != IN_HEADER_SIZE:
+    raise ImportError("_cy_codec: fuse_in_header size disagrees with abi.fuse")
+
+# Opcode members by number, for opcodes that have a request type (None elsewhere).
+cdef list _OPCODE_MEMBERS = [None] * (max(_DECODERS) + 1)
+for _number, (_member, _decoder) in _DECODERS.items():
+    _OPCODE_MEMBERS[_number] = _member
+cdef Py_ssize_t _N_OPCODE_MEMBERS = len(_OPCODE_MEMBERS)
+
+
+# ---------------------------------------------------------------------------
+# Building request records
+# ---------------------------------------------------------------------------
+#
+# Calling an attrs class runs its generated Python __init__, which costs more
+# than the whole C decode. For the plain classes used here (slotted, no
+# validators, converters, hooks or custom __setattr__) that __init__ only
+# stores each argument in its slot, so _Maker does the same stores through the
+# slots' member descriptors on an instance from the class's own __new__. Each
+# maker checks those conditions, and compares one instance against a normally
+# constructed one, when the module loads; a class that does not qualify is
+# simply called.
+
+cdef tuple _NO_ARGS = ()
+
+
+@cython.final
+cdef class _Maker:
+    cdef object cls
+    cdef tuple descrs        # slot descriptors: the positional fields, then the defaulted ones
+    cdef tuple defaults      # values of the defaulted (keyword-only) fields
+    cdef Py_ssize_t nargs
+    cdef descrsetfunc set_slot
+    cdef bint fast
+
+    cdef object make(self, tuple args):
+        """``cls(*args)``."""
+        cdef Py_ssize_t i, n = self.nargs
+        if not self.fast:
+            return self.cls(*args)
+        obj = (<PyTypeObject *>self.cls).tp_new(self.cls, <PyObject *>_NO_ARGS, NULL)
+        for i in range(n):
+            self.set_slot(self.descrs[i], obj, args[i])
+        for i in range(len(self.defaults)):
+            self.set_slot(self.descrs[n + i], obj, self.defaults[i])
+        return obj
+
+
+cdef object _slot_descriptor(cls, str name):
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            d = klass.__dict__[name]
+            return d if type(d) is types.MemberDescriptorType else None
+    return None
+
+
+cdef _Maker _maker(cls):
+    cdef _Maker m = _Maker.__new__(_Maker)
+    fields = attrs.fields(cls)
+    positional = tuple(f.name for f in fields if not f.kw_only)
+    keyword = tuple(f for f in fields if f.kw_only)
+    m.cls = cls
+    m.nargs = len(positional)
+    m.fast = False
+    plain = (
+        cls.__setattr__ is object.__setattr__
+        and not hasattr(cls, "__attrs_pre_init__")
+        and not hasattr(cls, "__attrs_post_init__")
+        and all(f.init and f.validator is None and f.converter is None for f in fields)
+        and all(f.default is not attrs.NOTHING and not isinstance(f.default, attrs.Factory) for f in keyword)
+    )
+    descrs = tuple(_slot_descriptor(cls, f.name) for f in fields if not f.kw_only) + tuple(
+        _slot_descriptor(cls, f.name) for f in keyword
+    )
+    if not plain or any(d is None for d in descrs):
+        return m
+    m.descrs = descrs
+    m.defaults = tuple(f.default for f in keyword)
+    m.set_slot = (<PyTypeObject *>types.MemberDescriptorType).tp_descr_set
+    sample = tuple(object() for _ in positional)
+    expected = cls(*sample)
+    m.fast = True
+    try:
+        got = m.make(sample)
+        same = type(got) is cls and all(getattr(got, f.name) is getattr(expected, f.name) for f in fields)
+    except Exception:
+        same = False
+    m.fast = same
+    return m
+
+
+cdef _Maker M_IN_HEADER = _maker(InHeader)
+cdef _Maker M_GETATTR = _maker(GetattrRequest)
+cdef _Maker M_LOOKUP = _maker(LookupRequest)
+cdef _Maker M_UNLINK = _maker(UnlinkRequest)
+cdef _Maker M_RMDIR = _maker(RmdirRequest)
+cdef _Maker M_READ = _maker(ReadRequest)
+cdef _Maker M_READDIR = _maker(ReaddirRequest)
+cdef _Maker M_READDIRPLUS = _maker(ReaddirplusRequest)
+cdef _Maker M_WRITE = _maker(WriteRequest)
+cdef _Maker M_FORGET = _maker(ForgetRequest)
+cdef _Maker M_INTERRUPT = _maker(InterruptRequest)
+cdef _Maker M_BATCHFORGET = _maker(BatchForgetRequest)
+cdef _Maker M_OPEN = _maker(OpenRequest)
+cdef _Maker M_OPENDIR = _maker(OpendirRequest)
+cdef _Maker M_RELEASE = _maker(ReleaseRequest)
+cdef _Maker M_RELEASEDIR = _maker(ReleasedirRequest)
+cdef _Maker M_FLUSH = _maker(FlushRequest)
+cdef _Maker M_FSYNC = _maker(FsyncRequest)
+cdef _Maker M_FSYNCDIR = _maker(FsyncdirRequest)
+cdef _Maker M_SETATTR = _maker(SetattrRequest)
+cdef _Maker M_CREATE = _maker(CreateRequest)
+cdef _Maker M_MKNOD = _maker(MknodRequest)
+cdef _Maker M_MKDIR = _maker(MkdirRequest)
+cdef _Maker M_STATFS = _maker(StatfsRequest)
+cdef _Maker M_READLINK = _maker(ReadlinkRequest)
+cdef _Maker M_DESTROY = _maker(DestroyRequest)
+cdef _Maker M_ACCESS = _maker(AccessRequest)
+cdef _Maker M_LISTXATTR = _maker(ListxattrRequest)
+cdef _Maker M_GETXATTR = _maker(GetxattrRequest)
+cdef _Maker M_FALLOCATE = _maker(FallocateRequest)
+cdef _Maker M_LSEEK = _maker(LseekRequest)
+
+
+# ---------------------------------------------------------------------------
+# The request's bytes: one segment per input buffer
+# ---------------------------------------------------------------------------
+
+ctypedef struct Seg:
+    const unsigned char *p
+    Py_ssize_t n
+    bint held         # bufs[i] holds an export to release
+    bint byte_shaped  # 1-D with one-byte items: the pure twin slices it without a cast
+
+ctypedef struct Input:
+    Seg *segs
+    Py_buffer *bufs
+    Py_ssize_t nsegs
+    Py_ssize_t total
+
+
+cdef void _copy(const Input *inp, Py_ssize_t a, Py_ssize_t n, unsigned char *dst) noexcept:
+    """Copy bytes [a, a + n) of the concatenation (in range) to ``dst``."""
+    cdef Py_ssize_t i = 0, pos = 0, off, take
+    while n > 0:
+        if a < pos + inp.segs[i].n:
+            off = a - pos
+            take = inp.segs[i].n - off
+            if take > n:
+                take = n
+            memcpy(dst, inp.segs[i].p + off, take)
+            dst += take
+            a += take
+            n -= take
+        pos += inp.segs[i].n
+        i += 1
+
+
+cdef const unsigned char *_at(const Input *inp, Py_ssize_t a, Py_ssize_t n, unsigned char *scratch) noexcept:
+    """Address of bytes [a, a + n) (in range, n > 0): in place when one buffer
+    holds them all, else copied to ``scratch``."""
+    cdef Py_ssize_t i, pos = 0
+    for i in range(inp.nsegs):
+        if a < pos + inp.segs[i].n:
+            if a + n <= pos + inp.segs[i].n:
+                return inp.segs[i].p + (a - pos)
+            break
+        pos += inp.segs[i].n
+    _copy(inp, a, n, scratch)
+    return scratch
+
+
+cdef bytes _bytes(const Input *inp, Py_ssize_t a, Py_ssize_t n):
+    """bytes [a, a + n) of the concatenation (in range)."""
+    cdef Py_ssize_t i, pos = 0
+    cdef bytes out
+    if n <= 0:
+        return b""
+    for i in range(inp.nsegs):
+        if a < pos + inp.segs[i].n:
+            if a + n <= pos + inp.segs[i].n:
+                return PyBytes_FromStringAndSize(<const char *>inp.segs[i].p + (a - pos), n)
+            break
+        pos += inp.segs[i].n
+    out = PyBytes_FromStringAndSize(NULL, n)
+    _copy(inp, a, n, <unsigned char *>PyBytes_AS_STRING(out))
+    return out
+
+
+cdef object _tail_name(const Input *inp, Py_ssize_t body_len, Py_ssize_t start, bint component):
+    """``body[start:]`` as one NUL-terminated, non-empty name without NUL (and
+    without '/' for a path component); None if it is not one."""
+    cdef Py_ssize_t end = body_len - 1
+    cdef unsigned char last
+    cdef const char *p
+    if end <= start:
+        return None
+    _copy(inp, IN_HEADER_SIZE + end, 1, &last)
+    if last != 0:
+        return None
+    name = _bytes(inp, IN_HEADER_SIZE + start, end - start)
+    p = PyBytes_AS_STRING(name)
+    if memchr(p, 0, end - start) != NULL:
+        return None
+    if component and memchr(p, b"/"[0], end - start) != NULL:
+        return None
+    return name
+
+
+cdef bint _extensions_ok(bytes ext) noexcept:
+    """The ``fuse_ext_header`` framing of codec.iter_extensions."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(ext)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(ext), pos = 0
+    cdef uint32_t size
+    while pos < n:
+        if n - pos < 8:
+            return False
+        size = vfa_ld32(p + pos)
+        if size < 8 or size > n - pos:
+            return False
+        pos += size
+    return True
+
+
+cdef object _byte_view(object item, const Seg *seg):
+    """``codec._as_byte_view(item)``, knowing its shape already."""
+    mv = item if type(item) is memoryview else memoryview(item)
+    return mv if seg.byte_shaped else mv.cast("B")
+
+
+cdef list _span(list items, const Input *inp, Py_ssize_t start, Py_ssize_t end):
+    """``codec._span``: zero-copy slices of the byte views covering [start, end)."""
+    cdef list out = []
+    cdef Py_ssize_t i, pos = 0, vend, a
+    if start >= end:
+        return out
+    for i in range(inp.nsegs):
+        vend = pos + inp.segs[i].n
+        if vend > start:
+            a = start - pos if start > pos else 0
+            v = _byte_view(items[i], &inp.segs[i])
+            if end <= vend:
+                out.append(v[a:end - pos])
+                return out
+            out.append(v[a:] if a else v)
+        pos = vend
+    return out
+
+
+# ---------------------------------------------------------------------------
+# decode_request
+# ---------------------------------------------------------------------------
+
+
+cdef inline object _u64(const unsigned char *p):
+    return vfa_ld64(p)
+
+
+cdef inline object _u32(const unsigned char *p):
+    return vfa_ld32(p)
+
+
+cdef object _decode_body(list items, const Input *inp, uint32_t opcode, h, Py_ssize_t body_end, setxattr_ext):
+    """The request for a well-framed header, or None if the body is malformed
+    (the caller then lets the pure decoder report it)."""
+    cdef Py_ssize_t body_len = body_end - IN_HEADER_SIZE
+    cdef unsigned char scratch[MAX_FIXED]
+    cdef const unsigned char *p
+    cdef uint32_t count, i, size
+    cdef list items_out
+    cdef _Maker m
+
+    if opcode == OP_GETATTR:
+        if body_len < 16:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 16, scratch)
+        return M_GETATTR.make((h, _u32(p), _u64(p + 8)))
+    if opcode == OP_LOOKUP or opcode == OP_UNLINK or opcode == OP_RMDIR:
+        name = _tail_name(inp, body_len, 0, True)
+        if name is None:
+            return None
+        if opcode == OP_LOOKUP:
+            return M_LOOKUP.make((h, name))
+        return M_UNLINK.make((h, name)) if opcode == OP_UNLINK else M_RMDIR.make((h, name))
+    if opcode == OP_READ or opcode == OP_READDIR or opcode == OP_READDIRPLUS:
+        if body_len < 40:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 40, scratch)
+        m = M_READ if opcode == OP_READ else (M_READDIR if opcode == OP_READDIR else M_READDIRPLUS)
+        return m.make((h, _u64(p), _u64(p + 8), _u32(p + 16), _u32(p + 20), _u64(p + 24), _u32(p + 32)))
+    if opcode == OP_WRITE:
+        if body_len < 40:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 40, scratch)
+        size = vfa_ld32(p + 16)
+        if body_end - (IN_HEADER_SIZE + 40) != <Py_ssize_t>size:
+            return None
+        data = _span(items, inp, IN_HEADER_SIZE + 40, body_end)
+        return M_WRITE.make((h, _u64(p), _u64(p + 8), size, _u32(p + 20), _u64(p + 24), _u32(p + 32), data))
+    if opcode == OP_FORGET or opcode == OP_INTERRUPT:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        return M_FORGET.make((h, _u64(p))) if opcode == OP_FORGET else M_INTERRUPT.make((h, _u64(p)))
+    if opcode == OP_BATCH_FORGET:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        count = vfa_ld32(p)
+        if <uint64_t>body_len != 8 + 16 * <uint64_t>count:
+            return None
+        items_out = PyList_New(count)
+        for i in range(count):
+            p = _at(inp, IN_HEADER_SIZE + 8 + 16 * <Py_ssize_t>i, 16, scratch)
+            pair = (_u64(p), _u64(p + 8))
+            Py_INCREF(pair)
+            PyList_SET_ITEM(items_out, i, pair)
+        return M_BATCHFORGET.make((h, items_out))
+    if opcode == OP_OPEN or opcode == OP_OPENDIR:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        m = M_OPEN if opcode == OP_OPEN else M_OPENDIR
+        return m.make((h, _u32(p), _u32(p + 4)))
+    if opcode == OP_RELEASE or opcode == OP_RELEASEDIR:
+        if body_len < 24:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 24, scratch)
+        m = M_RELEASE if opcode == OP_RELEASE else M_RELEASEDIR
+        return m.make((h, _u64(p), _u32(p + 8), _u32(p + 12), _u64(p + 16)))
+    if opcode == OP_FLUSH:
+        if body_len < 24:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 24, scratch)
+        return M_FLUSH.make((h, _u64(p), _u64(p + 16)))
+    if opcode == OP_FSYNC or opcode == OP_FSYNCDIR:
+        if body_len < 16:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 16, scratch)
+        m = M_FSYNC if opcode == OP_FSYNC else M_FSYNCDIR
+        return m.make((h, _u64(p), _u32(p + 8)))
+    if opcode == OP_SETATTR:
+        if body_len < 88:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 88, scratch)
+        return M_SETATTR.make((
+            h, _u32(p), _u64(p + 8), _u64(p + 16), _u64(p + 24), _u64(p + 32), _u64(p + 40), _u64(p + 48),
+            _u32(p + 56), _u32(p + 60), _u32(p + 64), _u32(p + 68), _u32(p + 76), _u32(p + 80),
+        ))
+    if opcode == OP_CREATE or opcode == OP_MKNOD:
+        if body_len < 16:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 16, scratch)
+        a, b, c, d = _u32(p), _u32(p + 4), _u32(p + 8), _u32(p + 12)
+        name = _tail_name(inp, body_len, 16, True)
+        if name is None:
+            return None
+        if opcode == OP_CREATE:
+            return M_CREATE.make((h, a, b, c, d, name))
+        return M_MKNOD.make((h, a, b, c, name))
+    if opcode == OP_MKDIR:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        a, b = _u32(p), _u32(p + 4)
+        name = _tail_name(inp, body_len, 8, True)
+        if name is None:
+            return None
+        return M_MKDIR.make((h, a, b, name))
+    if opcode == OP_STATFS:
+        return M_STATFS.make((h,))
+    if opcode == OP_READLINK:
+        return M_READLINK.make((h,))
+    if opcode == OP_DESTROY:
+        return M_DESTROY.make((h,))
+    if opcode == OP_ACCESS or opcode == OP_LISTXATTR:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        return M_ACCESS.make((h, _u32(p))) if opcode == OP_ACCESS else M_LISTXATTR.make((h, _u32(p)))
+    if opcode == OP_GETXATTR:
+        if body_len < 8:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 8, scratch)
+        a = _u32(p)
+        name = _tail_name(inp, body_len, 8, False)
+        if name is None:
+            return None
+        return M_GETXATTR.make((h, a, name))
+    if opcode == OP_FALLOCATE:
+        if body_len < 32:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 32, scratch)
+        return M_FALLOCATE.make((h, _u64(p), _u64(p + 8), _u64(p + 16), _u32(p + 24)))
+    if opcode == OP_LSEEK:
+        if body_len < 24:
+            return None
+        p = _at(inp, IN_HEADER_SIZE, 24, scratch)
+        return M_LSEEK.make((h, _u64(p), _u64(p + 8), _u32(p + 16)))
+    # Rare opcodes: the pure body decoder, on the gathered body.
+    decoder = _DECODERS[opcode][1]
+    if opcode == OP_SETXATTR and setxattr_ext:
+        decoder = _dec_setxattr_ext
+    return decoder(h, _bytes(inp, IN_HEADER_SIZE, body_len))
+
+
+cdef object _decode(list items, Input *inp, setxattr_ext):
+    """decode_request on taken-in buffers; None where the pure decoder must speak."""
+    cdef unsigned char hbuf[IN_HEADER_SIZE]
+    cdef const unsigned char *hp
+    cdef uint32_t length, opcode
+    cdef Py_ssize_t extlen, body_end
+    if inp.total < IN_HEADER_SIZE:
+        return None
+    hp = _at(inp, 0, IN_HEADER_SIZE, hbuf)
+    length = vfa_ld32(hp)
+    opcode = vfa_ld32(hp + 4)
+    if length < IN_HEADER_SIZE or length > inp.total:
+        return None
+    extlen = <Py_ssize_t>vfa_ld16(hp + 36) * 8
+    body_end = <Py_ssize_t>length - extlen
+    if body_end < IN_HEADER_SIZE:
+        return None
+    if opcode >= <uint32_t>_N_OPCODE_MEMBERS:
+        return None
+    op = _OPCODE_MEMBERS[opcode]
+    if op is None:
+        return None
+    h = M_IN_HEADER.make(
+        (length, op, _u64(hp + 8), _u64(hp + 16), _u32(hp + 24), _u32(hp + 28), _u32(hp + 32), vfa_ld16(hp + 36))
+    )
+    req = _decode_body(items, inp, opcode, h, body_end, setxattr_ext)
+    if req is None:
+        return None
+    if extlen:
+        ext = _bytes(inp, body_end, extlen)
+        if not _extensions_ok(ext):
+            return None
+        req.ext = ext
+    return req
+
+
+def decode_request(buffers, *, setxattr_ext=False):
+    """Parse one FUSE request from the guest-readable buffers ``buffers``.
+
+    Structs and names may straddle buffer boundaries. WRITE payloads stay
+    views of ``buffers`` (valid while they are); the rest is copied.
+    ``setxattr_ext`` tells whether FUSE_SETXATTR_EXT was agreed (16-byte
+    SETXATTR argument). Raises FuseProtocolError, and only that, on
+    malformed input (see the module docstring of virtiofs_async.codec).
+    """
+    # A private list: nothing can change it under the loop below (on Python
+    # 3.12+ a __buffer__ method may run arbitrary code).
+    cdef list items = list(buffers)
+    cdef Py_ssize_t n = len(items), i, taken = 0
+    cdef Seg static_segs[N_STATIC_SEGS]
+    cdef Py_buffer static_bufs[N_STATIC_SEGS]
+    cdef Input inp
+    cdef bint usable = True
+    cdef Py_buffer *b
+    if n <= N_STATIC_SEGS:
+        inp.segs = static_segs
+        inp.bufs = static_bufs
+    else:
+        inp.segs = <Seg *>PyMem_Malloc(n * sizeof(Seg))
+        inp.bufs = <Py_buffer *>PyMem_Malloc(n * sizeof(Py_buffer))
+        if inp.segs == NULL or inp.bufs == NULL:
+            PyMem_Free(inp.segs)
+            PyMem_Free(inp.bufs)
+            raise MemoryError()
+    inp.nsegs = n
+    inp.total = 0
+    try:
+        for i in range(n):
+            item = items[i]
+            inp.segs[i].held = False
+            inp.segs[i].byte_shaped = True
+            if PyBytes_CheckExact(item):  # immutable, and referenced by items: no export needed
+                inp.segs[i].p = <const unsigned char *>PyBytes_AS_STRING(item)
+                inp.segs[i].n = PyBytes_GET_SIZE(item)
+            else:  # an export keeps it from being resized or released meanwhile
+                b = &inp.bufs[i]
+                try:
+                    PyObject_GetBuffer(item, b, PyBUF_FULL_RO)
+                except Exception:
+                    usable = False
+                    break
+                inp.segs[i].held = True
+                taken = i + 1
+                if b.ndim == 0 or not PyBuffer_IsContiguous(b, b"C"):
+                    usable = False
+                    break
+                inp.segs[i].p = <const unsigned char *>b.buf
+                inp.segs[i].n = b.len
+                inp.segs[i].byte_shaped = b.ndim == 1 and b.itemsize == 1
+            inp.total += inp.segs[i].n
+            taken = i + 1
+        req = _decode(items, &inp, setxattr_ext) if usable else None
+    finally:
+        for i in range(taken):
+            if inp.segs[i].held:
+                PyBuffer_Release(&inp.bufs[i])
+        if inp.segs != static_segs:
+            PyMem_Free(inp.segs)
+            PyMem_Free(inp.bufs)
+    if req is None:
+        return _pure_decode_request(items, setxattr_ext=setxattr_ext)
+    return req
+
+
+# ---------------------------------------------------------------------------
+# Reply encoding
+# ---------------------------------------------------------------------------
+
+
+cdef inline bint _as_u64(object v, uint64_t *out):
+    """A plain int in 0..2**64-1 (what struct's "Q" packs as is)."""
+    if not PyLong_CheckExact(v):
+        return False
+    try:
+        out[0] = v
+    except OverflowError:
+        return False
+    return True
+
+
+cdef inline bint _as_u32(object v, uint32_t *out):
+    cdef uint64_t x
+    if not _as_u64(v, &x) or x > 0xFFFFFFFF:
+        return False
+    out[0] = <uint32_t>x
+    return True
+
+
+cdef inline bint _put64(unsigned char *p, object v):
+    cdef uint64_t x
+    if not _as_u64(v, &x):
+        return False
+    vfa_st64(p, x)
+    return True
+
+
+cdef inline bint _put32(unsigned char *p, object v):
+    cdef uint32_t x
+    if not _as_u32(v, &x):
+        return False
+    vfa_st32(p, x)
+    return True
+
+
+def encode_out_header(unique, error, body_len):
+    """The 16-byte reply header for a ``body_len``-byte body. ``error`` is a
+    positive errno (0 for success); the wire carries it negated."""
+    cdef uint64_t u, blen
+    cdef int64_t err
+    cdef bytes out
+    cdef unsigned char *p
+    if (
+        _as_u64(unique, &u) and _as_u64(body_len, &blen) and blen <= 0xFFFFFFFF - 16
+        and PyLong_CheckExact(error) and -0x7FFFFFFF <= error <= 0x80000000
+    ):
+        err = error
+        out = PyBytes_FromStringAndSize(NULL, 16)
+        p = <unsigned char *>PyBytes_AS_STRING(out)
+        vfa_st32(p, <uint32_t>(16 + blen))
+        vfa_st32(p + 4, <uint32_t>(-err))
+        vfa_st64(p + 8, u)
+        return out
+    return _pure_encode_out_header(unique, error, body_len)
+
+
+def pack_dirent(ino, off, type, name):
+    """One ``fuse_dirent`` record, zero-padded to 8 bytes. The caller has
+    checked ``name`` (non-empty, no '/' or NUL, at most FUSE_NAME_MAX)."""
+    cdef uint64_t c_ino = 0, c_off = 0
+    cdef uint32_t c_type = 0
+    cdef Py_ssize_t n, size
+    cdef bytes out
+    cdef unsigned char *p
+    if not (
+        PyBytes_CheckExact(name) and _as_u64(ino, &c_ino) and _as_u64(off, &c_off) and _as_u32(type, &c_type)
+    ) or PyBytes_GET_SIZE(name) > 0xFFFFFFFF:
+        return _pure_pack_dirent(ino, off, type, name)
+    n = PyBytes_GET_SIZE(name)
+    size = (24 + n + 7) & ~7
+    out = PyBytes_FromStringAndSize(NULL, size)
+    p = <unsigned char *>PyBytes_AS_STRING(out)
+    vfa_st64(p, c_ino)
+    vfa_st64(p + 8, c_off)
+    vfa_st32(p + 16, <uint32_t>n)
+    vfa_st32(p + 20, c_type)
+    memcpy(p + 24, PyBytes_AS_STRING(name), n)
+    memset(p + 24 + n, 0, size - 24 - n)
+    return out
+
+
+cdef inline bint _put_namelen(unsigned char *p, Py_ssize_t n) noexcept:
+    vfa_st32(p, <uint32_t>n)
+    return True
+
+
+# Reading EntryOut / Attr through their slot descriptors skips the attribute
+# lookup (the records are plain attrs slotted classes; checked at load).
+cdef object _EntryOut = _pure.EntryOut
+cdef object _Attr = _pure.Attr
+cdef tuple _ENTRY_SLOTS = tuple(
+    _slot_descriptor(_EntryOut, name)
+    for name in ("nodeid", "generation", "entry_valid", "attr_valid", "entry_valid_nsec", "attr_valid_nsec", "attr")
+)
+cdef tuple _ATTR_SLOTS = tuple(
+    _slot_descriptor(_Attr, name)
+    for name in (
+        "ino", "size", "blocks", "atime", "mtime", "ctime", "atimensec", "mtimensec", "ctimensec", "mode",
+        "nlink", "uid", "gid", "rdev", "blksize", "flags",
+    )
+)
+cdef bint _SLOT_READS = None not in _ENTRY_SLOTS and None not in _ATTR_SLOTS
+cdef descrgetfunc _get_slot = (<PyTypeObject *>types.MemberDescriptorType).tp_descr_get
+
+
+cdef bint _fill_entry_slots(unsigned char *p, entry, a) except -1:
+    """fuse_entry_out from an exact EntryOut and Attr, read slot by slot."""
+    cdef Py_ssize_t i
+    for i in range(4):
+        if not _put64(p + 8 * i, _get_slot(_ENTRY_SLOTS[i], entry, _EntryOut)):
+            return False
+    for i in range(2):
+        if not _put32(p + 32 + 4 * i, _get_slot(_ENTRY_SLOTS[4 + i], entry, _EntryOut)):
+            return False
+    for i in range(6):
+        if not _put64(p + 40 + 8 * i, _get_slot(_ATTR_SLOTS[i], a, _Attr)):
+            return False
+    for i in range(10):
+        if not _put32(p + 88 + 4 * i, _get_slot(_ATTR_SLOTS[6 + i], a, _Attr)):
+            return False
+    return True
+
+
+cdef bint _fill_direntplus(unsigned char *p, entry, ino, off, dtype, Py_ssize_t namelen) except -1:
+    """The 152-byte fixed part of a fuse_direntplus: fuse_entry_out (with its
+    fuse_attr), then fuse_dirent. False if a value needs the pure path."""
+    if _SLOT_READS and type(entry) is _EntryOut:
+        a = _get_slot(_ENTRY_SLOTS[6], entry, _EntryOut)
+        if type(a) is _Attr:
+            return (
+                _fill_entry_slots(p, entry, a)
+                and _put64(p + 128, ino) and _put64(p + 136, off) and _put_namelen(p + 144, namelen)
+                and _put32(p + 148, dtype)
+            )
+    a = entry.attr
+    return (
+        _put64(p, entry.nodeid) and _put64(p + 8, entry.generation) and _put64(p + 16, entry.entry_valid)
+        and _put64(p + 24, entry.attr_valid) and _put32(p + 32, entry.entry_valid_nsec)
+        and _put32(p + 36, entry.attr_valid_nsec)
+        and _put64(p + 40, a.ino) and _put64(p + 48, a.size) and _put64(p + 56, a.blocks)
+        and _put64(p + 64, a.atime) and _put64(p + 72, a.mtime) and _put64(p + 80, a.ctime)
+        and _put32(p + 88, a.atimensec) and _put32(p + 92, a.mtimensec) and _put32(p + 96, a.ctimensec)
+        and _put32(p + 100, a.mode) and _put32(p + 104, a.nlink) and _put32(p + 108, a.uid)
+        and _put32(p + 112, a.gid) and _put32(p + 116, a.rdev) and _put32(p + 120, a.blksize)
+        and _put32(p + 124, a.flags)
+        and _put64(p + 128, ino) and _put64(p + 136, off) and _put_namelen(p + 144, namelen) and _put32(p + 148, dtype)
+    )
+
+
+def pack_direntplus(entry, ino, off, type, name):
+    """One ``fuse_direntplus`` record (``entry`` then the dirent), zero-padded
+    to 8 bytes. Same contract on ``name`` as :func:`pack_dirent`."""
+    cdef Py_ssize_t n, size
+    cdef bytes out
+    cdef unsigned char *p
+    if not PyBytes_CheckExact(name) or PyBytes_GET_SIZE(name) > 0xFFFFFFFF:
+        return _pure_pack_direntplus(entry, ino, off, type, name)
+    n = PyBytes_GET_SIZE(name)
+    size = (152 + n + 7) & ~7
+    out = PyBytes_FromStringAndSize(NULL, size)
+    p = <unsigned char *>PyBytes_AS_STRING(out)
+    try:
+        ok = _fill_direntplus(p, entry, ino, off, type, n)
+    except Exception:
+        ok = False
+    if not ok:
+        return _pure_pack_direntplus(entry, ino, off, type, name)
+    memcpy(p + 152, PyBytes_AS_STRING(name), n)
+    memset(p + 152 + n, 0, size - 152 - n)
+    return out
+
+
+def _record_builders():
+    """{class name: True if built without its __init__} (see _Maker; for tests)."""
+    return {
+        m.cls.__name__: m.fast
+        for m in (
+            M_IN_HEADER, M_GETATTR, M_LOOKUP, M_UNLINK, M_RMDIR, M_READ, M_READDIR, M_READDIRPLUS, M_WRITE,
+            M_FORGET, M_INTERRUPT, M_BATCHFORGET, M_OPEN, M_OPENDIR, M_RELEASE, M_RELEASEDIR, M_FLUSH, M_FSYNC,
+            M_FSYNCDIR, M_SETATTR, M_CREATE, M_MKNOD, M_MKDIR, M_STATFS, M_READLINK, M_DESTROY, M_ACCESS,
+            M_LISTXATTR, M_GETXATTR, M_FALLOCATE, M_LSEEK,
+        )
+    }

@@ -1,0 +1,72 @@
+/* Small C helpers shared by the Cython twins (cyext/vring.pyx, cyext/codec.pyx).
+ *
+ * - Little-endian loads/stores that tolerate any alignment (guest rings and
+ *   FUSE structs sit wherever the guest put them).
+ * - Ring-index accesses that are single-copy atomic when the host address is
+ *   naturally aligned, plus the CPU fences the virtio memory model needs
+ *   (the pure-Python twin cannot issue them).
+ *
+ * GCC/Clang builtins only; the project targets Linux (vhost-user).
+ */
+#ifndef VFA_HOTPATH_H
+#define VFA_HOTPATH_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define VFA_LE16(x) __builtin_bswap16(x)
+#define VFA_LE32(x) __builtin_bswap32(x)
+#define VFA_LE64(x) __builtin_bswap64(x)
+#else
+#define VFA_LE16(x) (x)
+#define VFA_LE32(x) (x)
+#define VFA_LE64(x) (x)
+#endif
+
+/* -- plain little-endian access (any alignment) ---------------------------- */
+
+static inline uint16_t vfa_ld16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return VFA_LE16(v); }
+static inline uint32_t vfa_ld32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return VFA_LE32(v); }
+static inline uint64_t vfa_ld64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return VFA_LE64(v); }
+static inline void vfa_st16(unsigned char *p, uint16_t v) { v = VFA_LE16(v); memcpy(p, &v, 2); }
+static inline void vfa_st32(unsigned char *p, uint32_t v) { v = VFA_LE32(v); memcpy(p, &v, 4); }
+static inline void vfa_st64(unsigned char *p, uint64_t v) { v = VFA_LE64(v); memcpy(p, &v, 8); }
+
+/* -- shared ring indices and flags ------------------------------------------
+ * The other side (the guest driver) reads and writes these concurrently.
+ * Relaxed atomics keep each access whole and un-cached by the compiler; the
+ * fences below give the ordering. A misaligned host address (possible only
+ * with odd region offsets) falls back to a byte copy. */
+
+static inline uint16_t vfa_ring_ld16(const unsigned char *p)
+{
+    uint16_t v;
+    if (((uintptr_t)p & 1u) == 0)
+        v = __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
+    else
+        memcpy(&v, p, 2);
+    return VFA_LE16(v);
+}
+
+static inline void vfa_ring_st16(unsigned char *p, uint16_t v)
+{
+    v = VFA_LE16(v);
+    if (((uintptr_t)p & 1u) == 0)
+        __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED);
+    else
+        memcpy(p, &v, 2);
+}
+
+/* Order earlier loads before later loads and stores (read avail->idx, then
+ * the ring entries and descriptors it covers). */
+static inline void vfa_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+/* Order earlier loads and stores before later stores (reply data and the used
+ * element, then used->idx). */
+static inline void vfa_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+/* Full fence, including store -> load (publish used->idx or avail_event, then
+ * read the driver's used_event / flags / avail->idx). */
+static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+#endif /* VFA_HOTPATH_H */

@@ -1,0 +1,19 @@
+# C helpers shared by the Cython twins; implemented in include/vfa_hotpath.h.
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "vfa_hotpath.h" nogil:
+    # little-endian loads/stores at any alignment
+    uint16_t vfa_ld16(const unsigned char *p)
+    uint32_t vfa_ld32(const unsigned char *p)
+    uint64_t vfa_ld64(const unsigned char *p)
+    void vfa_st16(unsigned char *p, uint16_t v)
+    void vfa_st32(unsigned char *p, uint32_t v)
+    void vfa_st64(unsigned char *p, uint64_t v)
+    # ring indices/flags shared with the driver: whole (atomic when aligned)
+    uint16_t vfa_ring_ld16(const unsigned char *p)
+    void vfa_ring_st16(unsigned char *p, uint16_t v)
+    # fences: acquire (load -> load/store), release (load/store -> store), full
+    void vfa_rmb()
+    void vfa_wmb()
+    void vfa_mb()
