@@ -118,20 +118,33 @@ def entry_to_attr_out(e: EntryAttributes) -> codec.AttrOut:
     return codec.AttrOut(attr_valid=attr_valid, attr_valid_nsec=attr_nsec, attr=entry_to_attr(e))
 
 
+#: FileInfo attribute -> FOPEN_* flag.
+_FOPEN_FLAGS = (
+    ("direct_io", abi.FOPEN_DIRECT_IO),
+    ("keep_cache", abi.FOPEN_KEEP_CACHE),
+    ("nonseekable", abi.FOPEN_NONSEEKABLE),
+    ("cache_dir", abi.FOPEN_CACHE_DIR),
+    ("noflush", abi.FOPEN_NOFLUSH),
+    ("parallel_direct_writes", abi.FOPEN_PARALLEL_DIRECT_WRITES),
+)
+
+#: Operations capability attribute -> the FUSE_INIT flags it asks for.
+_CAPABILITY_FLAGS = (
+    ("supports_readdirplus", abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO),
+    ("enable_writeback_cache", abi.FUSE_WRITEBACK_CACHE),
+    ("handles_umask", abi.FUSE_DONT_MASK),
+    ("supports_posix_locks", abi.FUSE_POSIX_LOCKS),
+    ("supports_flock_locks", abi.FUSE_FLOCK_LOCKS),
+    ("supports_killpriv_v2", abi.FUSE_HANDLE_KILLPRIV_V2),
+    ("supports_posix_acl", abi.FUSE_POSIX_ACL),
+)
+
+
 def file_info_to_open_out(fi: FileInfo) -> codec.OpenOut:
     flags = 0
-    if fi.direct_io:
-        flags |= abi.FOPEN_DIRECT_IO
-    if fi.keep_cache:
-        flags |= abi.FOPEN_KEEP_CACHE
-    if fi.nonseekable:
-        flags |= abi.FOPEN_NONSEEKABLE
-    if fi.cache_dir:
-        flags |= abi.FOPEN_CACHE_DIR
-    if fi.noflush:
-        flags |= abi.FOPEN_NOFLUSH
-    if fi.parallel_direct_writes:
-        flags |= abi.FOPEN_PARALLEL_DIRECT_WRITES
+    for name, flag in _FOPEN_FLAGS:
+        if getattr(fi, name):
+            flags |= flag
     return codec.OpenOut(fh=fi.fh, open_flags=flags)
 
 
@@ -378,20 +391,9 @@ class FuseSession:
             | abi.FUSE_CACHE_SYMLINKS
             | abi.FUSE_INIT_EXT
         )
-        if ops.supports_readdirplus:
-            wanted |= abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
-        if ops.enable_writeback_cache:
-            wanted |= abi.FUSE_WRITEBACK_CACHE
-        if ops.handles_umask:
-            wanted |= abi.FUSE_DONT_MASK
-        if ops.supports_posix_locks:
-            wanted |= abi.FUSE_POSIX_LOCKS
-        if ops.supports_flock_locks:
-            wanted |= abi.FUSE_FLOCK_LOCKS
-        if ops.supports_killpriv_v2:
-            wanted |= abi.FUSE_HANDLE_KILLPRIV_V2
-        if ops.supports_posix_acl:
-            wanted |= abi.FUSE_POSIX_ACL
+        for name, flag in _CAPABILITY_FLAGS:
+            if getattr(ops, name):
+                wanted |= flag
         flags = wanted & req.flags
         minor = min(req.minor, OUR_MINOR)
         cfg = self.config

@@ -204,3 +204,17 @@ def test_read_larger_than_negotiated_is_refused_before_the_backend() -> None:
     assert h.error == errno.EINVAL and asked == []
     h, _ = call(s, codec.ReadRequest(hdr(31, nodeid=2), fh=1, offset=0, size=1 << 20, read_flags=0, lock_owner=0, flags=0))
     assert h.error == 0 and asked == [1 << 20]
+
+
+def test_backend_capabilities_become_init_flags_when_the_kernel_offers_them() -> None:
+    class Capable(Files):
+        supports_posix_locks = True
+        supports_flock_locks = True
+        enable_writeback_cache = True
+        supports_readdirplus = False
+
+    out = init(FuseSession(Capable()))
+    assert out.flags & abi.FUSE_POSIX_LOCKS and out.flags & abi.FUSE_FLOCK_LOCKS
+    assert out.flags & abi.FUSE_WRITEBACK_CACHE
+    assert not out.flags & abi.FUSE_DO_READDIRPLUS
+    assert not out.flags & abi.FUSE_DONT_MASK  # handles_umask is off
