@@ -362,39 +362,33 @@ class SyncfsRequest(Request):
 
 
 @attrs.define
-class LookupRequest(Request):
+class _NameBody(Request):
+    """A request whose whole body is one NUL-terminated name."""
+
+    name: bytes
+
+    def _args(self) -> list[Buffer]:
+        return [self.name + b"\0"]
+
+
+@attrs.define
+class LookupRequest(_NameBody):
     OPCODE = Opcode.LOOKUP
-    name: bytes
-
-    def _args(self) -> list[Buffer]:
-        return [self.name + b"\0"]
 
 
 @attrs.define
-class UnlinkRequest(Request):
+class UnlinkRequest(_NameBody):
     OPCODE = Opcode.UNLINK
-    name: bytes
-
-    def _args(self) -> list[Buffer]:
-        return [self.name + b"\0"]
 
 
 @attrs.define
-class RmdirRequest(Request):
+class RmdirRequest(_NameBody):
     OPCODE = Opcode.RMDIR
-    name: bytes
-
-    def _args(self) -> list[Buffer]:
-        return [self.name + b"\0"]
 
 
 @attrs.define
-class RemovexattrRequest(Request):
+class RemovexattrRequest(_NameBody):
     OPCODE = Opcode.REMOVEXATTR
-    name: bytes
-
-    def _args(self) -> list[Buffer]:
-        return [self.name + b"\0"]
 
 
 @attrs.define
