@@ -122,7 +122,7 @@ class _QueueWorker:
             try:
                 chain = queue.pop(memory)
             except VringError as exc:
-                head = getattr(exc, "head", None)
+                head = exc.head
                 log.warning("queue %d: malformed descriptor chain (head=%s): %s", self.index, head, exc)
                 if head is None:
                     log.error("queue %d is broken; it stops until the frontend resets it", self.index)
@@ -134,7 +134,8 @@ class _QueueWorker:
             if chain is None:
                 return
             self.in_flight += 1
-            self.idle = self.idle if not self.idle.is_set() else self.conn.runtime.event()
+            if self.in_flight == 1:  # busy again: a fresh event for the next idle moment
+                self.idle = self.conn.runtime.event()
             group.start_soon(self._serve, chain)
 
     async def _serve(self, chain: object) -> None:
