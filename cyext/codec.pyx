@@ -182,7 +182,7 @@ cdef class _Maker:
     cdef object make(self, tuple args):
         """``cls(*args)``."""
         cdef Py_ssize_t i, n = self.nargs
-        if not self.fast:
+        if not self.fast or len(args) != n:
             return self.cls(*args)
         obj = (<PyTypeObject *>self.cls).tp_new(self.cls, <PyObject *>_NO_ARGS, NULL)
         for i in range(n):
@@ -671,7 +671,7 @@ cdef inline bint _as_u64(object v, uint64_t *out):
 
 
 cdef inline bint _as_u32(object v, uint32_t *out):
-    cdef uint64_t x
+    cdef uint64_t x = 0
     if not _as_u64(v, &x) or x > 0xFFFFFFFF:
         return False
     out[0] = <uint32_t>x
@@ -679,7 +679,7 @@ cdef inline bint _as_u32(object v, uint32_t *out):
 
 
 cdef inline bint _put64(unsigned char *p, object v):
-    cdef uint64_t x
+    cdef uint64_t x = 0
     if not _as_u64(v, &x):
         return False
     vfa_st64(p, x)
@@ -687,7 +687,7 @@ cdef inline bint _put64(unsigned char *p, object v):
 
 
 cdef inline bint _put32(unsigned char *p, object v):
-    cdef uint32_t x
+    cdef uint32_t x = 0
     if not _as_u32(v, &x):
         return False
     vfa_st32(p, x)

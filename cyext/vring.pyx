@@ -195,7 +195,7 @@ cdef class VirtQueue:
         self._gen = 0
 
     def __dealloc__(self):
-        self._drop_views()
+        self._free_regions()
 
     def __init__(self, max_size=1024):
         if not is_valid_queue_size(max_size):
@@ -224,10 +224,13 @@ cdef class VirtQueue:
     cdef void _drop_views(self):
         """Forget the cached translation (invariant: ``_gen`` is 0 unless the
         region table and the ring addresses are valid)."""
+        self._gen = 0  # generations start at 1: 0 never matches
+        self._free_regions()
+
+    cdef void _free_regions(self) noexcept:
         cdef Py_ssize_t i
         cdef Region *regions = self._regions
         cdef Py_ssize_t n = self._nregions
-        self._gen = 0  # generations start at 1: 0 never matches
         self._regions = NULL
         self._nregions = 0
         self._desc = self._avail = self._used = NULL

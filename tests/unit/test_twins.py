@@ -270,6 +270,15 @@ def chain_rows(draw, free: list[int]) -> tuple[int, list[tuple[int, tuple]]]:
 
 
 @st.composite
+def holey_layouts(draw) -> list[tuple[int, int]]:
+    """Two regions with unmapped guest-physical space between them."""
+    a, b = sorted(draw(st.lists(st.sampled_from(CUTS), min_size=2, max_size=2, unique=True)))
+    if draw(st.booleans()):
+        b = min(MEM - 1, b + draw(st.integers(1, 40)))
+    return [(0, a), (b, MEM - b)]
+
+
+@st.composite
 def ring_images(draw, size: int) -> list[tuple[int, bytes]]:
     """Writes (offset, bytes): data pattern, indirect tables, descriptor
     table, available ring (entries, used_event, flags). Either well-formed
@@ -425,7 +434,7 @@ def test_random_rings_and_operations_agree(data, size, layout, event_idx, indire
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    layout=region_layouts(),
+    layout=st.one_of(region_layouts(), holey_layouts()),
     length=st.one_of(st.integers(0, 80), st.sampled_from([8, 16, 24, 32, 48, 64, 4096])),
     flags=st.sampled_from([0, W, I, I]),
     table_entries=st.integers(1, 5),
