@@ -382,7 +382,7 @@ class MemoryFS(Operations):
                 self._used_chunks -= len(node.chunks)
                 node.chunks.clear()
 
-    def _prepare_create(self, parent: int, name: bytes, ctx: RequestContext) -> _Inode:
+    def _check_new_name(self, parent: int, name: bytes, ctx: RequestContext) -> _Inode:
         """Checks shared by every call that adds a name; returns the directory."""
         d = self._dirnode(parent)
         self._check_name(name)
@@ -395,6 +395,11 @@ class MemoryFS(Operations):
         if name in d.dir.entries:
             raise _err(errno.EEXIST)
         self._may(d, W_OK | X_OK, ctx)
+        return d
+
+    def _prepare_create(self, parent: int, name: bytes, ctx: RequestContext) -> _Inode:
+        """``_check_new_name`` plus room for a new inode; returns the directory."""
+        d = self._check_new_name(parent, name, ctx)
         self._check_inode_space()
         return d
 
@@ -771,17 +776,7 @@ class MemoryFS(Operations):
 
     async def link(self, inode: InodeT, new_parent: InodeT, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
         node = self._node(inode)
-        d = self._dirnode(new_parent)
-        self._check_name(new_name)
-        self._may(d, X_OK, ctx)
-        if new_name in _DOTS:
-            raise _err(errno.EEXIST)
-        if d.nlink == 0:
-            raise _err(errno.ENOENT)
-        assert d.dir is not None
-        if new_name in d.dir.entries:
-            raise _err(errno.EEXIST)
-        self._may(d, W_OK | X_OK, ctx)
+        d = self._check_new_name(new_parent, new_name, ctx)
         if node.dir is not None:
             raise _err(errno.EPERM)
         if node.nlink == 0 and not node.linkable:
