@@ -236,9 +236,9 @@ def iter_extensions(ext: Buffer) -> Iterator[tuple[int, bytes]]:
         pos += size
 
 
-def supp_groups(ext: Buffer) -> tuple[int, ...]:
+def supp_groups(ext: Buffer) -> tuple[int, ...] | None:
     """The supplementary group ids of a FUSE_EXT_GROUPS extension in ``ext``
-    (7.39 FUSE_CREATE_SUPP_GROUP), or () when there is none."""
+    (7.39 FUSE_CREATE_SUPP_GROUP), or None when there is none."""
     for typ, payload in iter_extensions(ext):
         if typ == abi.FUSE_EXT_GROUPS:
             if len(payload) < 4:
@@ -247,7 +247,7 @@ def supp_groups(ext: Buffer) -> tuple[int, ...]:
             if 4 + 4 * count > len(payload):
                 raise FuseProtocolError(f"fuse_supp_groups claims {count} groups in {len(payload)} bytes")
             return struct.unpack_from(f"<{count}I", payload, 4)
-    return ()
+    return None
 
 
 def _check_extensions(h: InHeader, ext: bytes) -> None:

@@ -55,9 +55,11 @@ class RequestContext:
     gid: int
     pid: int
     umask: int = 0
-    #: Supplementary groups when the guest sent them (FUSE_SECURITY_CTX /
-    #: ext headers); empty otherwise.
-    groups: tuple[int, ...] = ()
+    #: Supplementary groups when the request carried them (a FUSE_EXT_GROUPS
+    #: request extension); ``None`` when it did not, which is the case for
+    #: every request of a Linux guest before 6.2 and for every non-creating
+    #: request of newer ones. ``None`` means "unknown", not "no groups".
+    groups: tuple[int, ...] | None = None
 
 
 @attrs.define(slots=True)

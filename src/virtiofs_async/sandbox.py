@@ -32,9 +32,11 @@ root switch (``enter(..., prepare=...)``): a passthrough backend opens its
 root directory and ``/proc/self/fd`` there, by their host paths, and those
 fds stay valid afterwards, as the C and Rust virtiofsd keep theirs. In
 ``namespace`` mode ``/proc`` is, at that moment, a read-only tmpfs holding
-only ``self/fd``: a bind of this process's own fd directory from a fresh
-procfs of the new pid namespace. So the path ``/proc/self/fd`` works, and an
-fd to it reaches nothing else of /proc (no /proc/sys, no other process).
+only ``self/fd`` and ``self/fdinfo``: binds of this process's own fd
+directories from a fresh procfs of the new pid namespace. So the path
+``/proc/self/fd`` works (``../fdinfo/N`` from it too: the lock list of an
+fd), and an fd to it reaches nothing else of /proc (no /proc/sys, no other
+process).
 Paths are resolved before the switch only: after it, ``/`` is the shared
 directory, and a backend must reach /proc through the fd it kept
 (:attr:`Sandbox.proc_self_fd` is one more such ``O_PATH`` fd: use
@@ -511,23 +513,30 @@ def _step(what: str, fn: Callable[..., object], *args: object) -> object:
 
 
 def _mount_own_proc() -> None:
-    """Make ``/proc`` a read-only tmpfs whose only content, ``self/fd``, is
-    this process's fd directory from a fresh procfs of our pid namespace."""
+    """Make ``/proc`` a read-only tmpfs whose only content, ``self/fd`` and
+    ``self/fdinfo``, are this process's fd directories from a fresh procfs
+    of our pid namespace."""
     proc_flags = MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME
     _step("mounting proc", mount, "proc", "/proc", "proc", proc_flags)
+    trees: dict[str, int] = {}
     try:
-        tree = open_tree("/proc/self/fd", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+        for name in ("fd", "fdinfo"):
+            trees[name] = open_tree(f"/proc/self/{name}", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
     except OSError as exc:
+        for fd in trees.values():
+            os.close(fd)
         # Before Linux 5.2: keep the whole (fresh, pid-namespaced) procfs.
         log.debug("open_tree unavailable (%s): /proc stays a full procfs of the new pid namespace", exc.strerror)
         return
     try:
         _step("mounting a tmpfs on /proc", mount, "tmpfs", "/proc", "tmpfs", MS_NODEV | MS_NOEXEC | MS_NOSUID,
               "mode=0755,size=16k")
-        _step("creating /proc/self/fd", os.makedirs, "/proc/self/fd", 0o755)
-        _step("placing /proc/self/fd", move_mount_fd, tree, "/proc/self/fd")
+        for name, tree in trees.items():
+            _step(f"creating /proc/self/{name}", os.makedirs, f"/proc/self/{name}", 0o755)
+            _step(f"placing /proc/self/{name}", move_mount_fd, tree, f"/proc/self/{name}")
     finally:
-        os.close(tree)
+        for fd in trees.values():
+            os.close(fd)
     _step("making /proc read-only", mount, None, "/proc", None,
           MS_REMOUNT | MS_RDONLY | MS_NODEV | MS_NOEXEC | MS_NOSUID)
 

@@ -339,12 +339,14 @@ class FuseSession:
         return _accel.scatter(writable, (header, *parts))
 
     # -- helpers ---------------------------------------------------------------
-    def _ctx(self, header: codec.InHeader, umask: int = 0) -> RequestContext:
+    def _ctx(self, req: Any, umask: int = 0) -> RequestContext:
+        header = req.header
         return RequestContext(
             uid=header.uid,
             gid=header.gid,
             pid=header.pid,
             umask=umask if self.operations.handles_umask else 0,
+            groups=codec.supp_groups(req.ext) if req.ext else None,  # None: not sent
         )
 
     def _flag(self, flag: int) -> bool:
@@ -424,7 +426,7 @@ class FuseSession:
         return None
 
     async def _lookup(self, req: codec.LookupRequest) -> Body:
-        entry = await self.operations.lookup(req.header.nodeid, req.name, self._ctx(req.header))
+        entry = await self.operations.lookup(req.header.nodeid, req.name, self._ctx(req))
         return entry_to_entry_out(entry)
 
     async def _forget(self, req: codec.ForgetRequest) -> Body:
@@ -443,7 +445,7 @@ class FuseSession:
 
     async def _getattr(self, req: codec.GetattrRequest) -> Body:
         fh = req.fh if req.getattr_flags & abi.FUSE_GETATTR_FH else None
-        entry = await self.operations.getattr(req.header.nodeid, self._ctx(req.header), fh)
+        entry = await self.operations.getattr(req.header.nodeid, self._ctx(req), fh)
         return entry_to_attr_out(entry)
 
     async def _setattr(self, req: codec.SetattrRequest) -> Body:
@@ -471,52 +473,52 @@ class FuseSession:
             st_ctime_ns=req.ctime * _NS + req.ctimensec,
         )
         fh = req.fh if valid & abi.FATTR_FH else None
-        entry = await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req.header))
+        entry = await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req))
         return entry_to_attr_out(entry)
 
     async def _readlink(self, req: codec.ReadlinkRequest) -> Body:
-        return bytes(await self.operations.readlink(req.header.nodeid, self._ctx(req.header)))
+        return bytes(await self.operations.readlink(req.header.nodeid, self._ctx(req)))
 
     async def _symlink(self, req: codec.SymlinkRequest) -> Body:
-        entry = await self.operations.symlink(req.header.nodeid, req.name, req.target, self._ctx(req.header))
+        entry = await self.operations.symlink(req.header.nodeid, req.name, req.target, self._ctx(req))
         return entry_to_entry_out(entry)
 
     async def _mknod(self, req: codec.MknodRequest) -> Body:
         entry = await self.operations.mknod(
-            req.header.nodeid, req.name, req.mode, req.rdev, self._ctx(req.header, req.umask)
+            req.header.nodeid, req.name, req.mode, req.rdev, self._ctx(req, req.umask)
         )
         return entry_to_entry_out(entry)
 
     async def _mkdir(self, req: codec.MkdirRequest) -> Body:
-        entry = await self.operations.mkdir(req.header.nodeid, req.name, req.mode, self._ctx(req.header, req.umask))
+        entry = await self.operations.mkdir(req.header.nodeid, req.name, req.mode, self._ctx(req, req.umask))
         return entry_to_entry_out(entry)
 
     async def _unlink(self, req: codec.UnlinkRequest) -> Body:
-        await self.operations.unlink(req.header.nodeid, req.name, self._ctx(req.header))
+        await self.operations.unlink(req.header.nodeid, req.name, self._ctx(req))
         return None
 
     async def _rmdir(self, req: codec.RmdirRequest) -> Body:
-        await self.operations.rmdir(req.header.nodeid, req.name, self._ctx(req.header))
+        await self.operations.rmdir(req.header.nodeid, req.name, self._ctx(req))
         return None
 
     async def _rename(self, req: codec.RenameRequest) -> Body:
         await self.operations.rename(
-            req.header.nodeid, req.oldname, req.newdir, req.newname, 0, self._ctx(req.header)
+            req.header.nodeid, req.oldname, req.newdir, req.newname, 0, self._ctx(req)
         )
         return None
 
     async def _rename2(self, req: codec.Rename2Request) -> Body:
         await self.operations.rename(
-            req.header.nodeid, req.oldname, req.newdir, req.newname, req.flags, self._ctx(req.header)
+            req.header.nodeid, req.oldname, req.newdir, req.newname, req.flags, self._ctx(req)
         )
         return None
 
     async def _link(self, req: codec.LinkRequest) -> Body:
-        entry = await self.operations.link(req.oldnodeid, req.header.nodeid, req.newname, self._ctx(req.header))
+        entry = await self.operations.link(req.oldnodeid, req.header.nodeid, req.newname, self._ctx(req))
         return entry_to_entry_out(entry)
 
     async def _open(self, req: codec.OpenRequest) -> Body:
-        fi = await self.operations.open(req.header.nodeid, req.flags, self._ctx(req.header))
+        fi = await self.operations.open(req.header.nodeid, req.flags, self._ctx(req))
         return file_info_to_open_out(fi)
 
     def _check_io_size(self, size: int, what: str) -> None:
@@ -536,13 +538,13 @@ class FuseSession:
         return data
 
     async def _write(self, req: codec.WriteRequest) -> Body:
-        written = await self.operations.write(req.fh, req.offset, req.data, self._ctx(req.header))
+        written = await self.operations.write(req.fh, req.offset, req.data, self._ctx(req))
         if not 0 <= written <= req.size:
             raise _backend_bug(f"write() returned {written} for a write of {req.size} bytes")
         return codec.WriteOut(size=written)
 
     async def _statfs(self, req: codec.StatfsRequest) -> Body:
-        st = await self.operations.statfs(self._ctx(req.header))
+        st = await self.operations.statfs(self._ctx(req))
         return codec.StatfsOut(
             blocks=st.f_blocks,
             bfree=st.f_bfree,
@@ -566,11 +568,11 @@ class FuseSession:
         return None
 
     async def _setxattr(self, req: codec.SetxattrRequest) -> Body:
-        await self.operations.setxattr(req.header.nodeid, req.name, bytes(req.value), req.flags, self._ctx(req.header))
+        await self.operations.setxattr(req.header.nodeid, req.name, bytes(req.value), req.flags, self._ctx(req))
         return None
 
     async def _getxattr(self, req: codec.GetxattrRequest) -> Body:
-        value = bytes(await self.operations.getxattr(req.header.nodeid, req.name, self._ctx(req.header)))
+        value = bytes(await self.operations.getxattr(req.header.nodeid, req.name, self._ctx(req)))
         if req.size == 0:
             return codec.GetxattrOut(size=len(value))
         if len(value) > req.size:
@@ -578,7 +580,7 @@ class FuseSession:
         return value
 
     async def _listxattr(self, req: codec.ListxattrRequest) -> Body:
-        names = await self.operations.listxattr(req.header.nodeid, self._ctx(req.header))
+        names = await self.operations.listxattr(req.header.nodeid, self._ctx(req))
         value = b"".join(bytes(n) + b"\0" for n in names)
         if req.size == 0:
             return codec.GetxattrOut(size=len(value))
@@ -587,7 +589,7 @@ class FuseSession:
         return value
 
     async def _removexattr(self, req: codec.RemovexattrRequest) -> Body:
-        await self.operations.removexattr(req.header.nodeid, req.name, self._ctx(req.header))
+        await self.operations.removexattr(req.header.nodeid, req.name, self._ctx(req))
         return None
 
     async def _flush(self, req: codec.FlushRequest) -> Body:
@@ -595,7 +597,7 @@ class FuseSession:
         return None
 
     async def _opendir(self, req: codec.OpendirRequest) -> Body:
-        fi = await self.operations.opendir(req.header.nodeid, self._ctx(req.header))
+        fi = await self.operations.opendir(req.header.nodeid, self._ctx(req))
         return file_info_to_open_out(fi)
 
     async def _readdir_common(self, req: codec.ReaddirRequest, plus: bool) -> Body:
@@ -644,18 +646,18 @@ class FuseSession:
         return await self._setlk_common(req, True)
 
     async def _access(self, req: codec.AccessRequest) -> Body:
-        await self.operations.access(req.header.nodeid, req.mask, self._ctx(req.header))
+        await self.operations.access(req.header.nodeid, req.mask, self._ctx(req))
         return None
 
     async def _create(self, req: codec.CreateRequest) -> Body:
         fi, entry = await self.operations.create(
-            req.header.nodeid, req.name, req.mode, req.flags, self._ctx(req.header, req.umask)
+            req.header.nodeid, req.name, req.mode, req.flags, self._ctx(req, req.umask)
         )
         return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
 
     async def _tmpfile(self, req: codec.TmpfileRequest) -> Body:
         fi, entry = await self.operations.tmpfile(
-            req.header.nodeid, req.mode, req.flags, self._ctx(req.header, req.umask)
+            req.header.nodeid, req.mode, req.flags, self._ctx(req, req.umask)
         )
         return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
 

@@ -341,10 +341,11 @@ def test_each_sandbox_serves_confined_and_exits_zero(stand_in, share, sock, mode
     assert starts and starts[0]["root"] == str(share)
     assert starts[0]["proc_self_fd"] is True
     if mode == "namespace":
-        # /proc is a tmpfs holding only self/fd: nothing else of procfs is reachable.
-        assert starts[0]["above_proc_fd"] == [["fd"], ["self"]]
+        # /proc is a tmpfs holding only self/fd and self/fdinfo: nothing else
+        # of procfs is reachable.
+        assert starts[0]["above_proc_fd"] == [["fd", "fdinfo"], ["self"]]
     else:
-        assert starts[0]["above_proc_fd"] != [["fd"], ["self"]]  # the host's procfs
+        assert starts[0]["above_proc_fd"] != [["fd", "fdinfo"], ["self"]]  # the host's procfs
     assert starts[0]["options"] == {
         "cache": "auto", "xattr": False, "posix_acl": False, "readonly": False, "writeback": False,
         "allow_direct_io": False, "announce_submounts": True, "inode_file_handles": "never",

@@ -100,7 +100,8 @@ def test_create_write_read_readdir_rename(run, sock_path, share) -> None:  # typ
             await client.release(u.entry.nodeid, u.open.fh, ctx=USER)
             st = os.stat(os.path.join(share, "users"))
             assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
-            await expect_errno(errno.EACCES, client.open(ino, os.O_RDONLY, ctx=USER))  # 0640 root:root
+            # ... and cannot create where the host says it may not.
+            await expect_errno(errno.EACCES, client.mkdir(d.nodeid, b"nope", 0o755, ctx=USER))
             # readdir of a directory the host filled.
             for i in range(100):
                 open(os.path.join(share, "dir", f"host-{i:03d}"), "wb").close()
@@ -180,10 +181,10 @@ def test_posix_and_flock_locks(run, sock_path, share) -> None:  # type: ignore[n
             f = await client.lookup(ROOT, b"f")
             a = (await client.open(f.nodeid, os.O_RDWR)).fh
             b = (await client.open(f.nodeid, os.O_RDWR)).fh
-            await client.setlk(f.nodeid, a, 1, type=fcntl.F_WRLCK)
+            await client.setlk(f.nodeid, a, 1, type=fcntl.F_WRLCK, pid=321)
             await expect_errno(errno.EAGAIN, client.setlk(f.nodeid, b, 2, type=fcntl.F_RDLCK, start=5, end=5))
             got = await client.getlk(f.nodeid, b, 2)
-            assert (got.type, got.start, got.end) == (fcntl.F_WRLCK, 0, OFFSET_MAX)
+            assert (got.type, got.start, got.end, got.pid) == (fcntl.F_WRLCK, 0, OFFSET_MAX, 321)
             granted = rt.event()
 
             async def waiter() -> None:

@@ -69,23 +69,7 @@ EXPECTED_OURS_C: dict[str, tuple[str, str, str]] = {
 #: are bugs of ours, still open.  While only these remain the comparison is
 #: an expected failure; once one is fixed, remove it here (the test fails
 #: on a listed difference that no longer occurs).
-KNOWN_OURS_BUGS: dict[str, tuple[str, str, str]] = {
-    "uid1001+grp4321 read group file": (
-        "b'g'", "EACCES",
-        "the guest kernel (default_permissions) allowed the open through a "
-        "supplementary group, which the 6.1 guest does not send in the request; "
-        "ours then switches to the caller's uid/gid without supplementary groups "
-        "and the host refuses.  The C and Rust daemons open as root.",
-    ),
-    "uid1001+grp4321 write group file": ("ok", "EACCES", "same cause as the read"),
-    "group file after": ("b'G'", "b'g'", "the refused write above"),
-    "F_GETLK conflict": (
-        "type=WR start=0 len=5 pid=holder", "type=WR start=0 len=5 pid=0",
-        "ours serves POSIX locks itself (host OFD locks) but GETLK does not "
-        "report the pid the holder's SETLK carried (pid 0); the C and Rust daemons "
-        "leave locks to the guest kernel, which reports the holder",
-    ),
-}
+KNOWN_OURS_BUGS: dict[str, tuple[str, str, str]] = {}
 
 # --------------------------------------------------------------------------
 # Daemons

@@ -430,6 +430,26 @@ def pack_flock(type_: int, start: int, end: int) -> bytes:
     return _FLOCK.pack(type_, os.SEEK_SET, start, length, 0)
 
 
+def ofd_locks_of(fdinfo_dir: int, fd: int) -> set[tuple[bytes, int, int]]:
+    """The OFD locks held through ``fd``, as (b"READ"|b"WRITE", start, end)
+    with ``end`` inclusive (OFFSET_MAX for "to EOF"), read from the
+    ``lock:`` lines of /proc/self/fdinfo/FD; ``fdinfo_dir`` is an fd of
+    /proc/self/fdinfo (usable after a pivot_root)."""
+    info = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=fdinfo_dir)
+    try:
+        text = os.read(info, 65536)
+    finally:
+        os.close(info)
+    held = set()
+    for line in text.splitlines():
+        # lock:	1: OFDLCK  ADVISORY  WRITE -1 00:2b:1234 0 EOF
+        words = line.split()
+        if len(words) >= 8 and words[0] == b"lock:" and words[2] == b"OFDLCK":
+            end = OFFSET_MAX if words[-1] == b"EOF" else int(words[-1])
+            held.add((words[4], int(words[-2]), end))
+    return held
+
+
 def unpack_flock(data: bytes) -> tuple[int, int, int, int]:
     """(type, start, end, pid) of a struct flock; end inclusive."""
     type_, _whence, start, length, pid = _FLOCK.unpack(data)

@@ -12,7 +12,8 @@ Contracts:
 * Lookup counts follow the operations.py contract; an inode is dropped only
   when it has no name (nlink == 0), no open handle and no lookup left.
 * Permission checks follow Linux: owner/group/other bits against
-  ``ctx.uid``/``ctx.gid``/``ctx.groups``, uid 0 bypasses read/write and search
+  ``ctx.uid``/``ctx.gid``/``ctx.groups`` (unknown groups count as none),
+  uid 0 bypasses read/write and search
   but needs one x bit to execute a non-directory.
 * readdir offsets are per-directory cookies given at insertion and never
   reused, so a listing resumed at any offset neither skips nor repeats an
@@ -202,7 +203,7 @@ class _Handle:
 
 
 def _in_group(ctx: RequestContext, gid: int) -> bool:
-    return ctx.gid == gid or gid in ctx.groups
+    return ctx.gid == gid or (ctx.groups is not None and gid in ctx.groups)
 
 
 def _join(data: Sequence[memoryview]) -> bytes | memoryview:

@@ -24,13 +24,22 @@ Contracts:
   is never opened on the host). Symlinks in the share are the guest's to
   resolve. Not covered: a host process moving a directory out of the shared
   tree while the guest is using it.
-* **Credentials.** Every request that creates, opens, changes or looks up
-  runs its syscalls with the caller's fsuid/fsgid and supplementary groups
-  (``ctx.groups``, none when the guest does not send them) on the thread
-  that makes them (:func:`_hostfs.call_as`), so the host kernel checks
-  permissions and owns new files by the caller. Skipped when the daemon is
-  not root. READDIRPLUS's implicit lookups run as the daemon (as in
-  virtiofsd); the guest still checks search permission itself.
+* **Credentials.** A request that creates an inode (mknod, mkdir, symlink,
+  create, O_TMPFILE) runs its syscall with the caller's fsuid/fsgid and
+  supplementary groups (``ctx.groups`` when the request carried them, none
+  otherwise) on the thread that makes it (:func:`_hostfs.call_as`), so the
+  new inode is owned by the caller and the host checks the caller may
+  create there. ACCESS is answered as the caller too. Every other request
+  runs as the daemon, as in both virtiofsd: the guest kernel mounts
+  virtio-fs with ``default_permissions`` and has already checked the
+  caller's full credentials, supplementary groups included, which the
+  request does not carry (a Linux guest sends groups for creating requests
+  only, and only from 6.2), so a host-side check with the uid/gid alone
+  would refuse what the guest rightly allowed. The guest could claim any
+  uid anyway: per-request credentials are about ownership and POSIX
+  semantics, not a boundary; the boundary is the share and the daemon's own
+  (reduced) privileges. Credentials are not switched when the daemon is
+  not root.
 * **killpriv_v2.** suid (and sgid with group-exec) is dropped by a write or
   truncate from a non-root caller, by chown, and whenever SETATTR carries
   FATTR_KILL_SUIDGID.
@@ -124,6 +133,8 @@ class _Inode:
     pins: int = 0
     #: POSIX lock owner -> an fd of its own carrying the owner's OFD locks
     plocks: dict[int, int] = attrs.Factory(dict)
+    #: POSIX lock owner -> the guest pid its last SETLK carried (GETLK reports it)
+    lock_pids: dict[int, int] = attrs.Factory(dict)
     #: dropped from the tables; fd closed
     gone: bool = False
 
@@ -291,9 +302,18 @@ class PassthroughFS(Operations):
         else:
             self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            # /proc/self/fdinfo, for the lock lists of our fds (GETLK's pid);
+            # reached now, while the sandbox's /proc still has it in place.
+            self._fdinfo_fd = os.open("../fdinfo", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        except OSError as exc:
+            log.info("no /proc/self/fdinfo (%s): GETLK reports no holder pid", exc.strerror)
+            self._fdinfo_fd = -1
+        try:
             root_fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             os.close(self._proc_fd)
+            if self._fdinfo_fd >= 0:
+                os.close(self._fdinfo_fd)
             raise
         # A readable fd of the root: syncfs(), and open_by_handle_at's mount fd.
         self._root_rd = self._proc_open(root_fd, os.O_RDONLY | os.O_DIRECTORY)
@@ -363,7 +383,7 @@ class PassthroughFS(Operations):
             if node is not self._root:
                 node.pins = 0
                 self._maybe_drop(node)
-        for fd in {self._root.fd, self._root_rd, self._proc_fd, *self._mount_fds.values()}:
+        for fd in {self._root.fd, self._root_rd, self._proc_fd, self._fdinfo_fd, *self._mount_fds.values()}:
             if fd >= 0:
                 try:
                     os.close(fd)
@@ -373,6 +393,7 @@ class PassthroughFS(Operations):
         self._root.fd = -1
         self._root_rd = -1
         self._proc_fd = -1
+        self._fdinfo_fd = -1
 
     # ------------------------------------------------------------------
     # plumbing
@@ -405,9 +426,11 @@ class PassthroughFS(Operations):
             raise _err(errno.EROFS)
 
     def _creds(self, ctx: RequestContext) -> Credentials | None:
+        """The caller's credentials, for the requests that run as the caller
+        (see the module docstring); None to run as the daemon."""
         if not self._switching or (ctx.uid == 0 and ctx.gid == 0):
             return None
-        return Credentials(ctx.uid, ctx.gid, None if ctx.uid == 0 else tuple(ctx.groups))
+        return Credentials(ctx.uid, ctx.gid, None if ctx.uid == 0 else tuple(ctx.groups or ()))
 
     def _umask(self, ctx: RequestContext) -> int:
         return ctx.umask if self.handles_umask else 0
@@ -473,12 +496,12 @@ class PassthroughFS(Operations):
         from the guest involved)."""
         return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
-    def _lookup_at(self, dirfd: int, name: bytes, creds: Credentials | None) -> tuple[int, os.stat_result, Any]:
+    def _lookup_at(self, dirfd: int, name: bytes) -> tuple[int, os.stat_result, Any]:
         """(O_PATH fd, stat, handle info) of ``name`` in ``dirfd``."""
         if name == b"..":
             fd = os.open(b"..", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         else:
-            fd = call_as(creds, None, _hostfs.open_beneath, dirfd, name, os.O_PATH)
+            fd = _hostfs.open_beneath(dirfd, name, os.O_PATH)
         try:
             st = os.fstat(fd)
             info = self._handle_info(fd, st) if self.file_handles != "never" else None
@@ -561,6 +584,7 @@ class PassthroughFS(Operations):
         for fd in node.plocks.values():
             _close_quietly(fd)
         node.plocks.clear()
+        node.lock_pids.clear()
         if node.fd >= 0:
             _close_quietly(node.fd)
             node.fd = -1
@@ -643,6 +667,7 @@ class PassthroughFS(Operations):
         for fd in self._root.plocks.values():
             _close_quietly(fd)
         self._root.plocks.clear()
+        self._root.lock_pids.clear()
 
     def _open_flags(self, flags: int) -> int:
         allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
@@ -665,7 +690,7 @@ class PassthroughFS(Operations):
         if name == b"." or (name == b".." and p is self._root):
             st = await self._run((p,), False, self._with_fd, p, os.fstat)
             return self._entry(p, st, p)
-        result = await self._run((p,), False, self._with_fd, p, self._lookup_at, name, self._creds(ctx),
+        result = await self._run((p,), False, self._with_fd, p, self._lookup_at, name,
                                  cleanup=_close_lookup_result)
         return self._register(result, p)[1]
 
@@ -708,42 +733,37 @@ class PassthroughFS(Operations):
             _check_range(attr.st_size)
         pins: tuple[Any, ...] = (node,) if h is None else (node, h)
         st = await self._run(
-            pins, True, self._with_fd, node, self._w_setattr, node, attr, f, h, self._creds(ctx), ctx.uid
+            pins, True, self._with_fd, node, self._w_setattr, node, attr, f, h, ctx.uid
         )
         return self._attrs(node.nodeid, st)
 
     def _w_setattr(
-        self, pfd: int, node: _Inode, attr: EntryAttributes, f: SetattrFields, h: _Handle | None,
-        creds: Credentials | None, uid: int,
+        self, pfd: int, node: _Inode, attr: EntryAttributes, f: SetattrFields, h: _Handle | None, uid: int,
     ) -> os.stat_result:
         name = str(pfd).encode()
         proc = self._proc_fd
-
-        def apply() -> None:
-            if f.update_mode:
-                os.chmod(name, attr.st_mode & 0o7777, dir_fd=proc)
-            if f.update_uid or f.update_gid:
-                # Following the magic link reaches the inode itself, a symlink included.
-                os.chown(name, attr.st_uid if f.update_uid else -1, attr.st_gid if f.update_gid else -1,
-                         dir_fd=proc)
-            if f.update_size:
-                if h is not None and h.writable:
-                    os.ftruncate(h.fd, attr.st_size)
-                else:
-                    fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
-                    try:
-                        os.ftruncate(fd, attr.st_size)
-                    finally:
-                        os.close(fd)
-            if f.update_atime or f.update_mtime or f.update_atime_now or f.update_mtime_now:
-                _hostfs.utimensat(
-                    proc, name,
-                    attr.st_atime_ns if f.update_atime else None,
-                    attr.st_mtime_ns if f.update_mtime else None,
-                    atime_now=f.update_atime_now, mtime_now=f.update_mtime_now,
-                )
-
-        call_as(creds, None, apply)
+        if f.update_mode:
+            os.chmod(name, attr.st_mode & 0o7777, dir_fd=proc)
+        if f.update_uid or f.update_gid:
+            # Following the magic link reaches the inode itself, a symlink included.
+            os.chown(name, attr.st_uid if f.update_uid else -1, attr.st_gid if f.update_gid else -1,
+                     dir_fd=proc)
+        if f.update_size:
+            if h is not None and h.writable:
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+        if f.update_atime or f.update_mtime or f.update_atime_now or f.update_mtime_now:
+            _hostfs.utimensat(
+                proc, name,
+                attr.st_atime_ns if f.update_atime else None,
+                attr.st_mtime_ns if f.update_mtime else None,
+                atime_now=f.update_atime_now, mtime_now=f.update_mtime_now,
+            )
         st = os.fstat(pfd)
         if node.kind == stat.S_IFREG and (f.kill_suidgid or (uid != 0 and f.update_size)):
             new = _kill_suidgid_mode(st.st_mode)
@@ -772,7 +792,7 @@ class PassthroughFS(Operations):
 
         def work(dirfd: int) -> tuple[int, os.stat_result, Any]:
             call_as(creds, mask, fn, dirfd, name, *args)
-            return self._lookup_at(dirfd, name, None)
+            return self._lookup_at(dirfd, name)
 
         result = await self._run((p,), True, self._with_fd, p, work, cleanup=_close_lookup_result)
         return self._register(result, p)[1]
@@ -799,34 +819,32 @@ class PassthroughFS(Operations):
         _check_name(new_name)
         if node.kind == stat.S_IFDIR:
             raise _err(errno.EPERM)
-        creds = self._creds(ctx)
 
         def work(dirfd: int) -> os.stat_result:
-            return self._with_fd(node, self._w_link, dirfd, new_name, creds)
+            return self._with_fd(node, self._w_link, dirfd, new_name)
 
         st = await self._run((p, node), True, self._with_fd, p, work)
         return self._entry(node, st, p)
 
-    def _w_link(self, srcfd: int, dirfd: int, name: bytes, creds: Credentials | None) -> os.stat_result:
-        call_as(creds, None, _linkat_proc, self._proc_fd, srcfd, dirfd, name)
+    def _w_link(self, srcfd: int, dirfd: int, name: bytes) -> os.stat_result:
+        _linkat_proc(self._proc_fd, srcfd, dirfd, name)
         return os.fstat(srcfd)
 
-    async def _remove(self, parent: InodeT, name: bytes, ctx: RequestContext, fn: Callable[..., None]) -> None:
+    async def _remove(self, parent: InodeT, name: bytes, fn: Callable[..., None]) -> None:
         self._check_writable_fs()
         p = self._dir_node(parent)
         _check_name(name)
-        creds = self._creds(ctx)
-        await self._run((p,), True, self._with_fd, p, lambda dirfd: call_as(creds, None, fn, dirfd, name))
+        await self._run((p,), True, self._with_fd, p, fn, name)
 
     async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
         if name in _DOTS:
             raise _err(errno.EISDIR)
-        await self._remove(parent, name, ctx, _unlinkat)
+        await self._remove(parent, name, _unlinkat)
 
     async def rmdir(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
         if name in _DOTS:
             raise _err(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
-        await self._remove(parent, name, ctx, _rmdirat)
+        await self._remove(parent, name, _rmdirat)
 
     async def rename(
         self,
@@ -844,10 +862,9 @@ class PassthroughFS(Operations):
         _check_name(name_new)
         if name_old in _DOTS or name_new in _DOTS:
             raise _err(errno.EBUSY)
-        creds = self._creds(ctx)
 
         def work(ofd: int) -> None:
-            self._with_fd(np, lambda nfd: call_as(creds, None, _hostfs.renameat2, ofd, name_old, nfd, name_new, flags))
+            self._with_fd(np, lambda nfd: _hostfs.renameat2(ofd, name_old, nfd, name_new, flags))
 
         await self._run((op, np), True, self._with_fd, op, work)
 
@@ -863,8 +880,8 @@ class PassthroughFS(Operations):
 
     def _upgrade_for_writeback(self, fd: int, oflags: int) -> int:
         """With the write-back cache, the guest reads through write-only
-        handles (partial pages): reopen read-write as the daemon, after the
-        caller's own open has passed the permission check."""
+        handles (partial pages): reopen read-write, the open itself having passed the
+        guest's permission check."""
         if not self.writeback or oflags & os.O_ACCMODE != os.O_WRONLY:
             return fd
         try:
@@ -874,9 +891,8 @@ class PassthroughFS(Operations):
         os.close(fd)
         return rw
 
-    def _w_open(self, pfd: int, oflags: int, creds: Credentials | None) -> int:
-        fd = call_as(creds, None, self._proc_open, pfd, oflags)
-        return self._upgrade_for_writeback(fd, oflags)
+    def _w_open(self, pfd: int, oflags: int) -> int:
+        return self._upgrade_for_writeback(self._proc_open(pfd, oflags), oflags)
 
     async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
         node = self._node(inode)
@@ -884,7 +900,7 @@ class PassthroughFS(Operations):
         if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
         oflags = self._open_flags(flags)
-        fd = await self._run((node,), True, self._with_fd, node, self._w_open, oflags, self._creds(ctx),
+        fd = await self._run((node,), True, self._with_fd, node, self._w_open, oflags,
                              cleanup=_close_quietly)
         return self._new_handle(node, fd, False, oflags)
 
@@ -915,11 +931,11 @@ class PassthroughFS(Operations):
             if excl:
                 raise
             # It exists: open it as ``open`` would, never a non-regular file.
-            opath, st, info = self._lookup_at(dirfd, name, creds)
+            opath, st, info = self._lookup_at(dirfd, name)
             try:
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EEXIST, "not a regular file")
-                fd = self._w_open(opath, oflags, creds)
+                fd = self._w_open(opath, oflags)
             except BaseException:
                 os.close(opath)
                 raise
@@ -983,6 +999,7 @@ class PassthroughFS(Operations):
     async def flush(self, fh: FileHandleT, lock_owner: int) -> None:
         h = self._handle(fh)
         fd = h.node.plocks.pop(lock_owner, None)
+        h.node.lock_pids.pop(lock_owner, None)
         if fd is not None:
             _close_quietly(fd)  # the owner's POSIX locks on this file go with it
         # close(dup(fd)): the host filesystem's own flush-on-close (NFS, FUSE).
@@ -1030,7 +1047,7 @@ class PassthroughFS(Operations):
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileInfo:
         node = self._dir_node(inode)
         fd = await self._run(
-            (node,), True, self._with_fd, node, self._w_open, os.O_RDONLY | os.O_DIRECTORY, self._creds(ctx),
+            (node,), True, self._with_fd, node, self._w_open, os.O_RDONLY | os.O_DIRECTORY,
             cleanup=_close_quietly,
         )
         return self._new_handle(node, fd, True, os.O_RDONLY)
@@ -1107,7 +1124,7 @@ class PassthroughFS(Operations):
         out: dict[bytes, Any] = {}
         for name in names:
             try:
-                out[name] = self._lookup_at(dirfd, name, None)
+                out[name] = self._lookup_at(dirfd, name)
             except OSError as exc:
                 out[name] = exc
         return out
@@ -1176,12 +1193,10 @@ class PassthroughFS(Operations):
         node = self._node(inode)
         if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
             blocking = True  # moves a worker's private cwd (see _w_xattr)
-        return await self._run((node,), blocking, self._with_fd, node, self._w_xattr, node, self._creds(ctx), fn, *args)
+        return await self._run((node,), blocking, self._with_fd, node, self._w_xattr, node, fn, *args)
 
-    def _w_xattr(
-        self, pfd: int, node: _Inode, creds: Credentials | None, fn: Callable[..., T], *args: Any
-    ) -> T:
-        """``fn(target, *args)`` as the caller, ``target`` naming ``node``
+    def _w_xattr(self, pfd: int, node: _Inode, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(target, *args)``, ``target`` naming ``node``
         without any path from the guest or from the filesystem root (which
         is the share itself once a sandbox pivoted into it): a fresh fd for
         files and directories (f*xattr), else the name ``N`` relative to
@@ -1194,10 +1209,10 @@ class PassthroughFS(Operations):
                 fd = -1  # e.g. an unreadable file for a non-root daemon
             if fd >= 0:
                 try:
-                    return call_as(creds, None, fn, fd, *args)
+                    return fn(fd, *args)
                 finally:
                     os.close(fd)
-        return _hostfs.call_in_dir(self._proc_fd, call_as, creds, None, fn, str(pfd).encode(), *args)
+        return _hostfs.call_in_dir(self._proc_fd, fn, str(pfd).encode(), *args)
 
     async def setxattr(self, inode: InodeT, name: bytes, value: bytes, flags: int, ctx: RequestContext) -> None:
         self._xattr_check(name, True, ctx)
@@ -1247,7 +1262,24 @@ class PassthroughFS(Operations):
         type_, start, end, _pid = _hostfs.unpack_flock(out)
         if type_ == _F_UNLCK:
             return FileLock(start=lock.start, end=lock.end, type=_F_UNLCK, pid=0)
-        return FileLock(start=start, end=end, type=type_, pid=0)
+        return FileLock(start=start, end=end, type=type_, pid=self._holder_pid(h.node, owner, type_, start, end))
+
+    def _holder_pid(self, node: _Inode, asker: int, type_: int, start: int, end: int) -> int:
+        """The guest pid of the owner holding the conflicting lock ``type_``
+        over [start, end], found among the other owners' OFD fds by the
+        locks their /proc fdinfo lists; 0 when none of them holds it (a
+        host process does, or another connection) or fdinfo is out of reach."""
+        want = b"WRITE" if type_ == _F_WRLCK else b"READ"
+        for owner, fd in node.plocks.items():
+            if owner == asker:
+                continue
+            try:
+                held = _hostfs.ofd_locks_of(self._fdinfo_fd, fd)
+            except OSError:
+                continue
+            if (want, start, end) in held:
+                return node.lock_pids.get(owner, 0)
+        return 0
 
     async def setlk(self, fh: FileHandleT, owner: int, lock: FileLock, wait: bool, flock: bool) -> None:
         h = self._file_handle(fh)
@@ -1266,6 +1298,8 @@ class PassthroughFS(Operations):
         req = _hostfs.pack_flock(lock.type, lock.start, lock.end)
         await self._lock(h, wait and lock.type != _F_UNLCK, _ofd_try, _ofd_wait,
                          lambda: node.plocks.get(owner, -1), req)
+        if lock.type != _F_UNLCK:
+            node.lock_pids[owner] = lock.pid
 
     async def _lock(
         self, h: _Handle, wait: bool, try_fn: Callable[[int, Any], None], wait_fn: Callable[[int, Any], None],
