@@ -29,6 +29,7 @@ from virtiofs_async.testing.vm import (
     extract_vmlinux,
     host_binary_files,
     make_init_script,
+    make_switch_root_init,
 )
 
 
@@ -167,6 +168,21 @@ def test_init_script_rejects_bad_tags(tag: str) -> None:
 def test_init_script_rejects_relative_mountpoint() -> None:
     with pytest.raises(ValueError):
         make_init_script([], [("t", "mnt")], "true")
+
+
+def test_switch_root_init_hands_over_to_the_share() -> None:
+    text = make_switch_root_init(GUEST_MODULES, "rootfs", ["/usr/bin/python3", "-c", "print('it works')"])
+    subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
+    lines = text.rstrip().splitlines()
+    insmods = [l.split()[1] for l in lines if l.startswith("insmod ")]
+    assert insmods == [f"/lib/modules/{m}.ko" for m in GUEST_MODULES]
+    assert "mount -t virtiofs -o ro rootfs /newroot || { echo '@@MOUNTFAIL rootfs' >&3; die mount rootfs; }" in lines
+    assert lines.index("mount --move /dev /newroot/dev || die 'moving /dev'") > lines.index("mkdir -p /newroot")
+    assert lines[-1] == "exec switch_root /newroot /usr/bin/python3 -c 'print('\"'\"'it works'\"'\"')'"
+    with pytest.raises(ValueError):
+        make_switch_root_init([], "rootfs", ["python3"])
+    with pytest.raises(ValueError):
+        make_switch_root_init([], "bad tag", ["/sbin/init"])
 
 
 # --------------------------------------------------------------------------
