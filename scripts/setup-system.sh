@@ -14,6 +14,9 @@
 #   attr                setfattr/getfattr, copied into the guest for the xattr checks
 #   apt-utils dpkg      `apt-get download` / `dpkg-deb -x` of the guest kernel package
 #   ca-certificates     the mirror may be https
+#   fio                 benchmarks/guest_bench.py: the guest runs the host's fio (chroot into /)
+#   python3             the guest's chroot runs the host's /usr/bin/python3 (VM tests, guest
+#                       benchmark); its /usr/lib/python3.11 is also the untar workload's input
 set -euo pipefail
 
 if [[ ${EUID} -ne 0 ]]; then
@@ -34,6 +37,8 @@ PACKAGES=(
     attr
     dpkg
     ca-certificates
+    fio
+    python3
 )
 
 installed() {
@@ -69,7 +74,7 @@ fi
 
 # Sanity checks: fail loudly here rather than in the middle of a test run.
 for path in /usr/bin/qemu-system-x86_64 /usr/lib/qemu/virtiofsd /bin/busybox \
-            /usr/bin/setfattr /usr/bin/getfattr /usr/bin/lz4; do
+            /usr/bin/setfattr /usr/bin/getfattr /usr/bin/lz4 /usr/bin/fio /usr/bin/python3; do
     if [[ ! -x ${path} ]]; then
         echo "setup-system.sh: ${path} missing after install" >&2
         exit 1

@@ -60,7 +60,6 @@ __all__ = ["DescriptorChain", "VirtQueue"]
 
 _unpack_desc = DESC.unpack_from
 _unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
 _pack_used = USED_ELEM.pack_into
 _MAX_CHAIN_BYTES = 1 << 32  # a chain may not be longer than 2**32 bytes in total
 #: Descriptors walked in one indirect table are limited to max(queue size, this).
@@ -131,6 +130,7 @@ class VirtQueue:
         "_desc",
         "_avail",
         "_used",
+        "_used16",
     )
 
     def __init__(self, max_size: int = 1024) -> None:
@@ -164,6 +164,10 @@ class VirtQueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        #: the used ring as 16-bit words: the driver reads flags, idx and
+        #: avail_event concurrently, so each is one 16-bit store (struct's
+        #: pack_into zero-fills its target first: a torn value in between)
+        self._used16: memoryview | None = None
 
     # -- configuration -------------------------------------------------------
 
@@ -221,6 +225,7 @@ class VirtQueue:
             raise VringError(f"virtqueue rings are not in mapped memory: {exc}") from exc
         self._desc_gpa, self._avail_gpa, self._used_gpa = desc_gpa, avail_gpa, used_gpa
         self._desc, self._avail, self._used = desc, avail, used
+        self._used16 = used.cast("H")
         self._gen = memory.generation
         self._next_used = _unpack_u16(used, 2)[0]
         self._signalled_used = self._next_used
@@ -303,6 +308,7 @@ class VirtQueue:
             self._desc = memory.view(self._desc_gpa, desc_table_size(size))  # type: ignore[arg-type]
             self._avail = memory.view(self._avail_gpa, avail_ring_size(size))  # type: ignore[arg-type]
             self._used = memory.view(self._used_gpa, used_ring_size(size))  # type: ignore[arg-type]
+            self._used16 = self._used.cast("H")
         except VringError as exc:
             self._drop_views()
             raise _error(f"virtqueue rings are no longer in mapped memory: {exc}", None) from exc
@@ -340,7 +346,7 @@ class VirtQueue:
             if idx == nxt:
                 if not (self._event_idx and self._notify_enabled):
                     return None
-                _pack_u16(self._used, self._avail_event_off, nxt)
+                self._used16[self._avail_event_off >> 1] = nxt  # type: ignore[index]
                 idx = self._read_avail_idx()
                 if idx == nxt:
                     return None
@@ -436,7 +442,7 @@ class VirtQueue:
         nu = self._next_used
         _pack_used(used, 4 + 8 * (nu & self._mask), head, length)
         nu = (nu + 1) & 0xFFFF
-        _pack_u16(used, 2, nu)
+        self._used16[1] = nu  # type: ignore[index]
         self._next_used = nu
         if nu == self._signalled_used:
             # 65536 entries since the last decision: the 16-bit distance is lost.
@@ -475,9 +481,9 @@ class VirtQueue:
             self._refresh(memory)
         self._notify_enabled = True
         if self._event_idx:
-            _pack_u16(self._used, self._avail_event_off, self._next_avail)
+            self._used16[self._avail_event_off >> 1] = self._next_avail  # type: ignore[index]
         else:
-            _pack_u16(self._used, 0, 0)
+            self._used16[0] = 0  # type: ignore[index]
         if self._broken:
             return False
         return self._read_avail_idx() != self._next_avail
@@ -492,7 +498,7 @@ class VirtQueue:
             self._refresh(memory)
         self._notify_enabled = False
         if not self._event_idx:
-            _pack_u16(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY  # type: ignore[index]
 
     def __repr__(self) -> str:
         return (

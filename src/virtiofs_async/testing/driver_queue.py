@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import sys
 from typing import NamedTuple, Sequence
 
 from ..abi.virtio import (
@@ -47,6 +48,7 @@ from ..abi.virtio import (
 __all__ = ["DriverQueue", "DriverQueueError", "DriverQueueFull", "Used"]
 
 _ALLOC_ALIGN = 16
+_NATIVE_LE = sys.byteorder == "little"
 
 
 class DriverQueueError(Exception):
@@ -180,7 +182,15 @@ class DriverQueue:
         return U16.unpack_from(self.mem, self._off(gpa, 2))[0]
 
     def _w16(self, gpa: int, value: int) -> None:
-        U16.pack_into(self.mem, self._off(gpa, 2), value & 0xFFFF)
+        # One 16-bit store: struct.pack_into zero-fills its target before
+        # writing it, so the device could read a transient 0 (an index jump).
+        off = self._off(gpa, 2)
+        if _NATIVE_LE:
+            view = self.mem[off : off + 2].cast("H")
+            view[0] = value & 0xFFFF
+            view.release()
+        else:
+            U16.pack_into(self.mem, off, value & 0xFFFF)
 
     # -- data-area allocator -----------------------------------------------------
 
@@ -348,9 +358,7 @@ class DriverQueue:
             take = min(length, remaining)
             data.append(self.read(gpa, take))
             remaining -= take
-        for gpa, length in rec.allocs:
-            self.free(gpa, length)
-        self._free.extend(rec.descs)
+        self._release(rec)
         if written > capacity:
             raise DriverQueueError(f"device wrote {written} bytes into {capacity} writable bytes (head {head})")
         return Used(head, written, data)
@@ -358,6 +366,48 @@ class DriverQueue:
     def pop_used_raw(self) -> tuple[int, int] | None:
         """Consume the next used entry without any bookkeeping: (id, len)."""
         return self._next_used_elem()
+
+    # -- handing the ring to a fast path (testing.loadgen) -------------------------------
+
+    def adopt_indices(self, avail_idx: int, last_used: int) -> None:
+        """Take over the ring indices reached by a caller that drove this
+        ring directly (re-publishing heads of chains from :meth:`add_chain`
+        and consuming their used entries itself, as ``testing.loadgen``
+        does): ``avail_idx`` becomes the next available slot and the
+        published index (written to the ring), ``last_used`` the next used
+        entry to consume. Chains recorded in flight stay recorded."""
+        self._avail_idx = self._published = self._kick_old = avail_idx & 0xFFFF
+        self._last_used = last_used & 0xFFFF
+        self._w16(self.avail_gpa + 2, self._avail_idx)
+
+    def release_chain(self, head: int) -> None:
+        """Free the descriptors and buffers of chain ``head`` (from
+        :meth:`add_chain`) whose used entry the caller consumed itself, or
+        which it never published. DriverQueueError if it is not in flight."""
+        rec = self._inflight.pop(head, None)
+        if rec is None:
+            raise DriverQueueError(f"head {head} is not in flight")
+        self._release(rec)
+
+    def _release(self, rec: _InFlight) -> None:
+        for gpa, length in rec.allocs:
+            self.free(gpa, length)
+        self._free.extend(rec.descs)
+
+    def chain_buffers(self, head: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """``(readable, writable)`` ``(gpa, length)`` buffers of chain
+        ``head`` in flight (from :meth:`add_chain`), in chain order."""
+        rec = self._inflight.get(head)
+        if rec is None:
+            raise DriverQueueError(f"head {head} is not in flight")
+        writable = list(rec.writable)
+        readable = len(rec.allocs) - len(writable)
+        if len(rec.descs) == 1 and self._desc_flags(head) & VIRTQ_DESC_F_INDIRECT:
+            readable -= 1  # the last allocation is the indirect table
+        return list(rec.allocs[:readable]), writable
+
+    def _desc_flags(self, index: int) -> int:
+        return U16.unpack_from(self.mem, self._off(self.desc_gpa + DESC_SIZE * index + 12, 2))[0]
 
     # -- interrupt (used buffer notification) suppression --------------------------
 

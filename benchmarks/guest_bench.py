@@ -1,0 +1,671 @@
+"""Guest-level benchmark: a Linux guest (QEMU, TCG) working on a virtio-fs
+share served by QEMU's C virtiofsd, the Rust virtiofsd and ours.
+
+Each boot gets two virtio-fs devices: ``root``, the host's ``/`` read-only
+(QEMU's C virtiofsd, ``cache=always``, in a private mount namespace), into
+which the guest chroots to run the host's ``python3``, ``fio`` and ``tar``;
+and ``fs0``, a fresh empty host directory served by the daemon under test
+(``cache=auto``) and mounted on ``/mnt`` inside the chroot.  The guest side
+of this file (``--guest-plan``, standard library only) runs the phases of a
+plan written by the host, drops the guest's caches before each one (``sync;
+echo 3 > /proc/sys/vm/drop_caches``) and prints one ``BENCH {json}`` line per
+phase on the guest's results channel (ttyS1); the host parses them (fio's
+own JSON output included).
+
+Phases: fio sequential write then read (1 MiB blocks, MiB/s); fio 4 KiB
+random read then random write (psync, O_DIRECT so that every I/O is one
+request to the daemon whatever the guest's page cache holds; the daemons
+themselves do not open host files with O_DIRECT), IOPS (the four are jobs
+of one fio process, see :func:`fio_argv`); create, stat,
+readdir and unlink of many empty files (python3 in the guest, ops/s;
+readdir counts listed entries per second); extracting an uncompressed
+tarball of the Python standard library with GNU tar (seconds, copied into
+the guest's RAM before the phase).
+
+Runs are interleaved (run 1 of c, rust, ours; run 2 ...), one boot per
+daemon per run.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
+[--full] [--runs N]`` prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:  # the host side imports these lazily: the guest has neither
+    from _report import Row
+    from virtiofs_async.testing.vm import KernelAssets, TranscriptLine
+
+LEVEL = "guest"
+#: Daemons in the order each run boots them.
+DAEMONS: tuple[str, ...] = ("c", "rust", "ours")
+C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+STDLIB = Path("/usr/lib/python3.11")
+GUEST_PYTHON = "/usr/bin/python3"
+#: Inside the guest's chroot (the host's root): where the daemon under test
+#: is mounted, and the guest's own RAM (a bind of the initramfs's tmpfs).
+GUEST_MOUNT = "/mnt"
+GUEST_TMP = "/tmp"
+SEQ_FILE = "seq.dat"
+META_DIR = "meta"
+UNTAR_DIR = "untar"
+MIB = 1 << 20
+
+
+class GuestBenchError(RuntimeError):
+    """A boot failed, timed out, or its guest reported incomplete results."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is.
+
+    ``seq_mib``: the fio file (sequential phases write/read it whole, the
+    random phases work inside it); ``random_seconds``: duration of each
+    random phase; ``files``: files of the metadata phases; ``readdir_passes``:
+    listings of the directory (caches dropped before each, only the listing
+    timed); ``stdlib_parts``: top-level names of /usr/lib/python3.11 to tar
+    (empty: all of it); ``pycache``: include ``__pycache__`` directories;
+    ``checksum``: the guest also prints the sha256 of the fio file (untimed,
+    for checks); ``boot_timeout``: bound of one boot, seconds.
+    """
+
+    seq_mib: int
+    random_seconds: int
+    files: int
+    readdir_passes: int
+    stdlib_parts: tuple[str, ...]
+    pycache: bool
+    checksum: bool
+    boot_timeout: float
+
+
+FULL = Sizes(seq_mib=512, random_seconds=10, files=5000, readdir_passes=5,
+             stdlib_parts=(), pycache=True, checksum=False, boot_timeout=1200.0)
+#: A few minutes for 3 runs: a quarter of the stdlib's packages (~270 entries).
+QUICK = Sizes(seq_mib=64, random_seconds=2, files=500, readdir_passes=3,
+              stdlib_parts=("asyncio", "email", "encodings", "importlib", "json", "logging",
+                            "unittest", "xml"),
+              pycache=False, checksum=False, boot_timeout=300.0)
+#: For the smoke test: every phase, a few seconds of work.
+TINY = Sizes(seq_mib=8, random_seconds=1, files=50, readdir_passes=2,
+             stdlib_parts=("json", "email", "abc.py"), pycache=False, checksum=True,
+             boot_timeout=180.0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row of the table: ``key`` names the guest's measurement."""
+
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+
+
+def workloads(sizes: Sizes, tar_entries: int) -> list[Workload]:
+    """The rows, in table order, titled with their sizes."""
+    seq, rnd, n = sizes.seq_mib, sizes.random_seconds, sizes.files
+    return [
+        Workload("seq_write", f"seq write {seq} MiB, 1 MiB blocks (fio)", "MiB/s", True),
+        Workload("seq_read", f"seq read {seq} MiB, 1 MiB blocks (fio)", "MiB/s", True),
+        Workload("rand_read", f"rand read 4 KiB, psync direct, {rnd} s (fio)", "IOPS", True),
+        Workload("rand_write", f"rand write 4 KiB, psync direct, {rnd} s (fio)", "IOPS", True),
+        Workload("create", f"create {n} files", "ops/s", True),
+        Workload("stat", f"stat {n} files", "ops/s", True),
+        Workload("readdir", f"readdir {n} files x{sizes.readdir_passes}", "entries/s", True),
+        Workload("unlink", f"unlink {n} files", "ops/s", True),
+        Workload("untar", f"untar Python stdlib ({tar_entries} entries)", "s", False),
+    ]
+
+
+# --------------------------------------------------------------------------
+# Guest side (runs under the host's /usr/bin/python3 -S in the guest's chroot:
+# standard library only)
+# --------------------------------------------------------------------------
+
+
+def _drop_guest_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:  # DROP_CACHES_SH
+        f.write("3")
+
+
+def _emit(record: Mapping[str, Any]) -> None:
+    print("BENCH " + json.dumps(record, separators=(",", ":")), flush=True)
+
+
+def _guest_fio(phase: Mapping[str, Any]) -> None:
+    """One fio run of stonewalled jobs (fio itself drops the caches before
+    each: see :func:`fio_argv`); its JSON output goes to the host as is."""
+    # cwd: fio writes each job's exec_prerun output there.
+    subprocess.run(phase["argv"], check=True, stdout=subprocess.DEVNULL, cwd=GUEST_TMP)
+    with open(phase["output"]) as f:
+        _emit({"key": phase["key"], "fio": json.load(f)})
+
+
+def _guest_meta(phase: Mapping[str, Any]) -> None:
+    """create, stat, readdir, unlink of ``files`` empty files: ops/s each."""
+    directory, count = phase["dir"], phase["files"]
+    os.mkdir(directory)
+    paths = [f"{directory}/f{i:06d}" for i in range(count)]
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+
+    _drop_guest_caches()
+    start = time.perf_counter()
+    for path in paths:
+        os.close(os.open(path, flags, 0o644))
+    _emit({"key": "create", "seconds": time.perf_counter() - start, "ops": count})
+
+    _drop_guest_caches()
+    start = time.perf_counter()
+    for path in paths:
+        os.stat(path)
+    _emit({"key": "stat", "seconds": time.perf_counter() - start, "ops": count})
+
+    listed, seconds = 0, 0.0
+    for _ in range(phase["readdir_passes"]):
+        _drop_guest_caches()
+        start = time.perf_counter()
+        names = os.listdir(directory)
+        seconds += time.perf_counter() - start
+        if len(names) != count:
+            raise RuntimeError(f"readdir listed {len(names)} entries, created {count}")
+        listed += len(names)
+    _emit({"key": "readdir", "seconds": seconds, "ops": listed})
+
+    _drop_guest_caches()
+    start = time.perf_counter()
+    for path in paths:
+        os.unlink(path)
+    _emit({"key": "unlink", "seconds": time.perf_counter() - start, "ops": count})
+    os.rmdir(directory)
+
+
+def _guest_untar(phase: Mapping[str, Any]) -> None:
+    os.mkdir(phase["dir"])
+    _drop_guest_caches()
+    # Load tar and its libraries again (dropped above) before the clock starts.
+    subprocess.run(phase["warmup"], check=True, stdout=subprocess.DEVNULL)
+    start = time.perf_counter()
+    subprocess.run(phase["argv"], check=True)
+    _emit({"key": "untar", "seconds": time.perf_counter() - start})
+
+
+def _guest_sha256(phase: Mapping[str, Any]) -> None:
+    _drop_guest_caches()
+    digest = hashlib.sha256()
+    with open(phase["path"], "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    _emit({"key": "sha256", "path": phase["path"], "sha256": digest.hexdigest()})
+
+
+_GUEST_PHASES: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "fio": _guest_fio, "meta": _guest_meta, "untar": _guest_untar, "sha256": _guest_sha256,
+}
+
+
+def guest_main(plan_path: str) -> int:
+    """Run every phase of the plan (JSON: ``{"phases": [...]}``) in order
+    (each drops the guest's caches before each measurement).  Exit status 0
+    when all completed."""
+    with open(plan_path) as f:
+        plan = json.load(f)
+    for phase in plan["phases"]:
+        print(f"# phase {phase['key']}", flush=True)  # diagnostics: the host stamps lines
+        _GUEST_PHASES[phase["kind"]](phase)
+    print("BENCH-END", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Host side: the plan, the guest image, the daemons
+# --------------------------------------------------------------------------
+
+
+#: fio's jobs, in order: (workload key, rw, block size, random phase).
+FIO_JOBS: tuple[tuple[str, str, str, bool], ...] = (
+    ("seq_write", "write", "1M", False),
+    ("seq_read", "read", "1M", False),
+    ("rand_read", "randread", "4k", True),
+    ("rand_write", "randwrite", "4k", True),
+)
+FIO_OUTPUT = f"{GUEST_TMP}/fio.json"
+DROP_CACHES_SH = "sync; echo 3 > /proc/sys/vm/drop_caches"
+
+
+def fio_argv(sizes: Sizes) -> list[str]:
+    """One fio command running :data:`FIO_JOBS` one after the other
+    (``stonewall``), each on the fio file and preceded by a drop of the
+    guest's caches (``exec_prerun``).  One process: fio links ~60 shared
+    libraries, and loading them again after each drop costs seconds under
+    TCG.  Random jobs use O_DIRECT and run ``sizes.random_seconds``."""
+    argv = [
+        "fio", f"--filename={GUEST_MOUNT}/{SEQ_FILE}", f"--size={sizes.seq_mib}M",
+        "--ioengine=psync", "--fallocate=none", f"--exec_prerun=sh -c '{DROP_CACHES_SH}'",
+        "--output-format=json", f"--output={FIO_OUTPUT}",
+    ]
+    for i, (name, rw, block, random_io) in enumerate(FIO_JOBS):
+        argv += [f"--name={name}", f"--rw={rw}", f"--bs={block}"]
+        if i:
+            argv.append("--stonewall")
+        if rw == "write":
+            argv.append("--end_fsync=1")
+        if random_io:
+            argv += ["--direct=1", "--time_based=1", f"--runtime={sizes.random_seconds}"]
+    return argv
+
+
+def make_plan(sizes: Sizes) -> list[dict[str, Any]]:
+    """The guest's phases, in order (JSON-serialisable)."""
+    untar_dir = f"{GUEST_MOUNT}/{UNTAR_DIR}"
+    phases: list[dict[str, Any]] = [
+        {"kind": "fio", "key": "fio", "output": FIO_OUTPUT, "argv": fio_argv(sizes)},
+        {"kind": "meta", "key": "meta", "dir": f"{GUEST_MOUNT}/{META_DIR}",
+         "files": sizes.files, "readdir_passes": sizes.readdir_passes},
+        {"kind": "untar", "key": "untar", "dir": untar_dir, "warmup": ["tar", "--version"],
+         "argv": ["tar", "-xf", f"{GUEST_TMP}/stdlib.tar", "-C", untar_dir]},
+    ]
+    if sizes.checksum:
+        phases.append({"kind": "sha256", "key": "sha256", "path": f"{GUEST_MOUNT}/{SEQ_FILE}"})
+    return phases
+
+
+@dataclass(frozen=True)
+class Tarball:
+    """The stdlib tarball on the host; ``entries`` maps each member's name
+    to its kind (``"d"``, ``"f"``, ``"l"`` symlink) and size (files)."""
+
+    path: Path
+    entries: dict[str, tuple[str, int]]
+
+
+def build_tarball(path: Path, sizes: Sizes, source: Path = STDLIB) -> Tarball:
+    """Write an uncompressed tar of ``source`` (members under its base name)
+    restricted to ``sizes.stdlib_parts`` and ``sizes.pycache``."""
+    if not source.is_dir():
+        raise GuestBenchError(f"{source} not found: the untar workload needs it")
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not sizes.pycache and "__pycache__" in info.name.split("/"):
+            return None
+        return info
+
+    with tarfile.open(path, "w") as tar:
+        if sizes.stdlib_parts:
+            tar.add(source, arcname=source.name, recursive=False)
+            for part in sizes.stdlib_parts:
+                tar.add(source / part, arcname=f"{source.name}/{part}", filter=keep)
+        else:
+            tar.add(source, arcname=source.name, filter=keep)
+    entries: dict[str, tuple[str, int]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            kind = "d" if info.isdir() else "l" if info.issym() else "f" if info.isfile() else "?"
+            entries[info.name] = (kind, info.size if kind == "f" else 0)
+    return Tarball(path, entries)
+
+
+def host_tree(root: Path) -> dict[str, tuple[str, int]]:
+    """``{relative name: (kind, size)}`` of a host directory tree, in the
+    form of :attr:`Tarball.entries` (to compare an extraction with it)."""
+    out: dict[str, tuple[str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            st = full.lstat()
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                out[rel] = ("l", 0)
+            elif full.is_dir():
+                out[rel] = ("d", 0)
+            else:
+                out[rel] = ("f", st.st_size)
+    return out
+
+
+#: The guest's command (busybox sh, run by the init once both shares are
+#: mounted: the host's / on /host, the daemon under test on /host/mnt).
+GUEST_COMMAND = """set -u
+mount -t proc proc /host/proc || exit 90
+mount -t devtmpfs devtmpfs /host/dev || exit 91
+cp {tarball} /tmp/stdlib.tar || exit 92
+cp /bench/guest_bench.py /bench/plan.json /tmp/ || exit 93
+mount -o bind /tmp /host/tmp || exit 94
+chroot /host {python} -S /tmp/guest_bench.py --guest-plan /tmp/plan.json
+rc=$?
+umount /host/mnt || echo "# umount /host/mnt failed"
+umount /host/tmp /host/dev /host/proc
+exit $rc
+"""
+
+
+def guest_command(tarball: Path) -> str:
+    return GUEST_COMMAND.format(tarball=shlex.quote(f"/host{tarball}"), python=GUEST_PYTHON)
+
+
+def build_guest_image(path: Path, kernel: "KernelAssets", plan: list[dict[str, Any]],
+                      tarball: Path) -> Path:
+    """The initramfs: mounts both shares, runs :func:`guest_command`."""
+    from virtiofs_async.testing.vm import build_initramfs, make_init_script
+
+    init = make_init_script(kernel.module_names, [("root", "/host"), ("fs0", "/host/mnt")],
+                            guest_command(tarball), clock_sync=False)
+    files = {
+        **kernel.initramfs_files(),
+        "/bench/guest_bench.py": Path(__file__).resolve().read_bytes(),
+        "/bench/plan.json": json.dumps({"phases": plan}).encode(),
+    }
+    return build_initramfs(path, init, files)
+
+
+def rootfs_argv(sock: Path | str, ro_dir: Path | str) -> list[str]:
+    """QEMU's C virtiofsd serving the host's / read-only (``cache=always``):
+    a bind of / onto ``ro_dir`` remounted read-only in a private mount
+    namespace.  Non-recursive: only files of the root filesystem show."""
+    script = (
+        'mount --bind / "$1" && mount -o remount,bind,ro "$1" && '
+        f'exec {C_VIRTIOFSD} --socket-path="$2" -o source="$1" -o cache=always -o no_xattr'
+    )
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+            str(ro_dir), str(sock)]
+
+
+DaemonArgv = Callable[[Path | str, Path | str], list[str]]
+
+
+def daemon_argvs() -> dict[str, DaemonArgv]:
+    """``{daemon: argv(socket, shared_dir)}``, every one with cache=auto.
+    Fetches the Rust virtiofsd on first use."""
+    from virtiofs_async.testing.peers import ensure_rust_virtiofsd
+
+    rust = ensure_rust_virtiofsd()
+    return {
+        "c": lambda s, d: [C_VIRTIOFSD, f"--socket-path={s}", "-o", f"source={d}",
+                           "-o", "cache=auto"],
+        "rust": lambda s, d: [*rust, "--socket-path", str(s), "--shared-dir", str(d),
+                              "--cache=auto"],
+        "ours": lambda s, d: [sys.executable, "-m", "virtiofs_async", "--socket-path", str(s),
+                              "--shared-dir", str(d), "--cache", "auto"],
+    }
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment of the daemons: ours imports the package this process
+    imported."""
+    import virtiofs_async
+
+    package_parent = Path(virtiofs_async.__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(package_parent)}
+
+
+# --------------------------------------------------------------------------
+# Host side: one boot, results
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BootOutcome:
+    """One boot against one daemon.  ``values``: workload key -> value (in
+    the unit of :func:`workloads`); ``records``: the guest's ``BENCH``
+    records by key (fio's JSON under ``"fio"``); ``shared_dir``: the host
+    directory the daemon served (deleted after the ``inspect`` callback);
+    ``lines``: the guest's ttyS1 lines, each with its host arrival time."""
+
+    daemon: str
+    run_index: int
+    shared_dir: Path
+    duration: float
+    records: dict[str, dict[str, Any]]
+    values: dict[str, float]
+    lines: tuple["TranscriptLine", ...] = ()
+
+
+def parse_records(transcript: str) -> dict[str, dict[str, Any]]:
+    """The ``BENCH {json}`` lines of a transcript by key; raises
+    :class:`GuestBenchError` unless the guest reached ``BENCH-END``."""
+    records: dict[str, dict[str, Any]] = {}
+    ended = False
+    for line in transcript.splitlines():
+        if line.startswith("BENCH "):
+            record = json.loads(line[6:])
+            records[record["key"]] = record
+        elif line == "BENCH-END":
+            ended = True
+    if not ended:
+        raise GuestBenchError("the guest did not finish its phases (no BENCH-END)")
+    return records
+
+
+def fio_value(fio: Mapping[str, Any], job_name: str, unit: str) -> float:
+    """MiB/s or IOPS of job ``job_name`` in fio's JSON output, checked."""
+    jobs = {job["jobname"]: job for job in fio["jobs"]}
+    job = jobs.get(job_name)
+    if job is None:
+        raise GuestBenchError(f"fio reported no job {job_name!r} (has {sorted(jobs)})")
+    if job.get("error"):
+        raise GuestBenchError(f"fio {job_name}: error {job['error']}")
+    direction = "write" if "write" in job_name else "read"
+    section = job[direction]
+    if section["io_bytes"] <= 0:
+        raise GuestBenchError(f"fio {job_name}: no {direction} I/O done")
+    return section["bw_bytes"] / MIB if unit == "MiB/s" else float(section["iops"])
+
+
+def values_of(records: Mapping[str, Mapping[str, Any]], sizes: Sizes) -> dict[str, float]:
+    """Workload key -> value; raises :class:`GuestBenchError` on a missing
+    or non-positive measurement."""
+    out: dict[str, float] = {}
+    fio_jobs = {name for name, *_ in FIO_JOBS}
+    for w in workloads(sizes, 0):
+        record = records.get("fio" if w.key in fio_jobs else w.key)
+        if record is None:
+            raise GuestBenchError(f"the guest reported no {w.key!r}")
+        if w.key in fio_jobs:
+            value = fio_value(record["fio"], w.key, w.unit)
+        elif w.unit == "s":
+            value = record["seconds"]
+        else:
+            value = record["ops"] / record["seconds"] if record["seconds"] > 0 else 0.0
+        if not value > 0:
+            raise GuestBenchError(f"{w.key}: measured {value!r}")
+        out[w.key] = float(value)
+    return out
+
+
+def _tail(text: str, chars: int = 3000) -> str:
+    return text if len(text) <= chars else "[...]\n" + text[-chars:]
+
+
+def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
+              argv: DaemonArgv, base: Path, sizes: Sizes) -> BootOutcome:
+    """Boot one guest against ``daemon`` (serving a fresh ``base/shared``),
+    return its measurements.  Raises :class:`GuestBenchError` on any failure
+    (the message carries the guest's transcript and the daemon's log)."""
+    from virtiofs_async.testing.vm import (
+        GuestVM, GuestVMError, VirtioFsDaemon, VirtioFsDevice,
+    )
+
+    shared, ro = base / "shared", base / "ro"
+    shared.mkdir(parents=True)
+    shared.chmod(0o755)
+    ro.mkdir()
+    what = f"guest bench, {daemon}, run {run_index + 1}"
+    # AF_UNIX paths are limited to 108 bytes: sockets go in a short directory.
+    with tempfile.TemporaryDirectory(prefix="vfs-gb-") as sockdir:
+        root_sock, sock = Path(sockdir, "root.sock"), Path(sockdir, "fs0.sock")
+        root_d = VirtioFsDaemon(rootfs_argv(root_sock, ro), root_sock, log_path=base / "root.log")
+        test_d = VirtioFsDaemon(argv(sock, shared), sock, log_path=base / f"{daemon}.log",
+                                cwd=base, env=daemon_env(), start_timeout=30.0)
+        vm = GuestVM(kernel, initrd, [VirtioFsDevice(root_sock, "root"), VirtioFsDevice(sock, "fs0")],
+                     timeout=sizes.boot_timeout, workdir=base / "vm")
+        try:
+            with root_d, test_d:
+                result = vm.run(watch=[root_d, test_d])
+                test_d.wait(10)
+            result.check()
+            records = parse_records(result.transcript)
+            values = values_of(records, sizes)
+        except (GuestVMError, GuestBenchError) as exc:
+            raise GuestBenchError(f"{what}: {exc}\n--- {daemon} daemon log ---\n"
+                                  f"{_tail(test_d.log())}") from None
+    return BootOutcome(daemon, run_index, shared, result.duration, records, values, result.lines)
+
+
+def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, DaemonArgv],
+                      plan: list[dict[str, Any]], tarball: Tarball, sizes: Sizes) -> list[str]:
+    """The exact command lines of a run (sockets, directories and QEMU's
+    serial files as placeholders)."""
+    from virtiofs_async.testing.vm import GuestVM, VirtioFsDevice
+
+    vm = GuestVM(kernel, initrd, [VirtioFsDevice("<root.sock>", "root"),
+                                  VirtioFsDevice("<fs0.sock>", "fs0")], timeout=sizes.boot_timeout)
+    lines = [
+        "guest: qemu: " + shlex.join(vm.command(Path("<console.log>"), Path("<ttyS1.sock>"))),
+        "guest: host / read-only for the guest's chroot: "
+        + shlex.join(rootfs_argv("<root.sock>", "<empty-dir>")),
+    ]
+    lines += [f"guest: daemon {name}: " + shlex.join(argv("<fs0.sock>", "<fresh-shared-dir>"))
+              for name, argv in argvs.items()]
+    lines.append("guest: init (busybox sh, root on /host, fs0 on /host/mnt): "
+                 + "; ".join(guest_command(tarball.path).strip().splitlines()[:-1]))
+    lines.append(f"guest: before each phase: {DROP_CACHES_SH}")
+    for phase in plan:
+        if phase["kind"] == "fio":
+            lines.append("guest: (cwd /tmp) " + shlex.join(phase["argv"]))
+        elif phase["kind"] == "meta":
+            lines.append(
+                f"guest: python3: in {phase['dir']}, {phase['files']} x os.close(os.open(path, "
+                "O_CREAT|O_EXCL|O_WRONLY, 0o644)); drop caches; os.stat(path) each; "
+                f"{phase['readdir_passes']} x (drop caches; os.listdir(dir)); drop caches; "
+                "os.unlink(path) each (time.perf_counter around each loop)")
+        elif phase["kind"] == "untar":
+            size = tarball.path.stat().st_size / MIB
+            lines.append(f"guest: {shlex.join(phase['argv'])}  (tarball: {len(tarball.entries)} "
+                         f"entries, {size:.1f} MiB, of {STDLIB}"
+                         f"{'' if sizes.pycache else ' without __pycache__'}, in guest RAM)")
+        elif phase["kind"] == "sha256":
+            lines.append(f"guest: python3: sha256 of {phase['path']} (untimed)")
+    return lines
+
+
+# --------------------------------------------------------------------------
+# Host side: the benchmark
+# --------------------------------------------------------------------------
+
+
+def _row_class() -> type["Row"]:
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from _report import Row
+
+    return Row
+
+
+def check_host() -> None:
+    """Raise :class:`GuestBenchError` naming what the host lacks."""
+    missing = [tool for tool in ("qemu-system-x86_64", "fio", "tar", "unshare", "busybox")
+               if shutil.which(tool) is None]
+    missing += [p for p in (C_VIRTIOFSD, GUEST_PYTHON) if not Path(p).exists()]
+    if missing:
+        raise GuestBenchError(f"missing {', '.join(missing)}: run scripts/setup-system.sh as root")
+
+
+def _pick_workdir() -> Path:
+    """A scratch directory on the root filesystem (the guest sees the
+    tarball through a non-recursive bind of /)."""
+    root_dev = os.stat("/").st_dev
+    for candidate in (tempfile.gettempdir(), "/var/tmp"):
+        if os.stat(candidate).st_dev == root_dev:
+            return Path(tempfile.mkdtemp(prefix="vfs-guest-bench-", dir=candidate))
+    raise GuestBenchError("no temporary directory on the root filesystem: pass workdir=")
+
+
+def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | None = None,
+        workdir: Path | None = None,
+        inspect: Callable[[BootOutcome], None] | None = None) -> tuple[list["Row"], list[str]]:
+    """The guest level: ``runs`` interleaved rounds of one boot per daemon
+    (:data:`DAEMONS` order).  Returns the rows (level ``"guest"``, one value
+    per run and daemon) and the exact command lines.
+
+    ``sizes`` overrides :data:`FULL` / :data:`QUICK`; ``workdir`` (on the
+    root filesystem; default a fresh temporary directory, removed at the
+    end) holds the tarball, the image and each boot's shared directory;
+    ``inspect`` is called with each :class:`BootOutcome` before its shared
+    directory is removed.  Raises :class:`GuestBenchError` when a boot fails.
+    """
+    from virtiofs_async.testing.vm import ensure_guest_kernel
+
+    row_class = _row_class()
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    sizes = sizes if sizes is not None else FULL if full else QUICK
+    check_host()
+    kernel = ensure_guest_kernel()
+    argvs = daemon_argvs()
+    own_workdir = workdir is None
+    work = _pick_workdir() if workdir is None else Path(workdir)
+    try:
+        if os.stat(work).st_dev != os.stat("/").st_dev:
+            raise GuestBenchError(f"workdir {work} is not on the root filesystem")
+        tarball = build_tarball(work / "stdlib.tar", sizes)
+        plan = make_plan(sizes)
+        initrd = build_guest_image(work / "guest.cpio", kernel, plan, tarball.path)
+        table = workloads(sizes, len(tarball.entries))
+        rows = {w.key: row_class(LEVEL, w.title, w.unit, w.higher_is_better) for w in table}
+        for run_index in range(runs):
+            for daemon in DAEMONS:
+                base = work / f"{daemon}-{run_index + 1}"
+                outcome = boot_once(daemon, run_index, kernel, initrd, argvs[daemon], base, sizes)
+                try:
+                    for key, value in outcome.values.items():
+                        rows[key].add(daemon, value)
+                    log(f"guest {daemon} run {run_index + 1}/{runs} ({outcome.duration:.0f} s): "
+                        + ", ".join(f"{w.key} {outcome.values[w.key]:.4g} {w.unit}" for w in table))
+                    if inspect is not None:
+                        inspect(outcome)
+                finally:
+                    shutil.rmtree(base, ignore_errors=True)
+        commands = describe_commands(kernel, initrd, argvs, plan, tarball, sizes)
+    finally:
+        if own_workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return list(rows.values()), commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="complete sizes (default: quick)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--guest-plan", help=argparse.SUPPRESS)  # the guest side
+    args = parser.parse_args(argv)
+    if args.guest_plan:
+        return guest_main(args.guest_plan)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from _report import render_table
+
+    started = time.monotonic()
+    rows, commands = run(args.full, args.runs, lambda line: print(line, flush=True))
+    print(render_table(rows, list(DAEMONS)))
+    print("\n".join(commands))
+    print(f"guest level: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Smoke test of benchmarks/frontend_bench.py: every daemon variant, one tiny run.
+
+Asserts that the benchmark keeps working (every variant answers every
+workload with a positive value, READ replies match the prefill, the load
+generator keeps its depth, the table names every daemon); never a speed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import frontend_bench
+
+        yield frontend_bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_variant_answers_every_workload(bench) -> None:  # type: ignore[no-untyped-def]
+    from _report import render_table
+
+    cfg = bench.Config(duration=0.05, warmup=0.02, span=2 << 20, runs=1)
+    lines: list[str] = []
+    result = bench.measure(cfg, lines.append)
+    assert result.failures == [], "\n".join(lines)
+
+    names = [name for name, _unit, _load in bench.WORKLOADS]
+    assert {s.variant for s in result.sessions} == set(bench.ORDER)
+    for row in result.rows:
+        for variant in bench.ORDER:
+            values = row.samples.get(variant)
+            assert values and all(v > 0 for v in values), (row.workload, variant, values)
+    for session in result.sessions:
+        assert list(session.measurements) == names
+        # 3 READ sizes, each slot's last reply compared with the prefill pattern
+        assert session.verified_reads >= 3, session.variant
+        assert session.peak_rss_mib > 0
+        for name, m in session.measurements.items():
+            depth = m.stats.depth
+            assert m.requests > 0, (session.variant, name)
+            assert m.stats.min_outstanding == m.stats.max_outstanding == depth, (session.variant, name)
+        assert session.measurements["GETATTR qd64"].stats.depth == 64
+        assert session.measurements["GETATTR qd1"].stats.depth == 1
+        create = [m for n, m in session.measurements.items() if n.startswith("CREATE")][0]
+        assert create.stats.steps == 4  # CREATE, RELEASE, UNLINK, FORGET
+
+    table = render_table(result.rows, list(bench.ORDER))
+    header = table.splitlines()[0]
+    for variant in bench.ORDER:
+        assert f" {variant} |" in header
+    for name in names:
+        assert f"| {name} |" in table
+    assert len(result.commands) == len(bench.ORDER)
+
+
+def test_pattern_is_position_dependent(bench) -> None:  # type: ignore[no-untyped-def]
+    a = bench.pattern(0, 8192)
+    assert len(a) == 8192 and a[4096:4104] == (4096).to_bytes(8, "little")
+    assert bench.pattern(1 << 20, 4096) != a[:4096]  # same place in the MiB, another page
+    with pytest.raises(ValueError):
+        bench.pattern(100, 4096)
+

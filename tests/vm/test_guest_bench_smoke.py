@@ -1,0 +1,113 @@
+"""Smoke test of the guest-level benchmark (benchmarks/guest_bench.py).
+
+One run at the benchmark's TINY sizes against QEMU's C virtiofsd, the Rust
+virtiofsd and ours (one boot each).  It checks that the benchmark works and
+that what the guest's workloads did reached the host: never a time or a
+speed, only that each was measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from virtiofs_async.testing.vm import KernelAssets
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest_bench() -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import guest_bench
+
+    return guest_bench
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def host_side_problems(gb: ModuleType, outcome: Any, expected_tree: dict[str, tuple[str, int]]) -> list[str]:
+    """What is wrong with the files one boot left in its shared directory,
+    and with the guest's own reports about them."""
+    sizes = gb.TINY
+    shared: Path = outcome.shared_dir
+    records = outcome.records
+    problems = []
+    left = sorted(p.name for p in shared.iterdir())
+    if left != sorted([gb.SEQ_FILE, gb.UNTAR_DIR]):
+        problems.append(f"shared dir holds {left} (the metadata phase unlinks its files and directory)")
+    seq = shared / gb.SEQ_FILE
+    if not seq.is_file() or seq.stat().st_size != sizes.seq_mib * MIB:
+        problems.append(f"{seq}: not a file of {sizes.seq_mib} MiB")
+    elif records["sha256"]["sha256"] != sha256_of(seq):
+        problems.append("the fio file's sha256 differs between the guest and the host")
+    jobs = {job["jobname"]: job for job in records["fio"]["fio"]["jobs"]}
+    for name, direction in (("seq_write", "write"), ("seq_read", "read")):
+        done = jobs[name][direction]["io_bytes"]
+        if done != sizes.seq_mib * MIB:
+            problems.append(f"fio {name}: {done} bytes, not the whole file")
+    for key in ("create", "stat", "unlink"):
+        if records[key]["ops"] != sizes.files:
+            problems.append(f"{key}: {records[key]['ops']} operations, not {sizes.files}")
+    if records["readdir"]["ops"] != sizes.files * sizes.readdir_passes:
+        problems.append(f"readdir listed {records['readdir']['ops']} entries in all")
+    tree = gb.host_tree(shared / gb.UNTAR_DIR)
+    if tree != expected_tree:
+        missing = sorted(set(expected_tree) - set(tree))[:5]
+        extra = sorted(set(tree) - set(expected_tree))[:5]
+        wrong = sorted(k for k in set(tree) & set(expected_tree) if tree[k] != expected_tree[k])[:5]
+        problems.append(f"untar: {len(tree)} entries, tarball has {len(expected_tree)}; "
+                        f"missing {missing}, extra {extra}, different kind/size {wrong}")
+    else:
+        source_parent = gb.STDLIB.parent
+        for name, (kind, _size) in expected_tree.items():
+            if kind == "f" and sha256_of(shared / gb.UNTAR_DIR / name) != sha256_of(source_parent / name):
+                problems.append(f"untar: {name} differs from {source_parent / name}")
+    return problems
+
+
+@pytest.mark.vm
+def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, tmp_path: Path) -> None:
+    gb = guest_bench
+    expected_tree = gb.build_tarball(tmp_path / "expected.tar", gb.TINY).entries
+    assert len(expected_tree) > 20 and any(k == "f" for k, _ in expected_tree.values())
+    problems: dict[str, list[str]] = {}
+    booted: list[str] = []
+
+    def inspect(outcome: Any) -> None:
+        booted.append(outcome.daemon)
+        problems[outcome.daemon] = host_side_problems(gb, outcome, expected_tree)
+
+    rows, commands = gb.run(False, 1, print, sizes=gb.TINY, workdir=tmp_path, inspect=inspect)
+
+    assert booted == list(gb.DAEMONS) == ["c", "rust", "ours"]
+    assert {d: p for d, p in problems.items() if p} == {}
+    keys = [w.key for w in gb.workloads(gb.TINY, len(expected_tree))]
+    assert len(rows) == len(keys) == 9
+    for row in rows:
+        assert row.level == "guest"
+        for daemon in gb.DAEMONS:
+            values = row.samples.get(daemon, [])
+            assert len(values) == 1 and values[0] > 0, (row.workload, daemon, values)
+    assert f"({len(expected_tree)} entries)" in rows[-1].workload
+    text = "\n".join(commands)
+    for needle in ("qemu-system-x86_64", "-accel tcg,thread=multi", "/usr/lib/qemu/virtiofsd",
+                   "libexec/virtiofsd", "-m virtiofs_async", "fio --filename=/mnt/seq.dat",
+                   "tar -xf /tmp/stdlib.tar"):
+        assert needle in text, needle
+    for daemon in gb.DAEMONS:
+        assert any(line.startswith(f"guest: daemon {daemon}: ") for line in commands), daemon
+    # Every boot removed its shared directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.tar", "guest.cpio", "stdlib.tar"]
