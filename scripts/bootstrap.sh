@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv >&2
 fi
-.venv/bin/python -m pip install -q --upgrade pip >&2
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" Cython >&2  # also for in-place builds (setup.py build_ext)
 # A regular (non-editable) install so the compiled modules are what gets tested.
 .venv/bin/python -m pip install -q ".[test]" >&2
 echo "$here/.venv/bin/python"
