@@ -11,6 +11,13 @@ Per operation, best of several rounds:
 * ``decode WRITE 4 KiB``: header, write_in, one 4 KiB payload view.
 * ``encode_out_header``, ``pack_dirent``, ``scatter`` (header + 104-byte body
   into two views).
+* ``pack_attr_out`` / ``pack_entry_out``: GETATTR / LOOKUP reply bodies from
+  an ``EntryAttributes``; ``write_reply``: header + that body into two views;
+  ``RequestContext``: the session's per-request context (``record_factory``).
+* ``session GETATTR`` / ``session LOOKUP``: ``FuseSession.handle_request``
+  whole (decode, dispatch, backend call, reply into guest buffers) over a
+  backend that answers at once, driven without an event loop; each twin in
+  a fresh interpreter (``_accel`` picks one per process).
 
 Run: PYTHONPATH=src python benchmarks/hotpath.py  (after build_ext --inplace).
 """
@@ -19,11 +26,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import subprocess
 import sys
 import timeit
 
 from virtiofs_async import buffers, codec, vring
 from virtiofs_async.memory import GuestMemory
+from virtiofs_async.operations import EntryAttributes, RequestContext
 
 try:
     from virtiofs_async import _cy_codec, _cy_vring
@@ -86,6 +95,62 @@ def bench_call(fn, *args, number: int = 20000, **kw) -> float:
     return min(timeit.repeat(lambda: fn(*args, **kw), number=number, repeat=7)) / number
 
 
+ATTRIBUTES = EntryAttributes(
+    st_ino=2, st_mode=0o100644, st_size=4096, st_blocks=8, st_atime_ns=1_700_000_000_123_456_789,
+    st_mtime_ns=1_700_000_000_123_456_789, st_ctime_ns=1_700_000_000_123_456_789,
+)
+
+#: Run in a child interpreter per twin: the per-request cost of the session.
+SESSION_BENCH = """
+import sys, timeit
+from virtiofs_async import codec
+from virtiofs_async.abi import fuse as abi
+from virtiofs_async.operations import Operations
+from virtiofs_async.session import FuseSession
+sys.path.insert(0, sys.argv[1])
+from hotpath import ATTRIBUTES
+
+class Ops(Operations):
+    async def getattr(self, inode, ctx, fh=None):
+        return ATTRIBUTES
+    async def lookup(self, parent, name, ctx):
+        return ATTRIBUTES
+
+def drive(coro):
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("the backend suspended")
+
+def views(request):
+    return [memoryview(bytearray(b)) for b in request.encode()]
+
+session = FuseSession(Ops())
+hdr = lambda unique: codec.InHeader(0, 0, unique, 2, 1000, 1000, 42)
+drive(session.handle_request(
+    views(codec.InitRequest(hdr(1), 7, 38, 131072, abi.FUSE_INIT_EXT | abi.FUSE_MAX_PAGES)), [memoryview(bytearray(4096))]
+))
+for name, request, room in (
+    ("GETATTR", codec.GetattrRequest(hdr(7), 0, 0), 104), ("LOOKUP", codec.LookupRequest(hdr(8), b"file.dat"), 128)
+):
+    readable, writable = views(request), [memoryview(bytearray(16)), memoryview(bytearray(room))]
+    assert drive(session.handle_request(readable, writable)) == 16 + room
+    run = lambda: drive(session.handle_request(readable, writable))
+    print(name, min(timeit.repeat(run, number=5000, repeat=7)) / 5000)
+"""
+
+
+def bench_session(implementation: str) -> dict[str, float]:
+    """{opcode name: seconds per handle_request} with one twin."""
+    env = {**os.environ, "VIRTIOFS_ASYNC_IMPLEMENTATION": implementation}
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", SESSION_BENCH, here], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return {name: float(value) for name, value in (line.split() for line in out.splitlines())}
+
+
 def main() -> None:
     hdr = codec.InHeader(0, 0, 7, 2, 1000, 1000, 42)
     getattr_bufs = codec.GetattrRequest(hdr, 0, 0).encode()
@@ -108,11 +173,24 @@ def main() -> None:
         ("pack_dirent", lambda m: bench_call(m.pack_dirent, 2, 1, 8, b"file.txt"), codec, _cy_codec),
         ("pack_direntplus", lambda m: bench_call(m.pack_direntplus, entry, 2, 1, 8, b"file.txt"), codec, _cy_codec),
         ("scatter header+body", lambda m: bench_call(m.scatter, dest, (b"h" * 16, body)), buffers, _cy_vring),
+        ("pack_attr_out", lambda m: bench_call(m.pack_attr_out, ATTRIBUTES), codec, _cy_codec),
+        ("pack_entry_out", lambda m: bench_call(m.pack_entry_out, ATTRIBUTES), codec, _cy_codec),
+        ("write_reply header+body", lambda m: bench_call(m.write_reply, dest, 7, 0, body), codec, _cy_codec),
+        (
+            "RequestContext (record_factory)",
+            lambda m: bench_call(m.record_factory(RequestContext), 1000, 1000, 42, 0, None),
+            codec,
+            _cy_codec,
+        ),
     ]
     print(f"{'operation':40} {'python':>10} {'cython':>10} {'speedup':>8}")
     for name, run, pure, compiled in rows:
         p, c = run(pure), run(compiled)
         print(f"{name:40} {p * 1e9:8.0f}ns {c * 1e9:8.0f}ns {p / c:7.1f}x")
+    pure, compiled = bench_session("python"), bench_session("cython")
+    for name in pure:
+        p, c = pure[name], compiled[name]
+        print(f"{'session ' + name + ' (handle_request)':40} {p * 1e9:8.0f}ns {c * 1e9:8.0f}ns {p / c:7.1f}x")
 
 
 if __name__ == "__main__":

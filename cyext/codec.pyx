@@ -30,7 +30,16 @@ names, and call the pure functions otherwise (so they raise the same
 ``struct.error`` or accept the same int-likes).
 """
 cimport cython
-from cpython.buffer cimport PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (
+    PyBUF_FULL_RO,
+    PyBUF_RECORDS,
+    PyBUF_SIMPLE,
+    PyBuffer_IsContiguous,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
+from cpython.bytearray cimport PyByteArray_CheckExact
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_CheckExact
@@ -38,7 +47,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject, PyTypeObject, descrgetfunc, descrsetfunc
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcpy, memmove, memset
 
 from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_st32, vfa_st64
 
@@ -82,12 +91,19 @@ from virtiofs_async.codec import (
     WriteRequest,
 )
 
-__all__ = ["decode_request", "encode_out_header", "pack_dirent", "pack_direntplus"]
+__all__ = [
+    "decode_request", "encode_out_header", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus",
+    "pack_entry_out", "record_factory", "write_reply",
+]
 
 _pure_decode_request = _pure.decode_request
 _pure_encode_out_header = _pure.encode_out_header
 _pure_pack_dirent = _pure.pack_dirent
 _pure_pack_direntplus = _pure.pack_direntplus
+_pure_pack_attr = _pure.pack_attr
+_pure_pack_attr_out = _pure.pack_attr_out
+_pure_pack_entry_out = _pure.pack_entry_out
+_pure_write_reply = _pure.write_reply
 _DECODERS = _pure._DECODERS  # opcode -> (Opcode member, pure body decoder)
 _dec_setxattr_ext = _pure._dec_setxattr_ext
 
@@ -128,6 +144,11 @@ cdef enum:
     OP_LSEEK = 46
 
     IN_HEADER_SIZE = 40
+    OUT_HEADER_SIZE = 16
+    ATTR_SIZE = 88
+    ATTR_OUT_SIZE = 104
+    ENTRY_OUT_SIZE = 128
+    N_STATIC_REPLY = 16  # buffers write_reply handles without allocating
     MAX_FIXED = 96  # largest fixed argument struct read here (fuse_setattr_in: 88)
     N_STATIC_SEGS = 8
 
@@ -144,8 +165,10 @@ _C_OPCODES = {
 for _name, _value in _C_OPCODES.items():
     if Opcode[_name] != _value:
         raise ImportError(f"_cy_codec: opcode {_name} is {int(Opcode[_name])} in abi.fuse, {_value} here")
-if _pure.IN_HEADER_SIZE != IN_HEADER_SIZE:
-    raise ImportError("_cy_codec: fuse_in_header size disagrees with abi.fuse")
+if (_pure.IN_HEADER_SIZE, _pure.OUT_HEADER_SIZE) != (IN_HEADER_SIZE, OUT_HEADER_SIZE) or (
+    _pure.abi.fuse_attr.size, _pure.abi.fuse_attr_out.size, _pure.abi.fuse_entry_out.size
+) != (ATTR_SIZE, ATTR_OUT_SIZE, ENTRY_OUT_SIZE):
+    raise ImportError("_cy_codec: a struct size disagrees with abi.fuse")
 
 # Opcode members by number, for opcodes that have a request type (None elsewhere).
 cdef list _OPCODE_MEMBERS = [None] * (max(_DECODERS) + 1)
@@ -190,6 +213,10 @@ cdef class _Maker:
         for i in range(len(self.defaults)):
             self.set_slot(self.descrs[n + i], obj, self.defaults[i])
         return obj
+
+    def __call__(self, *args):
+        """``cls(*args)`` (see record_factory)."""
+        return self.make(args)
 
 
 cdef object _slot_descriptor(cls, str name):
@@ -829,6 +856,302 @@ def pack_direntplus(entry, ino, off, type, name):
     memcpy(p + 152, PyBytes_AS_STRING(name), n)
     memset(p + 152 + n, 0, size - 152 - n)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Replies straight from a backend's attributes, and into the guest's buffers
+# ---------------------------------------------------------------------------
+#
+# Each function takes the C path when every value is a plain int in range (a
+# float or plain int timeout) and every buffer a plain one, and otherwise
+# calls its pure twin, which raises or converts exactly as it does. Anything
+# raised while reading attributes also hands over to the pure twin, so the
+# errors are always the reference's.
+
+cdef enum:
+    NS = 1000000000
+
+
+cdef bint _put_time(unsigned char *sec_p, unsigned char *nsec_p, object ns) except -1:
+    """Nanoseconds since the epoch as fuse_attr's seconds and nanoseconds."""
+    cdef uint64_t x = 0
+    if not _as_u64(ns, &x):
+        return False
+    vfa_st64(sec_p, x // NS)
+    vfa_st32(nsec_p, <uint32_t>(x % NS))
+    return True
+
+
+cdef bint _put_timeout(unsigned char *sec_p, unsigned char *nsec_p, object seconds) except -1:
+    """codec.split_timeout, stored: seconds as u64, nanoseconds as u32."""
+    cdef double d
+    cdef uint64_t whole = 0
+    if PyFloat_CheckExact(seconds):
+        d = PyFloat_AS_DOUBLE(seconds)
+        if d <= 0:
+            vfa_st64(sec_p, 0)
+            vfa_st32(nsec_p, 0)
+            return True
+        if not d < 18446744073709551616.0:  # NaN, inf, or a whole part over u64
+            return False
+        whole = <uint64_t>d
+        vfa_st64(sec_p, whole)
+        vfa_st32(nsec_p, <uint32_t>((d - <double>whole) * 1e9))
+        return True
+    if _as_u64(seconds, &whole):  # a plain int: no fraction
+        vfa_st64(sec_p, whole)
+        vfa_st32(nsec_p, 0)
+        return True
+    return False
+
+
+# The fields the packers read (codec.AttributeSource), by index.
+cdef enum:
+    F_INO, F_SIZE, F_BLOCKS, F_ATIME, F_MTIME, F_CTIME, F_MODE, F_NLINK, F_UID, F_GID, F_RDEV, F_BLKSIZE
+    F_FLAGS, F_GENERATION, F_ENTRY_TIMEOUT, F_ATTR_TIMEOUT
+cdef tuple _SOURCE_FIELDS = (
+    "st_ino", "st_size", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_mode", "st_nlink",
+    "st_uid", "st_gid", "st_rdev", "st_blksize", "attr_flags", "generation", "entry_timeout", "attr_timeout",
+)
+
+# A backend returns instances of one slotted class (operations.EntryAttributes)
+# over and over: for the last source type seen, the slots' member descriptors
+# (None when a field is not a plain slot, or the class customises attribute
+# access: then attributes are looked up by name).
+cdef object _source_type = None
+cdef tuple _source_slots = None
+
+
+cdef tuple _slots_of(object a):
+    global _source_type, _source_slots
+    cls = type(a)
+    if cls is not _source_type:
+        slots = None
+        if cls.__getattribute__ is object.__getattribute__:
+            slots = tuple(_slot_descriptor(cls, name) for name in _SOURCE_FIELDS)
+            if None in slots:
+                slots = None
+        _source_type = cls
+        _source_slots = slots
+    return _source_slots
+
+
+cdef inline object _field(object a, tuple slots, Py_ssize_t i):
+    if slots is not None:
+        return _get_slot(slots[i], a, _source_type)
+    return getattr(a, _SOURCE_FIELDS[i])
+
+
+cdef bint _fill_attr(unsigned char *p, object a, tuple slots) except -1:
+    """The 88-byte fuse_attr of ``a`` (codec._attr_fields); False if a value
+    needs the pure path."""
+    return (
+        _put64(p, _field(a, slots, F_INO)) and _put64(p + 8, _field(a, slots, F_SIZE))
+        and _put64(p + 16, _field(a, slots, F_BLOCKS))
+        and _put_time(p + 24, p + 48, _field(a, slots, F_ATIME))
+        and _put_time(p + 32, p + 52, _field(a, slots, F_MTIME))
+        and _put_time(p + 40, p + 56, _field(a, slots, F_CTIME))
+        and _put32(p + 60, _field(a, slots, F_MODE)) and _put32(p + 64, _field(a, slots, F_NLINK))
+        and _put32(p + 68, _field(a, slots, F_UID)) and _put32(p + 72, _field(a, slots, F_GID))
+        and _put32(p + 76, _field(a, slots, F_RDEV)) and _put32(p + 80, _field(a, slots, F_BLKSIZE))
+        and _put32(p + 84, _field(a, slots, F_FLAGS))
+    )
+
+
+cdef bint _fill_attr_out(unsigned char *p, object a, tuple slots) except -1:
+    vfa_st32(p + 12, 0)
+    return _put_timeout(p, p + 8, _field(a, slots, F_ATTR_TIMEOUT)) and _fill_attr(p + 16, a, slots)
+
+
+cdef bint _fill_entry_out(unsigned char *p, object a, tuple slots) except -1:
+    return (
+        _put64(p, _field(a, slots, F_INO)) and _put64(p + 8, _field(a, slots, F_GENERATION))
+        and _put_timeout(p + 16, p + 32, _field(a, slots, F_ENTRY_TIMEOUT))
+        and _put_timeout(p + 24, p + 36, _field(a, slots, F_ATTR_TIMEOUT))
+        and _fill_attr(p + 40, a, slots)
+    )
+
+
+ctypedef bint (*_filler)(unsigned char *, object, tuple) except -1
+
+
+cdef object _packed(Py_ssize_t size, _filler fill, object a):
+    """``size`` bytes from ``fill``; None when the pure twin must answer."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    try:
+        if fill(<unsigned char *>PyBytes_AS_STRING(out), a, _slots_of(a)):
+            return out
+    except Exception:
+        pass
+    return None
+
+
+def pack_attr(a):
+    """The 88-byte ``fuse_attr`` of ``a``; raises ``struct.error`` when a
+    field does not fit its wire type (e.g. a time before the epoch)."""
+    out = _packed(ATTR_SIZE, _fill_attr, a)
+    return _pure_pack_attr(a) if out is None else out
+
+
+def pack_attr_out(a):
+    """The 104-byte ``fuse_attr_out`` (GETATTR, SETATTR) of ``a``, valid for
+    ``a.attr_timeout``; the bytes of ``AttrOut(...).encode()``."""
+    out = _packed(ATTR_OUT_SIZE, _fill_attr_out, a)
+    return _pure_pack_attr_out(a) if out is None else out
+
+
+def pack_entry_out(a):
+    """The 128-byte ``fuse_entry_out`` (LOOKUP, MKNOD, ...) of ``a``: nodeid
+    ``a.st_ino``, ``a.generation``, both timeouts; the bytes of
+    ``EntryOut(...).encode()``."""
+    out = _packed(ENTRY_OUT_SIZE, _fill_entry_out, a)
+    return _pure_pack_entry_out(a) if out is None else out
+
+
+cdef bint _out_header(unsigned char *p, object unique, object error, uint64_t body_len) except -1:
+    """encode_out_header into ``p``; False where the pure twin must answer."""
+    cdef uint64_t u = 0
+    cdef int64_t err
+    if not (
+        _as_u64(unique, &u) and body_len <= 0xFFFFFFFF - OUT_HEADER_SIZE
+        and PyLong_CheckExact(error) and -0x7FFFFFFF <= error <= 0x80000000
+    ):
+        return False
+    err = error
+    vfa_st32(p, <uint32_t>(OUT_HEADER_SIZE + body_len))
+    vfa_st32(p + 4, <uint32_t>(-err))
+    vfa_st64(p + 8, u)
+    return True
+
+
+cdef bint _take_source(object part, Py_buffer *b, bint *held) except -1:
+    """A part of a reply body as bytes: False if the pure twin must take it."""
+    held[0] = False
+    if PyBytes_CheckExact(part):
+        b.buf = <void *>PyBytes_AS_STRING(part)
+        b.len = PyBytes_GET_SIZE(part)
+        return True
+    if not (PyByteArray_CheckExact(part) or type(part) is memoryview):
+        return False
+    try:
+        PyObject_GetBuffer(part, b, PyBUF_SIMPLE)  # C-contiguous only
+    except Exception:
+        return False
+    held[0] = True
+    return True
+
+
+cdef bint _take_dest(object view, Py_buffer *b) except -1:
+    """A writable, 1-D, C-contiguous memoryview of format "B" (what the pure
+    scatter copies into bytewise); False (nothing held) otherwise."""
+    if type(view) is not memoryview:
+        return False
+    try:
+        PyObject_GetBuffer(view, b, PyBUF_RECORDS)  # writable, with format and strides
+    except Exception:
+        return False
+    if b.ndim == 1 and b.itemsize == 1 and b.format != NULL and b.format[0] == b"B" and b.format[1] == 0 and (
+        b.strides == NULL or b.strides[0] == 1
+    ):
+        return True
+    PyBuffer_Release(b)
+    return False
+
+
+def write_reply(writable, unique, error, body):
+    """Write a reply (header, then ``body``: one buffer or a list/tuple of
+    them) into the guest buffers ``writable``; return its length. When it
+    does not fit, write nothing and return 0. Raises what
+    :func:`encode_out_header` raises for out-of-range fields."""
+    cdef Py_buffer static_src[N_STATIC_REPLY]
+    cdef Py_buffer static_dst[N_STATIC_REPLY]
+    cdef bint static_held[N_STATIC_REPLY]
+    cdef Py_buffer *src = static_src
+    cdef Py_buffer *dst = static_dst
+    cdef bint *held = static_held
+    cdef Py_ssize_t nsrc, ndst, i, taken_src = 0, taken_dst = 0, j = 0, pos = 0, take, k
+    cdef uint64_t body_len = 0, room = 0
+    cdef unsigned char header[OUT_HEADER_SIZE]
+    cdef const unsigned char *from_p
+    cdef Py_ssize_t from_n
+    cdef Py_ssize_t outcome = -1  # -1: the pure twin answers; else the bytes written
+    single = type(body) is bytes or type(body) is bytearray or type(body) is memoryview
+    if not (single or type(body) is list or type(body) is tuple) or not (
+        type(writable) is list or type(writable) is tuple
+    ):
+        return _pure_write_reply(writable, unique, error, body)
+    parts = (body,) if single else tuple(body)  # a private copy: nothing changes it meanwhile
+    dests = tuple(writable)
+    nsrc = len(parts)
+    ndst = len(dests)
+    if nsrc > N_STATIC_REPLY or ndst > N_STATIC_REPLY:
+        src = <Py_buffer *>PyMem_Malloc((nsrc + 1) * sizeof(Py_buffer))
+        dst = <Py_buffer *>PyMem_Malloc((ndst + 1) * sizeof(Py_buffer))
+        held = <bint *>PyMem_Malloc((nsrc + 1) * sizeof(bint))
+        if src == NULL or dst == NULL or held == NULL:
+            PyMem_Free(src)
+            PyMem_Free(dst)
+            PyMem_Free(held)
+            raise MemoryError()
+    try:
+        for i in range(nsrc):
+            if not _take_source(parts[i], &src[i], &held[i]):
+                break
+            taken_src = i + 1
+            body_len += <uint64_t>src[i].len
+        else:
+            for i in range(ndst):
+                if not _take_dest(dests[i], &dst[i]):
+                    break
+                taken_dst = i + 1
+                room += <uint64_t>dst[i].len
+            else:
+                if OUT_HEADER_SIZE + body_len > room:
+                    outcome = 0
+                elif _out_header(header, unique, error, body_len):
+                    # Scatter: the header, then each part, across the buffers in order.
+                    for k in range(-1, nsrc):
+                        if k < 0:
+                            from_p = header
+                            from_n = OUT_HEADER_SIZE
+                        else:
+                            from_p = <const unsigned char *>src[k].buf
+                            from_n = src[k].len
+                        while from_n > 0:
+                            if pos == dst[j].len:
+                                j += 1
+                                pos = 0
+                                continue
+                            take = dst[j].len - pos
+                            if take > from_n:
+                                take = from_n
+                            memmove(<unsigned char *>dst[j].buf + pos, from_p, take)
+                            pos += take
+                            from_p += take
+                            from_n -= take
+                    outcome = <Py_ssize_t>(OUT_HEADER_SIZE + body_len)
+    finally:
+        for i in range(taken_src):
+            if held[i]:
+                PyBuffer_Release(&src[i])
+        for i in range(taken_dst):
+            PyBuffer_Release(&dst[i])
+        if src != static_src:
+            PyMem_Free(src)
+            PyMem_Free(dst)
+            PyMem_Free(held)
+    if outcome < 0:
+        return _pure_write_reply(writable, unique, error, body)
+    return outcome
+
+
+def record_factory(cls):
+    """A callable equivalent to ``cls`` called with positional arguments.
+    For a plain slotted attrs class (no validators, converters or hooks) it
+    fills the slots directly instead of running the generated __init__;
+    any other class is returned as it is."""
+    cdef _Maker m = _maker(cls)
+    return m if m.fast else cls
 
 
 def _record_builders():

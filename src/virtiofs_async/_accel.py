@@ -18,7 +18,7 @@ IMPLEMENTATION = "python"
 
 if _choice != "python":
     try:
-        from ._cy_codec import decode_request, encode_out_header, pack_dirent, pack_direntplus
+        from . import _cy_codec as _codec
         from ._cy_vring import DescriptorChain, VirtQueue, scatter
     except ImportError:
         if _choice == "cython":
@@ -27,17 +27,21 @@ if _choice != "python":
         IMPLEMENTATION = "cython"
 
 if IMPLEMENTATION == "python":
+    from . import codec as _codec  # type: ignore[no-redef]
     from .buffers import scatter
-    from .codec import decode_request, encode_out_header, pack_dirent, pack_direntplus
     from .vring import DescriptorChain, VirtQueue
 
+decode_request = _codec.decode_request
+encode_out_header = _codec.encode_out_header
+pack_attr = _codec.pack_attr
+pack_attr_out = _codec.pack_attr_out
+pack_dirent = _codec.pack_dirent
+pack_direntplus = _codec.pack_direntplus
+pack_entry_out = _codec.pack_entry_out
+record_factory = _codec.record_factory
+write_reply = _codec.write_reply
+
 __all__ = [
-    "IMPLEMENTATION",
-    "DescriptorChain",
-    "VirtQueue",
-    "decode_request",
-    "encode_out_header",
-    "pack_dirent",
-    "pack_direntplus",
-    "scatter",
+    "IMPLEMENTATION", "DescriptorChain", "VirtQueue", "decode_request", "encode_out_header", "pack_attr",
+    "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out", "record_factory", "scatter", "write_reply",
 ]

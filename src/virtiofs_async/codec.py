@@ -46,18 +46,20 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from typing import Callable, ClassVar, Iterator, NoReturn, Sequence, Union
+from typing import Callable, ClassVar, Iterator, NoReturn, Protocol, Sequence, TypeVar, Union
 
 import attrs
 
 from .abi import fuse as abi
 from .abi.fuse import Opcode
+from .buffers import scatter as _scatter
 from .errors import FuseProtocolError
 
 __all__ = [
     "InHeader", "OutHeader", "Request", "FileLockStruct",
     "decode_request", "encode_out_header", "decode_out_header", "decode_reply",
     "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus",
+    "AttributeSource", "split_timeout", "pack_attr", "pack_attr_out", "pack_entry_out", "write_reply", "record_factory",
     "iter_dirents", "iter_direntplus", "iter_extensions", "supp_groups",
     "Attr", "EntryOut", "AttrOut", "OpenOut", "CreateOut", "WriteOut", "StatfsOut",
     "InitOut", "GetxattrOut", "LkOut", "LseekOut", "PollOut", "IoctlOut", "BmapOut",
@@ -1690,6 +1692,105 @@ class IoctlOut:
             raise FuseProtocolError(f"fuse_ioctl_out is 16 bytes, got {len(data)}")
         result, flags, in_iovs, out_iovs = abi.fuse_ioctl_out.unpack_from(data)
         return cls(result, flags, in_iovs, out_iovs, bytes(data[16:]))
+
+
+# ---------------------------------------------------------------------------
+# Reply bodies straight from a backend's attributes (the daemon's hot path)
+# ---------------------------------------------------------------------------
+
+
+class AttributeSource(Protocol):
+    """What the packers below read: ``operations.EntryAttributes``'s fields
+    (times in integer nanoseconds, timeouts in seconds)."""
+
+    st_ino: int
+    generation: int
+    entry_timeout: float
+    attr_timeout: float
+    st_mode: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_rdev: int
+    st_size: int
+    st_blksize: int
+    st_blocks: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    attr_flags: int
+
+
+_NS = 1_000_000_000
+_ENTRY_OUT_HEAD = abi.fuse_entry_out.size - abi.fuse_attr.size  # nodeid .. attr_valid_nsec: 40 bytes
+
+
+def split_timeout(seconds: float) -> tuple[int, int]:
+    """A cache timeout in seconds as the wire's (seconds, nanoseconds), both
+    truncated; (0, 0) when it is not positive."""
+    if seconds <= 0:
+        return 0, 0
+    whole = int(seconds)
+    return whole, int((seconds - whole) * _NS)
+
+
+def _attr_fields(a: AttributeSource) -> tuple[int, ...]:
+    """The ``fuse_attr`` fields of ``a``, in wire order."""
+    return (
+        a.st_ino, a.st_size, a.st_blocks,
+        a.st_atime_ns // _NS, a.st_mtime_ns // _NS, a.st_ctime_ns // _NS,
+        a.st_atime_ns % _NS, a.st_mtime_ns % _NS, a.st_ctime_ns % _NS,
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_blksize, a.attr_flags,
+    )
+
+
+def pack_attr(a: AttributeSource) -> bytes:
+    """The 88-byte ``fuse_attr`` of ``a``; raises ``struct.error`` when a
+    field does not fit its wire type (e.g. a time before the epoch)."""
+    return _attr_pack(*_attr_fields(a))
+
+
+def pack_attr_out(a: AttributeSource) -> bytes:
+    """The 104-byte ``fuse_attr_out`` (GETATTR, SETATTR) of ``a``, valid for
+    ``a.attr_timeout``; the bytes of ``AttrOut(...).encode()``."""
+    valid, nsec = split_timeout(a.attr_timeout)
+    return abi.fuse_attr_out.pack(valid, nsec, 0, *_attr_fields(a))
+
+
+def pack_entry_out(a: AttributeSource) -> bytes:
+    """The 128-byte ``fuse_entry_out`` (LOOKUP, MKNOD, ...) of ``a``: nodeid
+    ``a.st_ino``, ``a.generation``, both timeouts; the bytes of
+    ``EntryOut(...).encode()``."""
+    entry_valid, entry_nsec = split_timeout(a.entry_timeout)
+    attr_valid, attr_nsec = split_timeout(a.attr_timeout)
+    return _entry_out_pack(a.st_ino, a.generation, entry_valid, attr_valid, entry_nsec, attr_nsec, *_attr_fields(a))
+
+
+def write_reply(writable: Sequence[memoryview], unique: int, error: int, body: Buffer | Sequence[Buffer]) -> int:
+    """Write a reply (header, then ``body``: one buffer or a list/tuple of
+    them) into the guest buffers ``writable``; return its length. When it
+    does not fit, write nothing and return 0. Raises what
+    :func:`encode_out_header` raises for out-of-range fields."""
+    parts = body if isinstance(body, (list, tuple)) else (body,)
+    body_len = 0
+    for part in parts:
+        body_len += part.nbytes if isinstance(part, memoryview) else len(part)
+    room = 0
+    for view in writable:
+        room += view.nbytes
+    if OUT_HEADER_SIZE + body_len > room:
+        return 0
+    return _scatter(writable, (encode_out_header(unique, error, body_len), *parts))
+
+
+_T = TypeVar("_T")
+
+
+def record_factory(cls: type[_T]) -> Callable[..., _T]:
+    """A callable equivalent to ``cls`` called with positional arguments.
+    Here ``cls`` itself; the compiled twin builds plain slotted attrs records
+    (the session's per-request ``RequestContext``) without their __init__."""
+    return cls
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, NewType, Sequence, TypeVar
 
 import attrs
 
+from ._accel import scatter
 from .errors import FuseError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -282,6 +283,27 @@ class Operations:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file).
         May return any bytes-like object."""
         raise _enosys()
+
+    async def read_into(self, fh: FileHandleT, offset: int, size: int, buffers: Sequence[memoryview]) -> int:
+        """:meth:`read` straight into the guest's reply buffers: put up to
+        ``size`` bytes at ``offset`` into ``buffers``, filled one after the
+        other, and return how many (fewer only at end of file). The session
+        calls this for READ when the guest gave room for ``size`` bytes.
+
+        ``buffers`` are writable 1-D byte views into guest memory holding
+        exactly ``size`` bytes together. The session owns them; they are
+        valid only until this call returns: never keep one, nor hand it to
+        anything that outlives the call (a worker thread that the call
+        awaits is fine). What lies past the returned count is not sent, and
+        nothing is sent on an error. This default calls :meth:`read` and
+        copies (a result longer than ``size`` is a backend bug:
+        RuntimeError); override it to read without that copy, e.g. with
+        ``os.preadv(fd, buffers, offset)``."""
+        data = await self.read(fh, offset, size)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if n > size:
+            raise RuntimeError(f"read() returned {n} bytes, {size} were asked")
+        return scatter(buffers, (data,))
 
     async def write(self, fh: FileHandleT, offset: int, data: Sequence[memoryview], ctx: RequestContext) -> int:
         """Write the concatenation of ``data`` at ``offset``; return the count.

@@ -45,6 +45,21 @@ OLDEST_MINOR = 31
 
 _OUT_HEADER_SIZE = 16
 _NS = 1_000_000_000
+_OP_INIT = int(abi.Opcode.INIT)
+_OP_READ = int(abi.Opcode.READ)  # answered in place: FuseSession._read_into
+
+# The hot functions, bound once (``_accel`` picks the Cython or pure twins).
+_decode_request = _accel.decode_request
+_write_reply = _accel.write_reply
+_pack_attr = _accel.pack_attr
+_pack_attr_out = _accel.pack_attr_out
+_pack_entry_out = _accel.pack_entry_out
+_pack_dirent = _accel.pack_dirent
+_supp_groups = codec.supp_groups
+#: RequestContext(uid, gid, pid, umask, groups), built cheaply (one per request).
+_new_context = _accel.record_factory(RequestContext)
+#: Reply bodies that go to the guest as they are (else None, or encode()).
+_RAW_BODIES = (bytes, bytearray, memoryview, list)
 
 
 @attrs.define(frozen=True)
@@ -71,53 +86,6 @@ class Negotiated:
     max_read: int = 1 << 20
 
 
-def _split_timeout(seconds: float) -> tuple[int, int]:
-    if seconds <= 0:
-        return 0, 0
-    whole = int(seconds)
-    return whole, int((seconds - whole) * _NS)
-
-
-def entry_to_attr(e: EntryAttributes) -> codec.Attr:
-    return codec.Attr(
-        ino=e.st_ino,
-        size=e.st_size,
-        blocks=e.st_blocks,
-        atime=e.st_atime_ns // _NS,
-        mtime=e.st_mtime_ns // _NS,
-        ctime=e.st_ctime_ns // _NS,
-        atimensec=e.st_atime_ns % _NS,
-        mtimensec=e.st_mtime_ns % _NS,
-        ctimensec=e.st_ctime_ns % _NS,
-        mode=e.st_mode,
-        nlink=e.st_nlink,
-        uid=e.st_uid,
-        gid=e.st_gid,
-        rdev=e.st_rdev,
-        blksize=e.st_blksize,
-        flags=e.attr_flags,
-    )
-
-
-def entry_to_entry_out(e: EntryAttributes) -> codec.EntryOut:
-    entry_valid, entry_nsec = _split_timeout(e.entry_timeout)
-    attr_valid, attr_nsec = _split_timeout(e.attr_timeout)
-    return codec.EntryOut(
-        nodeid=e.st_ino,
-        generation=e.generation,
-        entry_valid=entry_valid,
-        attr_valid=attr_valid,
-        entry_valid_nsec=entry_nsec,
-        attr_valid_nsec=attr_nsec,
-        attr=entry_to_attr(e),
-    )
-
-
-def entry_to_attr_out(e: EntryAttributes) -> codec.AttrOut:
-    attr_valid, attr_nsec = _split_timeout(e.attr_timeout)
-    return codec.AttrOut(attr_valid=attr_valid, attr_valid_nsec=attr_nsec, attr=entry_to_attr(e))
-
-
 #: FileInfo attribute -> FOPEN_* flag.
 _FOPEN_FLAGS = (
     ("direct_io", abi.FOPEN_DIRECT_IO),
@@ -140,12 +108,19 @@ _CAPABILITY_FLAGS = (
 )
 
 
-def file_info_to_open_out(fi: FileInfo) -> codec.OpenOut:
+_open_out_pack = abi.fuse_open_out.pack
+_write_out_pack = abi.fuse_write_out.pack
+#: fuse_entry_out's head (nodeid .. attr_valid_nsec) for "." and ".." in READDIRPLUS.
+_UNCOUNTED_ENTRY_HEAD = bytes(abi.fuse_entry_out.size - abi.fuse_attr.size)
+
+
+def pack_open_out(fi: FileInfo) -> bytes:
+    """The ``fuse_open_out`` (OPEN, OPENDIR, CREATE) of ``fi``."""
     flags = 0
     for name, flag in _FOPEN_FLAGS:
         if getattr(fi, name):
             flags |= flag
-    return codec.OpenOut(fh=fi.fh, open_flags=flags)
+    return _open_out_pack(fi.fh, flags, 0)
 
 
 class _DirectoryReply(DirectoryReply):
@@ -163,22 +138,25 @@ class _DirectoryReply(DirectoryReply):
         if not name or b"/" in name or b"\0" in name:
             raise ValueError(f"backend produced an invalid directory entry name {name!r}")
         dtype = (attributes.st_mode & 0o170000) >> 12
+        # A fuse_direntplus is a fuse_entry_out followed by a fuse_dirent.
         if self.plus:
             need = codec.direntplus_size(len(name))
             if self._used + need > self._size:
                 return False
             if name in (b".", b".."):
                 # The kernel does not count lookups for these; a zero nodeid
-                # tells it so explicitly.
-                entry = codec.EntryOut(0, 0, 0, 0, 0, 0, entry_to_attr(attributes))
+                # (and zero generation and timeouts) tells it so explicitly.
+                entry = _UNCOUNTED_ENTRY_HEAD + _pack_attr(attributes)
             else:
-                entry = entry_to_entry_out(attributes)
-            self.parts.append(_accel.pack_direntplus(entry, attributes.st_ino, next_offset, dtype, name))
+                entry = _pack_entry_out(attributes)
+            dirent = _pack_dirent(attributes.st_ino, next_offset, dtype, name)
+            self.parts.append(entry)
+            self.parts.append(dirent)
         else:
             need = codec.dirent_size(len(name))
             if self._used + need > self._size:
                 return False
-            self.parts.append(_accel.pack_dirent(attributes.st_ino, next_offset, dtype, name))
+            self.parts.append(_pack_dirent(attributes.st_ino, next_offset, dtype, name))
         self._used += need
         return True
 
@@ -201,7 +179,7 @@ class FuseSession:
         self.negotiated: Negotiated | None = None
         self.destroyed = False
         self._reinit_allowed = False
-        self._handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
+        handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
             abi.Opcode.INIT: self._init,
             abi.Opcode.DESTROY: self._destroy,
             abi.Opcode.LOOKUP: self._lookup,
@@ -250,13 +228,18 @@ class FuseSession:
             abi.Opcode.SETUPMAPPING: self._enosys,
             abi.Opcode.REMOVEMAPPING: self._enosys,
         }
+        #: opcode -> handler (None: virtio-fs does not use it); every decoded
+        #: opcode is an Opcode member, so it indexes this list.
+        self._handlers: list[Callable[[Any], Awaitable[Body]] | None] = [None] * (max(abi.Opcode) + 1)
+        for opcode, handler in handlers.items():
+            self._handlers[opcode] = handler
 
     # -- the transport's entry point ---------------------------------------
     async def handle_request(self, readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
         """Serve one request; return the number of reply bytes written into
         ``writable`` (0 when the request gets no reply)."""
         try:
-            request = _accel.decode_request(readable)
+            request = _decode_request(readable)
         except FuseProtocolError as exc:
             log.warning("malformed FUSE request (unique=%s): %s -> errno %d", exc.unique, exc, exc.errno)
             if exc.unique is None:
@@ -266,14 +249,16 @@ class FuseSession:
         opcode = header.opcode
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %r", request)
-        if self.negotiated is None and opcode != abi.Opcode.INIT:
+        if self.negotiated is None and opcode != _OP_INIT:
             log.warning("opcode %s before FUSE_INIT (unique=%d) -> EIO", _opname(opcode), header.unique)
             return self._reply_error(writable, header.unique, errno.EIO)
-        handler = self._handlers.get(opcode)
+        handler = self._handlers[opcode]
         if handler is None:  # a known opcode that virtio-fs does not use (e.g. CUSE_INIT)
             log.warning("unsupported opcode %s (unique=%d) -> ENOSYS", _opname(opcode), header.unique)
             return self._reply_error(writable, header.unique, errno.ENOSYS)
         try:
+            if opcode == _OP_READ:
+                return await self._read_into(request, writable)
             body = await handler(request)
         except FuseError as exc:
             if exc.errno != errno.ENOENT or log.isEnabledFor(logging.DEBUG):
@@ -288,7 +273,12 @@ class FuseSession:
             return self._reply_error(writable, header.unique, errno.EIO)
         if body is NO_REPLY:
             return 0
-        return self._reply(writable, header.unique, body, opcode)
+        if body is None:
+            body = ()
+        elif not isinstance(body, _RAW_BODIES):
+            body = body.encode()
+        written = _write_reply(writable, header.unique, 0, body)
+        return written if written else self._reply_too_big(writable, header.unique, body, opcode)
 
     def device_reset(self) -> None:
         """The transport stopped a queue (guest reset or reboot, VM pause):
@@ -314,39 +304,32 @@ class FuseSession:
         header = _accel.encode_out_header(unique, err, 0)
         return _accel.scatter(writable, (header,))
 
-    def _reply(self, writable: Sequence[memoryview], unique: int, body: Body, opcode: int) -> int:
-        if body is None:
-            parts: tuple[Any, ...] | list[Any] = ()
-        elif isinstance(body, (bytes, bytearray, memoryview)):
-            parts = (body,)
-        elif isinstance(body, list):
-            parts = body
-        else:
-            parts = (body.encode(),)
+    def _reply_too_big(self, writable: Sequence[memoryview], unique: int, body: Any, opcode: int) -> int:
+        """``write_reply`` found no room for ``body`` (bytes-like or a list):
+        log it and answer EIO when at least a header fits."""
+        parts = body if isinstance(body, (list, tuple)) else (body,)
         body_len = 0
         for part in parts:
             body_len += len(part) if not isinstance(part, memoryview) else part.nbytes
         room = 0
         for view in writable:
             room += view.nbytes
-        if _OUT_HEADER_SIZE + body_len > room:
-            log.warning(
-                "reply to %s unique=%d needs %d bytes, the guest gave %d -> EIO",
-                _opname(opcode), unique, _OUT_HEADER_SIZE + body_len, room,
-            )
-            return self._reply_error(writable, unique, errno.EIO) if room >= _OUT_HEADER_SIZE else 0
-        header = _accel.encode_out_header(unique, 0, body_len)
-        return _accel.scatter(writable, (header, *parts))
+        log.warning(
+            "reply to %s unique=%d needs %d bytes, the guest gave %d -> EIO",
+            _opname(opcode), unique, _OUT_HEADER_SIZE + body_len, room,
+        )
+        return self._reply_error(writable, unique, errno.EIO) if room >= _OUT_HEADER_SIZE else 0
 
     # -- helpers ---------------------------------------------------------------
     def _ctx(self, req: Any, umask: int = 0) -> RequestContext:
         header = req.header
-        return RequestContext(
-            uid=header.uid,
-            gid=header.gid,
-            pid=header.pid,
-            umask=umask if self.operations.handles_umask else 0,
-            groups=codec.supp_groups(req.ext) if req.ext else None,  # None: not sent
+        ext = req.ext
+        return _new_context(
+            header.uid,
+            header.gid,
+            header.pid,
+            umask if umask and self.operations.handles_umask else 0,
+            _supp_groups(ext) if ext else None,  # None: not sent
         )
 
     def _flag(self, flag: int) -> bool:
@@ -426,8 +409,7 @@ class FuseSession:
         return None
 
     async def _lookup(self, req: codec.LookupRequest) -> Body:
-        entry = await self.operations.lookup(req.header.nodeid, req.name, self._ctx(req))
-        return entry_to_entry_out(entry)
+        return _pack_entry_out(await self.operations.lookup(req.header.nodeid, req.name, self._ctx(req)))
 
     async def _forget(self, req: codec.ForgetRequest) -> Body:
         await self._forget_many([(req.header.nodeid, req.nlookup)])
@@ -445,8 +427,7 @@ class FuseSession:
 
     async def _getattr(self, req: codec.GetattrRequest) -> Body:
         fh = req.fh if req.getattr_flags & abi.FUSE_GETATTR_FH else None
-        entry = await self.operations.getattr(req.header.nodeid, self._ctx(req), fh)
-        return entry_to_attr_out(entry)
+        return _pack_attr_out(await self.operations.getattr(req.header.nodeid, self._ctx(req), fh))
 
     async def _setattr(self, req: codec.SetattrRequest) -> Body:
         valid = req.valid
@@ -473,25 +454,23 @@ class FuseSession:
             st_ctime_ns=req.ctime * _NS + req.ctimensec,
         )
         fh = req.fh if valid & abi.FATTR_FH else None
-        entry = await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req))
-        return entry_to_attr_out(entry)
+        return _pack_attr_out(await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req)))
 
     async def _readlink(self, req: codec.ReadlinkRequest) -> Body:
         return bytes(await self.operations.readlink(req.header.nodeid, self._ctx(req)))
 
     async def _symlink(self, req: codec.SymlinkRequest) -> Body:
-        entry = await self.operations.symlink(req.header.nodeid, req.name, req.target, self._ctx(req))
-        return entry_to_entry_out(entry)
+        return _pack_entry_out(await self.operations.symlink(req.header.nodeid, req.name, req.target, self._ctx(req)))
 
     async def _mknod(self, req: codec.MknodRequest) -> Body:
         entry = await self.operations.mknod(
             req.header.nodeid, req.name, req.mode, req.rdev, self._ctx(req, req.umask)
         )
-        return entry_to_entry_out(entry)
+        return _pack_entry_out(entry)
 
     async def _mkdir(self, req: codec.MkdirRequest) -> Body:
         entry = await self.operations.mkdir(req.header.nodeid, req.name, req.mode, self._ctx(req, req.umask))
-        return entry_to_entry_out(entry)
+        return _pack_entry_out(entry)
 
     async def _unlink(self, req: codec.UnlinkRequest) -> Body:
         await self.operations.unlink(req.header.nodeid, req.name, self._ctx(req))
@@ -514,12 +493,10 @@ class FuseSession:
         return None
 
     async def _link(self, req: codec.LinkRequest) -> Body:
-        entry = await self.operations.link(req.oldnodeid, req.header.nodeid, req.newname, self._ctx(req))
-        return entry_to_entry_out(entry)
+        return _pack_entry_out(await self.operations.link(req.oldnodeid, req.header.nodeid, req.newname, self._ctx(req)))
 
     async def _open(self, req: codec.OpenRequest) -> Body:
-        fi = await self.operations.open(req.header.nodeid, req.flags, self._ctx(req))
-        return file_info_to_open_out(fi)
+        return pack_open_out(await self.operations.open(req.header.nodeid, req.flags, self._ctx(req)))
 
     def _check_io_size(self, size: int, what: str) -> None:
         # A guest asking for more than it negotiated would make a backend
@@ -537,11 +514,65 @@ class FuseSession:
             raise _backend_bug(f"read() returned {len(data)} bytes, {req.size} were asked")
         return data
 
+    async def _read_into(self, req: codec.ReadRequest, writable: Sequence[memoryview]) -> int:
+        """READ answered in place: the backend fills the guest's buffers
+        after the reply header (``Operations.read_into``: no copy here), the
+        header goes in front; returns the reply length. Errors propagate as
+        from any handler. A guest that gave less room than it asked for is
+        answered as ``_read`` + the generic reply would: the data when it
+        fits, else EIO (nothing without room for a header)."""
+        size = req.size
+        self._check_io_size(size, "READ")
+        unique = req.header.unique
+        views = self._read_reply_views(writable, size)
+        if views is not None:
+            n = await self.operations.read_into(req.fh, req.offset, size, views)
+            if not 0 <= n <= size:
+                raise _backend_bug(f"read_into() returned {n} for a read of {size} bytes")
+            return _accel.scatter(writable, (_accel.encode_out_header(unique, 0, n),)) + n
+        data = await self._read(req)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        room = sum(view.nbytes for view in writable)
+        if _OUT_HEADER_SIZE + n > room:
+            log.warning("reply to READ unique=%d needs %d bytes, the guest gave %d -> EIO",
+                        unique, _OUT_HEADER_SIZE + n, room)
+            if room < _OUT_HEADER_SIZE:
+                return 0
+            raise FuseError(errno.EIO)
+        return _accel.scatter(writable, (_accel.encode_out_header(unique, 0, n), data))
+
+    @staticmethod
+    def _read_reply_views(writable: Sequence[memoryview], size: int) -> Sequence[memoryview] | None:
+        """The ``size`` bytes of ``writable`` (byte views) that follow the
+        reply header, as views of it; None when the guest gave less room."""
+        if writable and writable[0].nbytes == _OUT_HEADER_SIZE:  # Linux: the header has its own buffer
+            rest = writable[1:]
+            if sum(map(len, rest)) == size:
+                return rest
+        views: list[memoryview] = []
+        skip = _OUT_HEADER_SIZE
+        for view in writable:
+            n = view.nbytes
+            if skip:
+                if n <= skip:
+                    skip -= n
+                    continue
+                view = view[skip:]
+                n -= skip
+                skip = 0
+            if n >= size:
+                if size:
+                    views.append(view if n == size else view[:size])
+                return views
+            views.append(view)
+            size -= n
+        return views if not skip and not size else None
+
     async def _write(self, req: codec.WriteRequest) -> Body:
         written = await self.operations.write(req.fh, req.offset, req.data, self._ctx(req))
         if not 0 <= written <= req.size:
             raise _backend_bug(f"write() returned {written} for a write of {req.size} bytes")
-        return codec.WriteOut(size=written)
+        return _write_out_pack(written, 0)
 
     async def _statfs(self, req: codec.StatfsRequest) -> Body:
         st = await self.operations.statfs(self._ctx(req))
@@ -597,8 +628,7 @@ class FuseSession:
         return None
 
     async def _opendir(self, req: codec.OpendirRequest) -> Body:
-        fi = await self.operations.opendir(req.header.nodeid, self._ctx(req))
-        return file_info_to_open_out(fi)
+        return pack_open_out(await self.operations.opendir(req.header.nodeid, self._ctx(req)))
 
     async def _readdir_common(self, req: codec.ReaddirRequest, plus: bool) -> Body:
         self._check_io_size(req.size, "READDIR")
@@ -653,13 +683,13 @@ class FuseSession:
         fi, entry = await self.operations.create(
             req.header.nodeid, req.name, req.mode, req.flags, self._ctx(req, req.umask)
         )
-        return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
+        return [_pack_entry_out(entry), pack_open_out(fi)]
 
     async def _tmpfile(self, req: codec.TmpfileRequest) -> Body:
         fi, entry = await self.operations.tmpfile(
             req.header.nodeid, req.mode, req.flags, self._ctx(req, req.umask)
         )
-        return [entry_to_entry_out(entry).encode(), file_info_to_open_out(fi).encode()]
+        return [_pack_entry_out(entry), pack_open_out(fi)]
 
     async def _interrupt(self, req: codec.InterruptRequest) -> Body:
         # Linux's virtiofs driver does not send interrupts; when one comes,

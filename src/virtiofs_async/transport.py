@@ -3,9 +3,10 @@
 It moves bytes and fds between the socket and the sans-IO
 :class:`~virtiofs_async.vhost_user.VhostUserBackend`, watches each running
 queue's kick eventfd, pops descriptor chains and hands each one to a
-:class:`RequestHandler` (the FUSE session) as a concurrent task, then returns
-the chain to the used ring and signals the call eventfd when the guest wants
-it. It knows nothing of FUSE or backends: only of ``RequestHandler``.
+:class:`RequestHandler` (the FUSE session), concurrently (a request runs
+inline until it suspends, then in its own task: see ``_QueueWorker``), then
+returns the chain to the used ring and signals the call eventfd, once per
+batch, when the guest wants it. It knows nothing of FUSE or backends: only of ``RequestHandler``.
 
 Ownership: the vhost-user handler owns guest memory, the queues and their
 kick/call fds; it tells this layer which fds to stop watching (events) and
@@ -16,18 +17,23 @@ worker's in-flight tasks; it never closes an fd it did not receive as
 from __future__ import annotations
 
 import array
+import collections
+import contextvars
 import errno
 import logging
 import os
 import socket
 import stat
-from typing import Awaitable, Callable, Protocol, Sequence
+import types
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Protocol, Sequence, TypeVar
 
 import attrs
 
 from . import vhost_user
 from .errors import ProtocolError, VhostUserProtocolError, VringError
-from .runtime import Runtime, TaskGroup, read_eventfd, signal_eventfd
+from .runtime import ClosedResourceError, Event, EventfdWaiter, Runtime, TaskGroup, signal_eventfd
+
+T = TypeVar("T")
 
 log = logging.getLogger("virtiofs_async.transport")
 
@@ -40,7 +46,14 @@ class RequestHandler(Protocol):
     """What serves the requests of one connection (a FuseSession)."""
 
     async def handle_request(self, readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
-        """Serve one chain; return the number of bytes written to ``writable``."""
+        """Serve one chain; return the number of bytes written to ``writable``.
+
+        Must be a coroutine function (``async def``). Its coroutine is
+        started inline by the queue's current leader task; if it suspends,
+        it is finished in that same task (never moved between tasks), with
+        its own copy of the contextvars context. Requests are thus not
+        guaranteed a task of their own: a task may run several requests one
+        after another."""
 
     async def close(self) -> None:
         """The connection ended; no further request will come."""
@@ -59,8 +72,76 @@ class DeviceConfig:
     queue_max_size: int = 1024
 
 
+#: Chains a leader serves before it lets other tasks run (and signals the
+#: replies so far) when the guest keeps the queue full.
+_TURN_BUDGET = 256
+
+
+class _Done:
+    """What a request driver yields when a request has completed: a private
+    type, never a value an event loop's awaitables yield."""
+
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = 0
+
+
+@types.coroutine
+def _request_driver(worker: "_QueueWorker", done: _Done) -> Generator[Any, Any, None]:
+    """Serve the chains sent in, one after another: ``send(chain)`` returns
+    ``done`` (``done.written`` set) when the request completed, or else the
+    value the request yielded to the event loop (it suspended; drive the
+    generator on with :func:`_resume`). A request that completes costs no
+    StopIteration. A request's exception is logged and answered with 0 bytes
+    (an empty used entry); a BaseException ends the driver."""
+    handle = worker.conn.handler.handle_request
+    chain = yield None
+    while True:
+        try:
+            written = yield from handle(chain.readable, chain.writable)
+        except Exception:
+            log.exception("queue %d: request handler failed", worker.index)
+            written = 0
+        done.written = written
+        chain = yield done
+
+
+@types.coroutine
+def _resume(driver: Generator[Any, Any, None], value: Any, ctx: contextvars.Context, done: _Done) -> Generator[Any, Any, int]:
+    """Drive ``driver``, whose request suspended yielding ``value``, until
+    that request completes, in the current task: ``yield from`` for a
+    generator that already started. Every step runs in ``ctx``. Returns the
+    request's ``written``."""
+    while value is not done:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            driver.close()
+            raise
+        except BaseException as exc:  # cancellation and the like: the request sees it
+            value = ctx.run(driver.throw, exc)
+        else:
+            value = ctx.run(driver.send, sent)
+    return done.written
+
+
 class _QueueWorker:
-    """Serves one started queue until it is stopped."""
+    """Serves one started queue until it is stopped.
+
+    Leader/follower: exactly one task at a time, the *leader*, waits for
+    kicks, pops chains and runs each request inline, so a request that
+    completes without suspending (inline metadata) costs no task, and the
+    replies of a batch share one used-buffer notification. When a request
+    suspends, its task stays with that request to its end and hands the
+    leader role to a new task of the connection's group; the chains of the
+    batch not started yet each get a task of their own (as before: a batch
+    of reads offloaded to threads starts at once). So every request runs
+    start to end in one task, and task-bound primitives (``asyncio.timeout``,
+    trio cancel scopes, anything that records the current task) behave as
+    with a task per request. Each request runs in its own copy of the
+    contextvars context. No backend opt-in is needed.
+    """
 
     def __init__(self, conn: "Connection", index: int, kick_fd: int, call_fd: int | None) -> None:
         self.conn = conn
@@ -68,100 +149,227 @@ class _QueueWorker:
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.queue = conn.backend.queues[index]
+        #: Chains popped and not yet completed (backlog included).
         self.in_flight = 0
         self.stopping = False
-        self.idle = conn.runtime.event()
-        self.idle.set()
-        self.done = conn.runtime.event()
-        self._own: TaskGroup | None = None
+        self._idle: Event | None = None
+        self._group: TaskGroup | None = None
+        self._waiter: EventfdWaiter | None = None
+        #: Popped chains no request has started on yet (the leader's).
+        self._backlog: collections.deque[Any] = collections.deque()
+        #: add_used happened since the last notification decision.
+        self._unsignalled = False
+        #: The leader's request driver (``_request_driver``) and its result
+        #: slot; a driver whose request suspended leaves with its task.
+        self._done = _Done()
+        self._driver: Generator[Any, Any, None] | None = None
 
     async def run(self, group: TaskGroup) -> None:
-        """Serve the queue until ``stop``; requests run as tasks of ``group``."""
-        try:
-            async with self.conn.runtime.task_group() as own:
-                self._own = own
-                own.start_soon(self._kick_loop, group)
-        finally:
-            self.done.set()
+        """Serve the queue until ``stop``: this task is the first leader;
+        requests that suspend (and later leaders) run as tasks of ``group``."""
+        if self.stopping:
+            return
+        self._group = group
+        self._waiter = self.conn.runtime.eventfd_waiter(self.kick_fd)
+        await self._lead()
 
     def stop(self) -> None:
-        """Stop taking chains from the ring; in-flight requests go on."""
+        """Stop taking chains from the ring, at once: the kick fd is no
+        longer watched when this returns. Chains already popped (running or
+        not yet started) are still served; see :meth:`wait_idle`."""
         self.stopping = True
-        if self._own is not None:
-            self._own.cancel()
+        if self._waiter is not None:
+            self._waiter.close()
 
-    async def _kick_loop(self, group: TaskGroup) -> None:
-        runtime = self.conn.runtime
+    async def wait_idle(self) -> None:
+        """Return when every popped chain has been completed or abandoned."""
+        if self.in_flight:
+            if self._idle is None:
+                self._idle = self.conn.runtime.event()
+            await self._idle.wait()
+
+    def _finished(self, count: int = 1) -> None:
+        """``count`` chains left the worker (0: just check for idleness)."""
+        self.in_flight -= count
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def _lead(self) -> None:
+        """Hold the leader role until a request suspends (the role then
+        passes to a new task, and this one finishes that request) or the
+        queue stops."""
         queue = self.queue
-        # Chains may already be waiting (a restarted queue): look before waiting.
-        while not self.stopping:
-            memory = self.conn.backend.memory
-            while True:
-                try:
-                    queue.disable_notification(memory)
-                    self._pop_all(group, memory)
-                    if self.stopping or not queue.enable_notification(memory):
-                        break
-                except VringError as exc:
-                    # The guest corrupted the available index after the last
-                    # pop, or the rings left mapped memory: same as in _pop_all.
-                    log.warning("queue %d: %s", self.index, exc)
-                    log.error("queue %d is broken; it stops until the frontend resets it", self.index)
-                    self.stopping = True
+        runtime = self.conn.runtime
+        served = 0  # chains taken since this task last waited or yielded
+        while True:
+            if self._backlog and await self._serve_backlog():
+                return  # now a follower that finished its request
             if self.stopping:
                 return
+            memory = self.conn.backend.memory
+            if served >= _TURN_BUDGET:
+                # The guest keeps the queue full: let other tasks run.
+                self._signal(memory)
+                served = 0
+                await runtime.sleep(0)
+                continue
             try:
-                await read_eventfd(runtime, self.kick_fd)
+                queue.disable_notification(memory)
+                served += self._pop_batch(memory, _TURN_BUDGET - served)
+                if self._backlog or self.stopping or queue.enable_notification(memory):
+                    continue
+            except VringError as exc:
+                # The guest corrupted the available index after the last
+                # pop, or the rings left mapped memory.
+                log.warning("queue %d: %s", self.index, exc)
+                self._broken()
+                continue
+            self._signal(memory)
+            served = 0
+            assert self._waiter is not None
+            try:
+                await self._waiter.wait()
+            except ClosedResourceError:
+                return  # stopped
             except OSError as exc:
                 log.error("queue %d: kick fd unusable (%s); queue stopped", self.index, exc)
+                self.stop()
                 return
 
-    def _pop_all(self, group: TaskGroup, memory: object) -> None:
+    def _broken(self) -> None:
+        log.error("queue %d is broken; it stops until the frontend resets it", self.index)
+        self.stop()
+
+    def _pop_batch(self, memory: Any, limit: int) -> int:
+        """Move up to ``limit`` available chains into the backlog; return how
+        many chains were taken (malformed ones are returned at once, used
+        length 0). VringError for a broken queue."""
         queue = self.queue
-        while not self.stopping:
+        taken = 0
+        while taken < limit and not self.stopping:
             try:
-                chain = queue.pop(memory)
+                chains = queue.pop_many(memory, limit - taken)
             except VringError as exc:
-                head = exc.head
+                head = exc.head  # type: ignore[attr-defined]
                 log.warning("queue %d: malformed descriptor chain (head=%s): %s", self.index, head, exc)
                 if head is None:
-                    log.error("queue %d is broken; it stops until the frontend resets it", self.index)
-                    self.stopping = True
-                    return
+                    self._broken()
+                    return taken
                 queue.add_used(memory, head, 0)
-                self._notify(memory)
+                self._unsignalled = True
+                taken += 1
                 continue
-            if chain is None:
-                return
-            self.in_flight += 1
-            if self.in_flight == 1:  # busy again: a fresh event for the next idle moment
-                self.idle = self.conn.runtime.event()
-            group.start_soon(self._serve, chain)
+            if not chains:
+                break
+            self.in_flight += len(chains)
+            self._backlog.extend(chains)
+            taken += len(chains)
+        return taken
 
-    async def _serve(self, chain: object) -> None:
+    async def _serve_backlog(self) -> bool:
+        """Run the backlog's requests inline, in order. Returns False when
+        the backlog is empty (still the leader), True when one of them
+        suspended and this task, no longer the leader, has finished it."""
+        backlog = self._backlog
+        driver = self._driver
+        done = self._done
+        if driver is None:
+            done = self._done = _Done()
+            driver = self._driver = _request_driver(self, done)
+            driver.send(None)
+        queue = self.queue
+        memory = self.conn.backend.memory
+        copy_context = contextvars.copy_context
+        while backlog:
+            chain = backlog.popleft()
+            ctx = copy_context()
+            try:
+                value = ctx.run(driver.send, chain)
+            except BaseException:
+                # Not a request's own failure (e.g. KeyboardInterrupt): this
+                # chain is abandoned, the queue goes on under a new leader.
+                self._driver = None
+                self._finished()
+                self._hand_over()
+                raise
+            if value is done:
+                try:
+                    queue.add_used(memory, chain.head, done.written)
+                    self._unsignalled = True
+                except ProtocolError as exc:
+                    log.warning("queue %d: cannot complete head %s: %s", self.index, chain.head, exc)
+                self.in_flight -= 1
+                continue
+            # The request waits for something: it keeps this task (and the
+            # driver), a new leader takes the rest.
+            self._driver = None
+            self._finished(0)
+            self._hand_over()
+            try:
+                written = await _resume(driver, value, ctx, done)
+            except BaseException:
+                # Cancelled (the frontend left, or the daemon shuts down):
+                # abandoned, not completed with an empty reply.
+                self._finished()
+                raise
+            finally:
+                driver.close()
+            self._complete(chain, written)
+            self._signal(self.conn.backend.memory)
+            return True
+        self._finished(0)
+        return False
+
+    def _hand_over(self) -> None:
+        """A request suspended: signal the replies so far, start each chain
+        still in the backlog in a task of its own (a batch whose requests
+        suspend, like reads offloaded to threads, then starts them all at
+        once, as one task per request would), and pass the leader role to
+        a new task."""
+        self._signal(self.conn.backend.memory)
+        group = self._group
+        assert group is not None
+        backlog = self._backlog
+        while backlog:
+            group.start_soon(self._serve_one, backlog.popleft())
+        if not self.stopping:
+            group.start_soon(self._lead)
+
+    async def _serve_one(self, chain: Any) -> None:
+        """Serve ``chain`` in the current task (one started for it)."""
         written = 0
         try:
             try:
-                written = await self.conn.handler.handle_request(chain.readable, chain.writable)  # type: ignore[attr-defined]
+                written = await self.conn.handler.handle_request(chain.readable, chain.writable)
             except Exception:
                 log.exception("queue %d: request handler failed", self.index)
-            # Only a request that ran to its end is returned to the guest: a
-            # cancelled one (the frontend left, or the daemon shuts down) is
-            # abandoned, not completed with an empty reply.
-            memory = self.conn.backend.memory
-            try:
-                self.queue.add_used(memory, chain.head, written)  # type: ignore[attr-defined]
-                self._notify(memory)
-            except ProtocolError as exc:
-                log.warning("queue %d: cannot complete head %s: %s", self.index, chain.head, exc)  # type: ignore[attr-defined]
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self.idle.set()
+        except BaseException:
+            self._finished()  # cancelled: abandoned, not completed
+            raise
+        self._complete(chain, written)
+        self._signal(self.conn.backend.memory)
 
-    def _notify(self, memory: object) -> None:
-        if self.call_fd is not None and self.queue.needs_notification(memory):
-            signal_eventfd(self.call_fd)
+    def _complete(self, chain: Any, written: int) -> None:
+        """Return ``chain`` to the used ring (signalled later by the caller)."""
+        try:
+            self.queue.add_used(self.conn.backend.memory, chain.head, written)
+            self._unsignalled = True
+        except ProtocolError as exc:
+            log.warning("queue %d: cannot complete head %s: %s", self.index, chain.head, exc)
+        self._finished()
+
+    def _signal(self, memory: Any) -> None:
+        """One used-buffer notification decision for every add_used since
+        the previous one (EVENT_IDX: whether ``used_event`` was crossed)."""
+        if self._unsignalled:
+            self._unsignalled = False
+            if self.call_fd is not None:
+                try:
+                    if self.queue.needs_notification(memory):
+                        signal_eventfd(self.call_fd)
+                except ProtocolError as exc:
+                    log.warning("queue %d: cannot signal: %s", self.index, exc)
 
 
 class Connection:
@@ -274,13 +482,12 @@ class Connection:
         if worker is None:
             return
         worker.stop()
-        await worker.done.wait()
         if not drain:
             return
         # Requests already taken from the ring must be answered before the
         # frontend reads the ring's state (GET_VRING_BASE) or frees it.
         async with self.runtime.move_on_after(30):
-            await worker.idle.wait()
+            await worker.wait_idle()
         if worker.in_flight:
             log.error("queue %d stopped with %d requests still running", index, worker.in_flight)
         log.debug("queue %d stopped", index)

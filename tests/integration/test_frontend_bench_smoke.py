@@ -38,7 +38,9 @@ def test_every_variant_answers_every_workload(bench) -> None:  # type: ignore[no
     for row in result.rows:
         for variant in bench.ORDER:
             values = row.samples.get(variant)
-            assert values and all(v > 0 for v in values), (row.workload, variant, values)
+            # CPU seconds come in 10 ms clock ticks: a tiny window may read 0.
+            floor_ok = (lambda v: v >= 0) if row.workload.startswith("daemon CPU") else (lambda v: v > 0)
+            assert values and all(floor_ok(v) for v in values), (row.workload, variant, values)
     for session in result.sessions:
         assert list(session.measurements) == names
         # 3 READ sizes, each slot's last reply compared with the prefill pattern

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from virtiofs_async import _accel
+from virtiofs_async import session as session_module
 from virtiofs_async.backends import MemoryFS
 from virtiofs_async.errors import FuseError
 from virtiofs_async.testing import FuseClient, serve_in_background
@@ -91,17 +91,17 @@ def test_error_reply_is_surfaced_and_the_queue_stays_usable(run: Any, sock_path:
 
 
 def test_reply_with_another_unique_is_refused(run: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = _accel.encode_out_header
+    real = session_module._write_reply  # how the session writes every success reply
     calls = {"n": 0}
 
-    def tampered(unique: int, error: int, body_len: int) -> bytes:
+    def tampered(writable: Any, unique: int, error: int, body: Any) -> int:
         if unique >= 1 << 40:  # the generator's requests only
             calls["n"] += 1
             if calls["n"] == 20:
                 unique += 2  # the id of another request
-        return real(unique, error, body_len)
+        return real(writable, unique, error, body)
 
-    monkeypatch.setattr(_accel, "encode_out_header", tampered)
+    monkeypatch.setattr(session_module, "_write_reply", tampered)
 
     async def body(client: FuseClient) -> None:
         with LoadGenerator(client.frontend, getattr_slots(1, 4)) as gen:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from virtiofs_async import codec
 from virtiofs_async.abi import fuse as abi
+from virtiofs_async.operations import EntryAttributes
 
 u16 = st.integers(0, 2**16 - 1)
 u32 = st.integers(0, 2**32 - 1)
@@ -250,3 +251,20 @@ def resplit(draw, buffers: Sequence[bytes | bytearray | memoryview], kind: str |
         else:
             pieces.append(chunk)
     return pieces
+
+
+# -- a backend's attributes (codec.AttributeSource) --------------------------
+
+#: Cache timeouts as backends give them: seconds as floats or ints, zero or negative for "do not cache".
+timeouts = st.one_of(
+    st.floats(min_value=-10.0, max_value=1e12, allow_nan=False),
+    st.sampled_from([0.0, 1.0, 0.25, 1.5, 86400.0, 1e-9, 0.999999999]),
+    st.integers(-5, 2**40),
+)
+#: Nanoseconds since the epoch whose seconds fit fuse_attr's u64.
+times_ns = st.one_of(st.integers(0, 2**64 - 1), st.integers(2**64, 2**64 * 10**9 - 1))
+entry_attributes = st.builds(
+    EntryAttributes, st_ino=u64, generation=u64, entry_timeout=timeouts, attr_timeout=timeouts, st_mode=u32,
+    st_nlink=u32, st_uid=u32, st_gid=u32, st_rdev=u32, st_size=u64, st_blksize=u32, st_blocks=u64,
+    st_atime_ns=times_ns, st_mtime_ns=times_ns, st_ctime_ns=times_ns, attr_flags=u32,
+)

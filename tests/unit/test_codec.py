@@ -12,15 +12,18 @@ from virtiofs_async import codec
 # The hot functions come from the active implementation (Cython or pure, see
 # VIRTIOFS_ASYNC_IMPLEMENTATION); the record classes always from codec.
 from virtiofs_async._accel import decode_request, encode_out_header, pack_dirent, pack_direntplus
+from virtiofs_async._accel import pack_attr, pack_attr_out, pack_entry_out, record_factory, write_reply
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.abi.fuse import Opcode
 from virtiofs_async.errors import FuseProtocolError
+from virtiofs_async.operations import EntryAttributes, RequestContext
 
 from .codec_strategies import (
     REPLY_STRATEGIES,
     REQUEST_STRATEGIES,
     direntpluses,
     dirents,
+    entry_attributes,
     entry_outs,
     in_headers,
     names,
@@ -630,3 +633,64 @@ def test_arbitrary_dirent_data_raises_only_protocol_error(blob):
 @given(header=in_headers())
 def test_in_header_round_trip(header):
     assert codec.InHeader.decode(header.encode()) == header
+
+
+# ---------------------------------------------------------------------------
+# Replies straight from a backend's attributes, and into guest buffers
+# ---------------------------------------------------------------------------
+
+
+def _expected_attr(a) -> codec.Attr:
+    ns = 1_000_000_000
+    return codec.Attr(
+        a.st_ino, a.st_size, a.st_blocks, a.st_atime_ns // ns, a.st_mtime_ns // ns, a.st_ctime_ns // ns,
+        a.st_atime_ns % ns, a.st_mtime_ns % ns, a.st_ctime_ns % ns, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
+        a.st_rdev, a.st_blksize, a.attr_flags,
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(1.0, (1, 0)), (1.5, (1, 500_000_000)), (0.25, (0, 250_000_000)), (0, (0, 0)), (-3.5, (0, 0)), (7, (7, 0))],
+)
+def test_split_timeout(seconds, expected):
+    assert codec.split_timeout(seconds) == expected
+
+
+@relaxed
+@given(a=entry_attributes)
+def test_attribute_packers_match_the_reply_records(a):
+    attr = _expected_attr(a)
+    attr_valid, attr_nsec = codec.split_timeout(a.attr_timeout)
+    entry_valid, entry_nsec = codec.split_timeout(a.entry_timeout)
+    assert pack_attr(a) == attr.encode()
+    assert pack_attr_out(a) == codec.AttrOut(attr_valid, attr_nsec, attr).encode()
+    assert pack_entry_out(a) == codec.EntryOut(a.st_ino, a.generation, entry_valid, attr_valid, entry_nsec, attr_nsec, attr).encode()
+    assert codec.AttrOut.decode(pack_attr_out(a)).attr == attr
+
+
+def test_attribute_packers_refuse_what_the_wire_cannot_carry():
+    with pytest.raises(struct.error):
+        pack_attr_out(EntryAttributes(st_mtime_ns=-1))  # before the epoch: no negative seconds on the wire
+    with pytest.raises(struct.error):
+        pack_entry_out(EntryAttributes(st_ino=2**64))
+    with pytest.raises(AttributeError):
+        pack_attr(object())
+
+
+def test_write_reply_scatters_header_and_body_or_writes_nothing():
+    dest = [memoryview(bytearray(10)), memoryview(bytearray(0)), memoryview(bytearray(20))]
+    assert write_reply(dest, 9, 0, [b"abc", bytearray(b"de"), memoryview(b"f")]) == 22
+    assert b"".join(bytes(d) for d in dest) == encode_out_header(9, 0, 6) + b"abcdef" + bytes(8)
+    small = [memoryview(bytearray(21))]
+    assert write_reply(small, 9, 0, b"x" * 6) == 0 and bytes(small[0]) == bytes(21)  # 22 bytes do not fit
+    assert write_reply(small, 9, errno.ENOENT, ()) == 16
+    assert bytes(small[0][:16]) == encode_out_header(9, errno.ENOENT, 0)
+    assert write_reply([], 9, 0, ()) == 0
+
+
+def test_record_factory_builds_equal_records():
+    make = record_factory(RequestContext)
+    assert make(1, 2, 3, 0o22, (4, 5)) == RequestContext(uid=1, gid=2, pid=3, umask=0o22, groups=(4, 5))
+    assert make(1, 2, 3) == RequestContext(1, 2, 3)  # defaults filled by the class
+    assert type(make(1, 2, 3, 0, None)) is RequestContext

@@ -296,6 +296,30 @@ def test_sparse_write_read_and_block_accounting() -> None:
     assert run(fs.write(fh, 0, [], ROOT)) == 0
 
 
+def test_read_into_copies_chunks_and_holes_into_the_buffers() -> None:
+    """read_into gives what read gives, straight into split buffers."""
+    fs = MemoryFS(chunk_size=4096)
+    info, _a = run(fs.create(ROOT_INODE, b"f", 0o644, O_RDWR, ROOT))
+    fh = info.fh
+    run(fs.write(fh, 4096 - 3, [memoryview(b"ABCDEF")], ROOT))
+    run(fs.write(fh, 3 * 4096, [memoryview(b"xyz")], ROOT))  # chunk 2 is a hole
+    size = 3 * 4096 + 3
+    for split in ([size], [1, 4094, 5, 8192, 3], [4096, 4096, 4096, 3]):
+        buf = bytearray(b"?" * size)
+        views, pos = [], 0
+        for n in split:
+            views.append(memoryview(buf)[pos:pos + n])
+            pos += n
+        assert run(fs.read_into(fh, 0, size, views)) == size
+        assert bytes(buf) == run(fs.read(fh, 0, size))
+    buf = bytearray(b"?" * 10)
+    assert run(fs.read_into(fh, size - 2, 10, [memoryview(buf)])) == 2 and buf == b"yz" + b"?" * 8
+    assert run(fs.read_into(fh, size, 10, [memoryview(buf)])) == 0
+    assert err(fs.read_into(fh, -1, 1, [memoryview(buf)])) == errno.EINVAL
+    run(fs.release(fh))
+    assert err(fs.read_into(fh, 0, 1, [memoryview(buf)])) == errno.EBADF
+
+
 def test_truncate_shrink_then_grow_reads_zeros(fs: MemoryFS) -> None:
     ino = mkfile(fs, ROOT_INODE, b"f", b"0123456789" * 10_000)
     run(truncate(fs, ino, 5))

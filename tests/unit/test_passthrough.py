@@ -1258,3 +1258,197 @@ def test_xattrs_never_use_a_path_after_the_root_moves(share: str) -> None:
         assert os.getxattr(host(share, name), "trusted.who", follow_symlinks=False) == name.encode()
     assert out["inline-removed"] == [] == os.listxattr(host(share, "link"), follow_symlinks=False)
     assert os.listxattr(host(share, "decoy")) == []
+
+
+# -- the data path: preadv / pwritev straight into and out of guest buffers ------------------
+
+
+def _split(buf: bytearray, sizes: list[int]) -> list[memoryview]:
+    view = memoryview(buf)
+    out, pos = [], 0
+    for n in sizes:
+        out.append(view[pos:pos + n])
+        pos += n
+    assert pos == len(buf)
+    return out
+
+
+def test_read_into_fills_the_buffers_in_place(fs: PassthroughFS, share: str) -> None:
+    payload = os.urandom(20000)
+    with open(host(share, "f"), "wb") as f:
+        f.write(payload)
+
+    async def body() -> None:
+        e = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        info = await fs.open(e.st_ino, os.O_RDONLY, ROOT)
+        buf = bytearray(12288)
+        assert await fs.read_into(info.fh, 100, len(buf), _split(buf, [1, 4095, 4096, 4096])) == len(buf)
+        assert buf == payload[100:100 + len(buf)]
+        buf = bytearray(8192)  # crosses the end of the file: short, the rest untouched
+        assert await fs.read_into(info.fh, 16000, 8192, _split(buf, [4096, 4096])) == 4000
+        assert buf[:4000] == payload[16000:] and buf[4000:] == bytes(4192)
+        assert await fs.read_into(info.fh, 30000, 4096, [memoryview(bytearray(4096))]) == 0
+        assert await fs.read_into(info.fh, 0, 0, []) == 0
+        assert await errno_of(fs.read_into(info.fh, (1 << 64) - 1, 1, [memoryview(bytearray(1))])) == errno.EINVAL
+        await fs.release(info.fh)
+        assert await errno_of(fs.read_into(info.fh, 0, 1, [memoryview(bytearray(1))])) == errno.EBADF
+        dirh = await fs.opendir(ROOT_INODE, ROOT)
+        assert await errno_of(fs.read_into(dirh.fh, 0, 1, [memoryview(bytearray(1))])) == errno.EISDIR
+        await fs.releasedir(dirh.fh)
+
+    go(fs, body)
+
+
+def test_read_into_tries_the_page_cache_inline_then_the_pool(
+    make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RWF_NOWAIT on the loop first; what it could not read (EAGAIN, a
+    partial read, end of file) the pool reads; a file that refuses
+    RWF_NOWAIT is never asked again; O_DIRECT handles never try it."""
+    payload = os.urandom(8192)
+    with open(host(share, "f"), "wb") as f:
+        f.write(payload)
+    fs = make_fs(allow_direct_io=True)
+    real = os.preadv
+    calls: list[tuple[str, int, int]] = []  # (thread, flags, offset)
+    script: list[Any] = []  # what each RWF_NOWAIT call does: an int (bytes to read) or an errno
+
+    def fake(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        calls.append((threading.current_thread().name, flags, offset))
+        if flags and script:
+            action = script.pop(0)
+            if action in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise OSError(action, os.strerror(action))
+            return real(fd, [memoryview(buffers[0])[:action]], offset)
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", fake)
+    loop_thread = threading.current_thread().name
+
+    async def read(fh: int, offset: int = 0, size: int = 8192) -> tuple[int, bytes]:
+        buf = bytearray(size)
+        calls.clear()
+        n = await fs.read_into(fh, offset, size, _split(buf, [size // 2, size // 2]))
+        return n, bytes(buf[:n])
+
+    async def body() -> None:
+        e = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        info = await fs.open(e.st_ino, os.O_RDONLY, ROOT)
+        assert await read(info.fh) == (8192, payload)  # cached: one inline call
+        assert [(t == loop_thread, f) for t, f, _ in calls] == [(True, os.RWF_NOWAIT)]
+        script[:] = [errno.EAGAIN]
+        assert await read(info.fh) == (8192, payload)  # nothing cached: the pool reads it all
+        assert [(t == loop_thread, f, o) for t, f, o in calls] == [(True, os.RWF_NOWAIT, 0), (False, 0, 0)]
+        script[:] = [100]
+        assert await read(info.fh) == (8192, payload)  # partly cached: the pool reads the rest
+        assert [(t == loop_thread, f, o) for t, f, o in calls] == [(True, os.RWF_NOWAIT, 0), (False, 0, 100)]
+        assert await read(info.fh, 8000, 4096) == (192, payload[8000:])  # end of file: the pool confirms
+        assert [(t == loop_thread, f) for t, f, _ in calls] == [(True, os.RWF_NOWAIT), (False, 0)]
+        script[:] = [errno.EOPNOTSUPP]
+        assert await read(info.fh) == (8192, payload)
+        assert await read(info.fh) == (8192, payload)  # not asked again
+        assert [f for _, f, _ in calls] == [0]
+        await fs.release(info.fh)
+        info = await fs.open(e.st_ino, os.O_RDONLY | os.O_DIRECT, ROOT)
+        try:
+            await read(info.fh)
+        except FuseError as exc:
+            assert exc.errno == errno.EINVAL  # a filesystem without O_DIRECT support
+        assert calls and all(f == 0 and t != loop_thread for t, f, _ in calls)
+        await fs.release(info.fh)
+
+    go(fs, body)
+
+
+def test_read_into_without_inline_reads_in_the_pool(
+    make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open(host(share, "f"), "wb") as f:
+        f.write(b"abc")
+    fs = make_fs(inline_read_max=0)
+    real = os.preadv
+    flags_seen: list[int] = []
+
+    def fake(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        flags_seen.append(flags)
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", fake)
+
+    async def body() -> None:
+        e = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        info = await fs.open(e.st_ino, os.O_RDONLY, ROOT)
+        buf = bytearray(3)
+        assert await fs.read_into(info.fh, 0, 3, [memoryview(buf)]) == 3 and buf == b"abc"
+        await fs.release(info.fh)
+
+    go(fs, body)
+    assert flags_seen == [0]
+
+
+def test_many_guest_buffers_are_written_and_read_in_iov_max_batches(
+    fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More buffers than one syscall takes: several pwritev/preadv calls,
+    never a joined copy."""
+    from virtiofs_async.backends import passthrough
+
+    monkeypatch.setattr(passthrough, "_IOV_MAX", 4)
+    real_w, real_r = os.pwritev, os.preadv
+    counts: list[int] = []
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        assert all(isinstance(b, memoryview) for b in buffers)
+        counts.append(len(buffers))
+        return real_w(fd, buffers, offset, flags)
+
+    def preadv(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        counts.append(len(buffers))
+        return real_r(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "preadv", preadv)
+    payload = os.urandom(10 * 1000)
+
+    async def body() -> None:
+        info, _e = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT)
+        views = _split(bytearray(payload), [1000] * 10)
+        assert await fs.write(info.fh, 0, views, ROOT) == len(payload)
+        assert counts == [4, 4, 2]
+        counts.clear()
+        buf = bytearray(len(payload))
+        assert await fs.read_into(info.fh, 0, len(buf), _split(buf, [1000] * 10)) == len(payload)
+        assert buf == payload and counts == [4, 4, 2]  # too many views for the inline try
+        await fs.release(info.fh)
+
+    go(fs, body)
+    with open(host(share, "f"), "rb") as f:
+        assert f.read() == payload
+
+
+def test_lookup_of_a_known_inode_sees_the_name_now(fs: PassthroughFS, share: str) -> None:
+    """The known-inode shortcut (fstatat, no open) answers what a full
+    lookup would: the same nodeid while the name is that inode, another one
+    once the name is replaced, ENOENT once it is gone, symlinks unfollowed."""
+    with open(host(share, "f"), "wb") as f:
+        f.write(b"1")
+    os.symlink("/etc/passwd", host(share, "link"))
+
+    async def body() -> None:
+        e1 = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        e2 = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        assert e2.st_ino == e1.st_ino and fs.lookup_count(e1.st_ino) == 2
+        assert (e2.st_mode, e2.st_size) == (e1.st_mode, 1)
+        with open(host(share, "g"), "wb") as f:
+            f.write(b"22")
+        os.rename(host(share, "g"), host(share, "f"))
+        e3 = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        assert e3.st_ino != e1.st_ino and e3.st_size == 2 and fs.lookup_count(e3.st_ino) == 1
+        assert fs.lookup_count(e1.st_ino) == 2  # the old inode lives on for the guest's references
+        os.unlink(host(share, "f"))
+        assert await errno_of(fs.lookup(ROOT_INODE, b"f", ROOT)) == errno.ENOENT
+        l1 = await fs.lookup(ROOT_INODE, b"link", ROOT)
+        l2 = await fs.lookup(ROOT_INODE, b"link", ROOT)
+        assert l1.st_ino == l2.st_ino and stat.S_ISLNK(l2.st_mode) and fs.lookup_count(l1.st_ino) == 2
+
+    go(fs, body)

@@ -218,3 +218,99 @@ def test_backend_capabilities_become_init_flags_when_the_kernel_offers_them() ->
     assert out.flags & abi.FUSE_WRITEBACK_CACHE
     assert not out.flags & abi.FUSE_DO_READDIRPLUS
     assert not out.flags & abi.FUSE_DONT_MASK  # handles_umask is off
+
+
+# -- READ answered in place (Operations.read_into) ----------------------------------------
+
+
+class InPlace(Files):
+    """read_into writes a pattern into the views it gets and records them;
+    ``read`` must not be used while the guest gave room for the whole read."""
+
+    def __init__(self, available: int | None = None, overrun: bool = False) -> None:
+        self.available = available
+        self.overrun = overrun
+        self.seen: list[list[int]] = []
+
+    async def read(self, fh, offset, size):
+        raise AssertionError("read() used although the guest gave room")
+
+    async def read_into(self, fh, offset, size, buffers):
+        self.seen.append([b.nbytes for b in buffers])
+        assert sum(b.nbytes for b in buffers) == size and all(not b.readonly for b in buffers)
+        n = size if self.available is None else min(size, self.available)
+        data = bytes((offset + i) % 251 for i in range(n))
+        pos = 0
+        for b in buffers:
+            take = min(b.nbytes, n - pos)
+            b[:take] = data[pos:pos + take]
+            pos += take
+        return size + 1 if self.overrun else n
+
+
+def read_with(session: FuseSession, unique: int, offset: int, size: int, room: list[int]) -> tuple[int, bytes]:
+    """A READ whose reply buffers have the sizes ``room``: (reply length, the bytes written)."""
+    bufs = [bytearray(n) for n in room]
+    req = codec.ReadRequest(hdr(unique, nodeid=2), fh=1, offset=offset, size=size, read_flags=0, lock_owner=0, flags=0)
+    n = asyncio.run(session.handle_request([memoryview(b) for b in _bytes(req)], [memoryview(b) for b in bufs]))
+    return n, b"".join(bufs)[:n]
+
+
+def _pattern(offset: int, n: int) -> bytes:
+    return bytes((offset + i) % 251 for i in range(n))
+
+
+@pytest.mark.parametrize("room", [[16, 4096, 4096], [16 + 8192], [10, 6 + 100, 9000], [16, 4096, 8192, 50]])
+def test_read_goes_straight_into_the_guest_buffers(room: list[int]) -> None:
+    """The backend gets views of exactly ``size`` bytes after the header,
+    wherever the guest's buffers split; the header goes in front."""
+    ops = InPlace()
+    s = FuseSession(ops)
+    init(s)
+    n, out = read_with(s, 40, 7, 8192, room)
+    header = codec.decode_out_header(out[:16])
+    assert n == 16 + 8192 and (header.unique, header.error, header.len) == (40, 0, n)
+    assert out[16:] == _pattern(7, 8192)
+    assert len(ops.seen) == 1 and sum(ops.seen[0]) == 8192
+
+
+def test_read_in_place_short_overrun_and_errors() -> None:
+    ops = InPlace(available=100)
+    s = FuseSession(ops)
+    init(s)
+    n, out = read_with(s, 41, 0, 4096, [16, 4096])  # end of file: a shorter reply
+    assert n == 116 and codec.decode_out_header(out[:16]).len == 116 and out[16:] == _pattern(0, 100)
+    ops.overrun = True
+    n, out = read_with(s, 42, 0, 4096, [16, 4096])
+    assert n == 16 and codec.decode_out_header(out[:16]).error == errno.EIO
+
+    class Failing(InPlace):
+        async def read_into(self, fh, offset, size, buffers):
+            raise FuseError(errno.EBADF)
+
+    s = FuseSession(Failing())
+    init(s)
+    n, out = read_with(s, 43, 0, 4096, [16, 4096])
+    assert n == 16 and codec.decode_out_header(out[:16]).error == errno.EBADF
+
+
+def test_read_with_less_room_than_asked_falls_back_to_read() -> None:
+    """Too little room for ``size``: ``read()`` answers; its data is sent
+    when it fits (EOF), else EIO; without room for a header, no reply."""
+    s = FuseSession(Files())  # read() returns b"abc"[offset:offset + size]
+    init(s)
+    n, out = read_with(s, 50, 0, 4096, [16, 100])
+    assert n == 19 and out[16:] == b"abc"
+    n, out = read_with(s, 51, 0, 4096, [17])
+    assert n == 16 and codec.decode_out_header(out[:16]).error == errno.EIO
+    assert read_with(s, 52, 0, 4096, [8])[0] == 0
+
+
+def test_default_read_into_copies_what_read_returns() -> None:
+    """A backend with only ``read`` is served through Operations.read_into."""
+    s = FuseSession(Files())
+    init(s)
+    n, out = read_with(s, 60, 1, 2, [16, 1, 1])
+    assert n == 18 and out[16:] == b"bc"
+    n, out = read_with(s, 61, 0, 2, [16, 1, 1])
+    assert n == 18 and out[16:] == b"ab"

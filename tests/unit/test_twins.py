@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -25,8 +26,9 @@ from virtiofs_async.abi import fuse as abi
 from virtiofs_async.abi.fuse import Opcode
 from virtiofs_async.errors import FuseProtocolError, VringError
 from virtiofs_async.memory import GuestMemory
+from virtiofs_async.operations import EntryAttributes, RequestContext
 
-from .codec_strategies import direntpluses, entry_outs, request_of, requests, resplit
+from .codec_strategies import direntpluses, entry_attributes, entry_outs, request_of, requests, resplit
 
 try:
     from virtiofs_async import _cy_codec, _cy_vring
@@ -1047,6 +1049,127 @@ def test_pack_direntplus_with_a_non_attrs_entry() -> None:
     assert _cy_codec.pack_direntplus(Entry(), 1, 2, 3, b"n") == codec.pack_direntplus(Entry(), 1, 2, 3, b"n")
     with pytest.raises(AttributeError):
         _cy_codec.pack_direntplus(object(), 1, 2, 3, b"n")
+
+
+class _DuckAttributes:
+    """Attributes in an instance __dict__ (no slots): looked up by name."""
+
+    def __init__(self, source: EntryAttributes, drop: str | None = None) -> None:
+        self.__dict__.update(attrs.asdict(source))
+        if drop is not None:
+            del self.__dict__[drop]
+
+
+class _PropertyAttributes(EntryAttributes):
+    """A subclass whose size is computed: a field that is no plain slot."""
+
+    __slots__ = ()
+    st_size = property(lambda self: 12345, lambda self, value: None)  # type: ignore[assignment]
+
+
+class _CustomAccess(EntryAttributes):
+    """A subclass that customises attribute access."""
+
+    __slots__ = ()
+
+    def __getattribute__(self, name: str) -> object:
+        value = object.__getattribute__(self, name)
+        return value + 1 if name == "st_nlink" and type(value) is int else value
+
+
+_ODD_VALUES = st.one_of(
+    st.integers(-3, -1), st.just(2**64), st.just(2**70), st.booleans(), st.just(1.5), st.just("x"),
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0, 1e30, 2.0**64, 2.0**64 - 2048]),
+    st.integers(-(2**65), 2**66),
+)
+_SOURCE_FIELDS = [f.name for f in attrs.fields(EntryAttributes)]
+
+
+@st.composite
+def odd_sources(draw):
+    """An EntryAttributes with, now and then, a field the wire cannot carry
+    as is, or a source of another shape."""
+    source = draw(entry_attributes)
+    if draw(st.booleans()):
+        setattr(source, draw(st.sampled_from(_SOURCE_FIELDS)), draw(_ODD_VALUES))
+    shape = draw(st.sampled_from(["slots", "slots", "duck", "duck-missing", "property", "custom"]))
+    if shape == "duck":
+        return _DuckAttributes(source)
+    if shape == "duck-missing":
+        return _DuckAttributes(source, drop=draw(st.sampled_from(_SOURCE_FIELDS)))
+    if shape in ("property", "custom"):
+        return (_PropertyAttributes if shape == "property" else _CustomAccess)(**attrs.asdict(source))
+    return source
+
+
+@settings(max_examples=500, deadline=None)
+@given(sources=st.lists(odd_sources(), min_size=1, max_size=3))
+def test_attribute_packers_agree(sources) -> None:
+    """Same bytes or the same exception, also when the source type changes
+    from call to call (the compiled twin caches the last type's slots)."""
+    for source in sources:
+        for name in ("pack_attr", "pack_attr_out", "pack_entry_out"):
+            same_outcome(outcome(getattr(codec, name), source), outcome(getattr(_cy_codec, name), source))
+
+
+def test_unset_slot_raises_the_pure_attribute_error() -> None:
+    source = EntryAttributes()
+    del source.st_nlink
+    a, b = outcome(codec.pack_attr_out, source), outcome(_cy_codec.pack_attr_out, source)
+    assert a == b and a[1] is AttributeError
+
+
+_bodies = st.one_of(
+    sources().map(lambda parts: parts[0] if len(parts) == 1 else parts),  # one buffer, or a list
+    sources().map(tuple),
+    st.just(None),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    specs=destination_specs,
+    body=_bodies,
+    unique=st.one_of(st.integers(0, 2**64 - 1), st.integers(-5, 2**65), st.booleans()),
+    error=st.one_of(st.sampled_from([0, errno.ENOENT]), st.integers(-(2**32), 2**32)),
+    as_tuple=st.booleans(),
+)
+@example(specs=[("mv", 10), ("mv", 40)], body=[b"abc", b"de"], unique=7, error=0, as_tuple=False)
+@example(specs=[("mv", 16)], body=(), unique=7, error=errno.EIO, as_tuple=True)
+def test_write_reply_agrees(specs, body, unique, error, as_tuple) -> None:
+    py_dests, py_storage = build_destinations(specs)
+    cy_dests, cy_storage = build_destinations(specs)
+    if as_tuple:
+        py_dests, cy_dests = tuple(py_dests), tuple(cy_dests)
+    same_outcome(
+        outcome(codec.write_reply, py_dests, unique, error, body),
+        outcome(_cy_codec.write_reply, cy_dests, unique, error, body),
+    )
+    assert py_storage == cy_storage
+
+
+def test_write_reply_spreads_over_many_buffers() -> None:
+    """More buffers and parts than the compiled twin keeps on its stack."""
+    body = [bytes([i]) * (i % 5) for i in range(40)]
+    for fn in (codec.write_reply, _cy_codec.write_reply):
+        dests = [memoryview(bytearray(3)) for _ in range(40)]
+        total = 16 + sum(len(p) for p in body)
+        assert fn(dests, 1, 0, body) == total
+        assert b"".join(bytes(d) for d in dests)[:total] == codec.encode_out_header(1, 0, total - 16) + b"".join(body)
+
+
+def test_record_factory_skips_init_only_for_plain_records() -> None:
+    make = _cy_codec.record_factory(RequestContext)
+    assert make is not RequestContext
+    assert make(1, 2, 3, 4, (5,)) == RequestContext(1, 2, 3, 4, (5,))
+    assert make(1, 2, 3) == RequestContext(1, 2, 3)
+
+    @attrs.define
+    class Checked:
+        x: int = attrs.field(validator=attrs.validators.instance_of(int))
+
+    assert _cy_codec.record_factory(Checked) is Checked
+    assert codec.record_factory(RequestContext) is RequestContext
 
 
 def test_fuse_protocol_error_carries_unique_in_both() -> None:

@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import attrs
 
+from .._accel import scatter
 from ..errors import FuseError
 from ..operations import (
     ROOT_INODE,
@@ -481,29 +482,27 @@ class MemoryFS(Operations):
             return [i for i in range(first, last + 1) if i in chunks]
         return sorted(i for i in chunks if first <= i <= last)
 
-    def _read_range(self, node: _Inode, offset: int, n: int) -> bytes | bytearray:
+    def _read_range(self, node: _Inode, offset: int, n: int) -> bytes:
+        parts = self._range_parts(node, offset, n)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+    def _range_parts(self, node: _Inode, offset: int, n: int) -> list[memoryview]:
+        """The ``n`` stored bytes at ``offset`` as views of the chunks (a
+        hole reads as zeros); valid until the file next changes."""
         cs = self.chunk_size
         chunks = node.chunks
         assert chunks is not None
-        first = offset // cs
-        start = offset - first * cs
-        if start + n <= cs:
-            chunk = chunks.get(first)
-            if chunk is None:
-                return bytes(n)
-            return bytes(memoryview(chunk)[start : start + n])
-        out = bytearray(n)
+        parts: list[memoryview] = []
+        idx, start = divmod(offset, cs)
         pos = 0
-        idx = first
         while pos < n:
             k = min(cs - start, n - pos)
             chunk = chunks.get(idx)
-            if chunk is not None:
-                out[pos : pos + k] = memoryview(chunk)[start : start + k]
+            parts.append(memoryview(chunk)[start : start + k] if chunk is not None else memoryview(bytes(k)))
             pos += k
             idx += 1
             start = 0
-        return out
+        return parts
 
     def _write_range(self, node: _Inode, offset: int, buf: bytes | memoryview) -> None:
         """Store ``buf`` at ``offset``; raises ENOSPC before changing anything."""
@@ -1008,18 +1007,25 @@ class MemoryFS(Operations):
         info = self._new_handle(node, flags)
         return info, self._entry(node)
 
-    async def read(self, fh: FileHandleT, offset: int, size: int) -> bytes:
+    def _read_span(self, fh: FileHandleT, offset: int, size: int) -> tuple[_Inode, int]:
+        """The node a READ reads and how many bytes it gets (<= 0: none)."""
         handle = self._file_handle(fh)
         if not handle.readable and not self.enable_writeback_cache:
             raise _err(errno.EBADF)
         if offset < 0 or size < 0:
             raise _err(errno.EINVAL)
         node = handle.node
-        n = min(size, node.size - offset)
         node.atime_ns = time.time_ns()
-        if n <= 0:
-            return b""
-        return self._read_range(node, offset, n)  # type: ignore[return-value]
+        return node, min(size, node.size - offset)
+
+    async def read(self, fh: FileHandleT, offset: int, size: int) -> bytes:
+        node, n = self._read_span(fh, offset, size)
+        return self._read_range(node, offset, n) if n > 0 else b""
+
+    async def read_into(self, fh: FileHandleT, offset: int, size: int, buffers: Sequence[memoryview]) -> int:
+        """As ``read``, copying from the chunks straight into ``buffers``."""
+        node, n = self._read_span(fh, offset, size)
+        return scatter(buffers, self._range_parts(node, offset, n)) if n > 0 else 0
 
     async def write(self, fh: FileHandleT, offset: int, data: Sequence[memoryview], ctx: RequestContext) -> int:
         handle = self._file_handle(fh)

@@ -6,11 +6,12 @@ installed; ``"asyncio"`` forces the plain loop; ``"trio"`` gives trio.
 """
 from __future__ import annotations
 
-from .base import ClosedResourceError, Event, Runtime, TaskGroup, read_eventfd, signal_eventfd
+from .base import ClosedResourceError, Event, EventfdWaiter, Runtime, TaskGroup, read_eventfd, signal_eventfd
 
 __all__ = [
     "ClosedResourceError",
     "Event",
+    "EventfdWaiter",
     "Runtime",
     "TaskGroup",
     "current_runtime",

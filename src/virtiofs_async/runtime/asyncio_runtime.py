@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from .base import ClosedResourceError
@@ -45,6 +46,68 @@ class _TaskGroup:
             except asyncio.CancelledError:
                 self.cancel()
                 raise
+
+
+class _EventfdWaiter:
+    """asyncio's :class:`~.base.EventfdWaiter`: one reader registered for the
+    waiter's whole life. The reader callback consumes the counter itself, so
+    the level-triggered registration never spins, and a kick that arrives
+    while nobody waits is remembered as one pending wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._signalled = False
+        self._closed = False
+        self._error: OSError | None = None
+        self._future: asyncio.Future[None] | None = None
+        try:
+            loop.add_reader(fd, self._on_readable)
+            self._registered = True
+        except (OSError, ValueError) as exc:
+            self._registered = False
+            self._error = exc if isinstance(exc, OSError) else OSError(str(exc))
+
+    def _on_readable(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._error = exc
+            self._unregister()
+        self._signalled = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(self._fd)
+
+    async def wait(self) -> None:
+        if not (self._signalled or self._closed or self._error is not None):
+            future = self._future = self._loop.create_future()
+            try:
+                await future
+            finally:
+                self._future = None
+        if self._closed:
+            raise ClosedResourceError(f"eventfd {self._fd} is no longer watched")
+        if self._error is not None:
+            raise self._error
+        self._signalled = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._unregister()
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
 
 
 class AsyncioRuntime:
@@ -99,6 +162,9 @@ class AsyncioRuntime:
             loop.remove_reader(fd)
         with contextlib.suppress(OSError, ValueError):
             loop.remove_writer(fd)
+
+    def eventfd_waiter(self, fd: int) -> _EventfdWaiter:
+        return _EventfdWaiter(asyncio.get_running_loop(), fd)
 
     @contextlib.asynccontextmanager
     async def task_group(self) -> AsyncIterator[_TaskGroup]:

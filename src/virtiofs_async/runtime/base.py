@@ -39,6 +39,23 @@ class Event(Protocol):
     async def wait(self) -> None: ...
 
 
+class EventfdWaiter(Protocol):
+    """A persistent watch of one non-blocking eventfd (a kick fd), made by
+    :meth:`Runtime.eventfd_waiter` for the one task at a time that waits on it."""
+
+    async def wait(self) -> None:
+        """Return once the eventfd was signalled since the previous ``wait``
+        returned (the counter is consumed; several signals may merge into one
+        return). Raises ClosedResourceError once :meth:`close` was called, and
+        OSError if the fd cannot be watched or read (then it is no longer
+        watched). At most one task waits at a time."""
+
+    def close(self) -> None:
+        """Stop watching the fd, at once: when this returns the fd may be
+        closed or handed to another waiter. A pending ``wait`` raises
+        ClosedResourceError. Idempotent."""
+
+
 class Runtime(Protocol):
     #: "asyncio", "uvloop" or "trio".
     name: str
@@ -50,6 +67,12 @@ class Runtime(Protocol):
 
     def notify_closing(self, fd: int) -> None:
         """Wake every waiter of ``fd`` with ClosedResourceError; call before close."""
+
+    def eventfd_waiter(self, fd: int) -> EventfdWaiter:
+        """Start watching the eventfd ``fd`` (call from inside the running
+        loop). Cheaper than ``read_eventfd`` per wait: asyncio keeps one
+        reader registered (its callback consumes the counter, so a fd that
+        nobody waits on never makes the loop spin)."""
 
     def task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import trio
@@ -20,6 +21,43 @@ class _TaskGroup:
 
     def cancel(self) -> None:
         self._nursery.cancel_scope.cancel()
+
+
+class _EventfdWaiter:
+    """trio's :class:`~.base.EventfdWaiter`: ``wait_readable`` then one read
+    per wait (trio re-arms its one-shot epoll registration per wait; there is
+    no persistent-callback API). ``close`` wakes a waiter through
+    ``notify_closing``, which also drops trio's registration at once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._closed = False
+        self._waiting = False
+
+    async def wait(self) -> None:
+        fd = self._fd
+        while True:
+            if self._closed:
+                raise ClosedResourceError(f"eventfd {fd} is no longer watched")
+            self._waiting = True
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError as exc:
+                raise ClosedResourceError(str(exc)) from exc
+            finally:
+                self._waiting = False
+            try:
+                os.eventfd_read(fd)
+                return
+            except BlockingIOError:
+                continue
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._waiting:
+            trio.lowlevel.notify_closing(self._fd)
 
 
 class TrioRuntime:
@@ -43,6 +81,9 @@ class TrioRuntime:
 
     def notify_closing(self, fd: int) -> None:
         trio.lowlevel.notify_closing(fd)
+
+    def eventfd_waiter(self, fd: int) -> _EventfdWaiter:
+        return _EventfdWaiter(fd)
 
     @contextlib.asynccontextmanager
     async def task_group(self) -> AsyncIterator[_TaskGroup]:

@@ -1,0 +1,108 @@
+"""The runtimes' eventfd waiters (``Runtime.eventfd_waiter``) under asyncio,
+uvloop and trio: a signal before the wait or during it wakes it once and
+consumes the counter, ``close`` wakes a pending wait with
+ClosedResourceError and stops watching, an unusable fd raises OSError."""
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from virtiofs_async.runtime import ClosedResourceError, Runtime, get_runtime
+
+RUNTIMES = ["asyncio", "uvloop", "trio"]
+
+
+def run_on(name: str, body: Callable[[Runtime], Awaitable[Any]]) -> Any:
+    rt = get_runtime(name)
+
+    async def main() -> Any:
+        return await body(rt)
+
+    return rt.run(main)
+
+
+@pytest.fixture
+def efd():  # type: ignore[no-untyped-def]
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_a_signal_before_the_wait_wakes_it_once(name: str, efd: int) -> None:
+    async def body(rt: Runtime) -> None:
+        waiter = rt.eventfd_waiter(efd)
+        try:
+            os.eventfd_write(efd, 1)
+            os.eventfd_write(efd, 1)  # merges with the first
+            await waiter.wait()
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(efd)  # consumed
+            woke = []
+
+            async def waiting() -> None:
+                await waiter.wait()
+                woke.append(True)
+
+            async with rt.task_group() as group:
+                group.start_soon(waiting)
+                for _ in range(5):
+                    await rt.sleep(0)
+                assert not woke  # nothing new was signalled
+                os.eventfd_write(efd, 1)
+            assert woke == [True]
+        finally:
+            waiter.close()
+
+    run_on(name, body)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_close_wakes_the_waiter_and_stops_watching(name: str, efd: int) -> None:
+    async def body(rt: Runtime) -> None:
+        waiter = rt.eventfd_waiter(efd)
+        outcome: list[BaseException] = []
+
+        async def waiting() -> None:
+            try:
+                await waiter.wait()
+            except ClosedResourceError as exc:
+                outcome.append(exc)
+
+        async with rt.task_group() as group:
+            group.start_soon(waiting)
+            await rt.sleep(0.01)
+            waiter.close()
+            waiter.close()  # idempotent
+        assert len(outcome) == 1
+        with pytest.raises(ClosedResourceError):
+            await waiter.wait()
+        # No longer watched: a signal stays in the counter for its next owner.
+        os.eventfd_write(efd, 1)
+        await rt.sleep(0.01)
+        assert os.eventfd_read(efd) == 1
+        # The fd can be watched again (a restarted queue keeps its kick fd).
+        again = rt.eventfd_waiter(efd)
+        os.eventfd_write(efd, 1)
+        await again.wait()
+        again.close()
+
+    run_on(name, body)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_an_unusable_fd_raises_oserror(name: str, tmp_path: Any) -> None:
+    fd = os.open(tmp_path / "regular", os.O_RDWR | os.O_CREAT)  # epoll refuses regular files
+
+    async def body(rt: Runtime) -> None:
+        waiter = rt.eventfd_waiter(fd)
+        with pytest.raises(OSError):
+            await waiter.wait()
+        waiter.close()
+
+    try:
+        run_on(name, body)
+    finally:
+        os.close(fd)
