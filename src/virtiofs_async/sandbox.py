@@ -408,6 +408,8 @@ def enter(
     raised in the child)."""
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}")
+    if mode != "none":
+        _preload_unwinder()
     if mode == "namespace":
         box = _enter_namespaces(shared_dir, prepare, serving_fds, supervisor_fds, on_supervisor_exit)
     else:
@@ -417,6 +419,16 @@ def enter(
             _chroot(shared_dir, proc_fd)
         box = Sandbox(mode, "/" if mode == "chroot" else shared_dir, proc_fd, prepared)
     return box
+
+
+def _preload_unwinder() -> None:
+    """Load libgcc_s now: glibc dlopens it the first time a thread exits
+    (pthread_exit unwinds), which fails once the root is the share and
+    aborts the process ("libgcc_s.so.1 must be installed")."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError as exc:
+        log.warning("cannot preload libgcc_s.so.1 (%s): a worker thread exiting in the sandbox would abort", exc)
 
 
 def _open_proc_self_fd() -> int | None:

