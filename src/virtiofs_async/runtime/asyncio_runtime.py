@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import queue
 import threading
@@ -174,6 +175,16 @@ class _Completions:
         os.close(self.efd)
 
 
+def _preload_unwinder() -> None:
+    """glibc dlopens libgcc_s when a thread first exits (pthread_exit
+    unwinds); after a chroot or pivot_root that fails and aborts the
+    process, so load it while the host's libraries are still reachable."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError:
+        pass
+
+
 class _ThreadPool:
     """At most ``max_threads`` worker threads, started on demand, running
     blocking calls for :meth:`AsyncioRuntime.run_in_thread` (what
@@ -195,6 +206,8 @@ class _ThreadPool:
             if self._idle:
                 self._idle -= 1
             elif len(self._threads) < self._max:
+                if not self._threads:
+                    _preload_unwinder()
                 t = threading.Thread(target=self._work, name=f"virtiofs-worker_{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()
