@@ -64,6 +64,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 
+from .runtime.base import preload_unwinder
+
 log = logging.getLogger("virtiofs_async.sandbox")
 
 __all__ = [
@@ -409,7 +411,7 @@ def enter(
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}")
     if mode != "none":
-        _preload_unwinder()
+        preload_unwinder()
     if mode == "namespace":
         box = _enter_namespaces(shared_dir, prepare, serving_fds, supervisor_fds, on_supervisor_exit)
     else:
@@ -420,15 +422,6 @@ def enter(
         box = Sandbox(mode, "/" if mode == "chroot" else shared_dir, proc_fd, prepared)
     return box
 
-
-def _preload_unwinder() -> None:
-    """Load libgcc_s now: glibc dlopens it the first time a thread exits
-    (pthread_exit unwinds), which fails once the root is the share and
-    aborts the process ("libgcc_s.so.1 must be installed")."""
-    try:
-        ctypes.CDLL("libgcc_s.so.1")
-    except OSError as exc:
-        log.warning("cannot preload libgcc_s.so.1 (%s): a worker thread exiting in the sandbox would abort", exc)
 
 
 def _open_proc_self_fd() -> int | None:

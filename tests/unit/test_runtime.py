@@ -106,3 +106,26 @@ def test_an_unusable_fd_raises_oserror(name: str, tmp_path: Any) -> None:
         run_on(name, body)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_building_a_runtime_loads_the_unwinder(name: str) -> None:
+    """A worker thread that exits after a chroot/pivot_root makes glibc dlopen
+    libgcc_s, which aborts the process once the host's /lib is gone: every
+    runtime loads it when built, before any root switch (a fresh process,
+    so nothing else has loaded it yet)."""
+    import subprocess
+    import sys
+
+    import virtiofs_async
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(virtiofs_async.__file__)))
+    script = (
+        "import sys; sys.path[:0] = [%r]\n"
+        "from virtiofs_async.runtime import get_runtime\n"
+        "loaded = lambda: 'libgcc_s.so' in open('/proc/self/maps').read()\n"
+        "before = loaded(); get_runtime(%r); print(before, loaded())\n" % (src, name)
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

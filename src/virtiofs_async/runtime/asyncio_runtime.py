@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import queue
 import threading
 import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-from .base import ClosedResourceError
+from .base import ClosedResourceError, preload_unwinder
 
 T = TypeVar("T")
 
@@ -175,15 +174,6 @@ class _Completions:
         os.close(self.efd)
 
 
-def _preload_unwinder() -> None:
-    """glibc dlopens libgcc_s when a thread first exits (pthread_exit
-    unwinds); after a chroot or pivot_root that fails and aborts the
-    process, so load it while the host's libraries are still reachable."""
-    try:
-        ctypes.CDLL("libgcc_s.so.1")
-    except OSError:
-        pass
-
 
 class _ThreadPool:
     """At most ``max_threads`` worker threads, started on demand, running
@@ -194,6 +184,7 @@ class _ThreadPool:
     lets the running ones finish and stop, and later calls start new ones."""
 
     def __init__(self, max_threads: int) -> None:
+        preload_unwinder()  # now: the first thread may start after a root switch
         self._max = max(1, max_threads)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -206,8 +197,6 @@ class _ThreadPool:
             if self._idle:
                 self._idle -= 1
             elif len(self._threads) < self._max:
-                if not self._threads:
-                    _preload_unwinder()
                 t = threading.Thread(target=self._work, name=f"virtiofs-worker_{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()

@@ -12,6 +12,8 @@ own or borrow from a live owner.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
@@ -105,3 +107,21 @@ def signal_eventfd(fd: int) -> None:
         os.eventfd_write(fd, 1)
     except BlockingIOError:
         pass
+
+
+def preload_unwinder() -> bool:
+    """Load libgcc_s into the process now, while the host's libraries are
+    reachable. glibc dlopens it the first time a thread exits through
+    pthread_exit (a daemon thread at interpreter exit); after a chroot or
+    pivot_root into the share that dlopen fails and aborts the process
+    ("libgcc_s.so.1 must be installed"). Every runtime calls this when it
+    is built, so build the runtime before switching the root. Returns
+    whether the library is loaded."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError as exc:
+        logging.getLogger(__name__).warning(
+            "cannot preload libgcc_s.so.1 (%s): a worker thread exiting after a root switch would abort", exc
+        )
+        return False
+    return True

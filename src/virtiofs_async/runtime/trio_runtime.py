@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import trio
 
-from .base import ClosedResourceError
+from .base import ClosedResourceError, preload_unwinder
 
 T = TypeVar("T")
 
@@ -64,6 +64,7 @@ class TrioRuntime:
     name = "trio"
 
     def __init__(self, *, max_threads: int = 64) -> None:
+        preload_unwinder()  # trio's worker threads may exit after a root switch
         self._max_threads = max_threads
         self._limiter: trio.CapacityLimiter | None = None
 
