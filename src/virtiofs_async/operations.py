@@ -160,6 +160,30 @@ class DirectoryReply:
     def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
         raise NotImplementedError
 
+    def add_names(self, entries: Sequence[tuple[int, int, int, bytes]]) -> int:
+        """READDIR's fast form of ``add``: ``(ino, next_offset, dtype, name)``
+        entries (``dtype`` a DT_* value), added in order while they fit;
+        returns how many were added. In a READDIRPLUS reply use ``add``."""
+        count = 0
+        for ino, next_offset, dtype, name in entries:
+            if not self.add(name, EntryAttributes(st_ino=ino, st_mode=dtype << 12), next_offset):
+                break
+            count += 1
+        return count
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still free in the reply: a backend that fetches entries in
+        batches can fetch (and, for READDIRPLUS, look up) only what fits.
+        This default, for replies that do not know, is a page."""
+        return 4096
+
+    def entry_size(self, name_len: int) -> int:
+        """Bytes one entry with a ``name_len``-byte name takes in this reply:
+        a fuse_dirent (24 bytes and the name, 8-aligned), after a
+        fuse_entry_out (128 bytes) in READDIRPLUS."""
+        return (24 + name_len + 7) // 8 * 8 + (128 if self.plus else 0)
+
 
 def _enosys() -> FuseError:
     return FuseError(errno.ENOSYS)

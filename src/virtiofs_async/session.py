@@ -134,6 +134,30 @@ class _DirectoryReply(DirectoryReply):
         self._used = 0
         self.parts: list[bytes] = []
 
+    @property
+    def remaining(self) -> int:
+        return self._size - self._used
+
+    def add_names(self, entries: Sequence[tuple[int, int, int, bytes]]) -> int:
+        if self.plus:
+            return super().add_names(entries)
+        parts, used, size, count = self.parts, self._used, self._size, 0
+        for ino, next_offset, dtype, name in entries:
+            n = len(name)
+            need = (24 + n + 7) & ~7  # codec.dirent_size
+            if used + need > size:
+                break
+            if not n or b"/" in name or b"\0" in name:
+                raise ValueError(f"backend produced an invalid directory entry name {name!r}")
+            parts.append(_pack_dirent(ino, next_offset, dtype, name))
+            used += need
+            count += 1
+        self._used = used
+        return count
+
+    def entry_size(self, name_len: int) -> int:
+        return codec.direntplus_size(name_len) if self.plus else codec.dirent_size(name_len)
+
     def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
         if not name or b"/" in name or b"\0" in name:
             raise ValueError(f"backend produced an invalid directory entry name {name!r}")

@@ -444,6 +444,93 @@ def test_readdir_uses_host_offsets_and_resumes(fs: PassthroughFS, share: str) ->
     go(fs, body)
 
 
+def test_readdir_resumes_from_its_last_read_without_seeking(
+    fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that takes part of one getdents64 batch leaves the rest for the
+    next request (no syscall), and reading on where the fd already is needs
+    no seek (on ext4 a seek rebuilds the hash-order state). Offset 0 always
+    reads afresh, so a rewinddir sees entries made since."""
+    for i in range(200):
+        open(host(share, f"entry-{i:04d}"), "wb").close()
+    calls: list[int | None] = []
+    real = _hostfs.getdents
+
+    def counting(fd: int, offset: int | None, bufsize: int = 32768) -> list[_hostfs.Dirent]:
+        calls.append(offset)
+        return real(fd, offset, bufsize)
+
+    monkeypatch.setattr(_hostfs, "getdents", counting)
+
+    async def body() -> None:
+        dirh = await fs.opendir(ROOT_INODE, ROOT)
+        seen: list[bytes] = []
+        offset, replies = 0, 0
+        while True:
+            reply = Collect(limit=7)
+            await fs.readdir(dirh.fh, offset, reply)
+            if not reply.entries:
+                break
+            replies += 1
+            seen += [n for n, _, _ in reply.entries]
+            offset = reply.entries[-1][2]
+        assert len(seen) == len(set(seen)) == 202
+        assert calls[0] == 0  # the first read seeks to the start
+        assert len(calls) < replies / 2, (len(calls), replies)  # most replies came from a previous batch
+        assert all(c is None for c in calls[1:]), calls  # reading on: never a seek
+        open(host(share, "late"), "wb").close()
+        calls.clear()
+        again = Collect()
+        await fs.readdir(dirh.fh, 0, again)
+        assert calls[0] == 0 and b"late" in {n for n, _, _ in again.entries}
+        await fs.releasedir(dirh.fh)
+
+    go(fs, body)
+
+
+def test_readdir_fetches_and_looks_up_what_fits(fs: PassthroughFS, share: str) -> None:
+    """READDIRPLUS looks up only the entries the reply has room for (every
+    lookup opens a host fd): none are opened and dropped."""
+    for i in range(100):
+        open(host(share, f"f{i:03d}"), "wb").close()
+
+    class Sized(Collect):
+        def __init__(self, room: int) -> None:
+            super().__init__(plus=True)
+            self.room = room
+
+        @property
+        def remaining(self) -> int:
+            return self.room
+
+        def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
+            need = self.entry_size(len(name))
+            if need > self.room:
+                return False
+            self.room -= need
+            return super().add(name, attributes, next_offset)
+
+    opened: list[bytes] = []
+    real = fs._lookup_at
+
+    def counting(dirfd: int, name: bytes) -> Any:
+        opened.append(name)
+        return real(dirfd, name)
+
+    fs._lookup_at = counting  # type: ignore[method-assign]
+
+    async def body() -> None:
+        dirh = await fs.opendir(ROOT_INODE, ROOT)
+        reply = Sized(4096)
+        await fs.readdir(dirh.fh, 0, reply)
+        names = [n for n, _, _ in reply.entries if n not in (b".", b"..")]
+        assert 20 <= len(reply.entries) <= 4096 // 160 + 1
+        assert opened == names  # looked up exactly the entries that went in
+        await fs.releasedir(dirh.fh)
+
+    go(fs, body)
+
+
 def test_readdirplus_counts_only_accepted_entries(fs: PassthroughFS, share: str) -> None:
     for i in range(50):
         with open(host(share, f"f{i:02d}"), "wb") as f:
@@ -573,6 +660,39 @@ def test_credentials_are_per_thread_and_restored(make_fs: Callable[..., Passthro
 def _ids_after_a_pause() -> tuple[int, int, tuple[int, ...]]:
     time.sleep(0.005)
     return (*_hostfs.current_fs_ids(), tuple(os.getgroups()))
+
+
+def test_setattr_runs_inline_unless_it_truncates(
+    fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chmod, chown and utimensat are fast metadata calls (on the event
+    loop, like getattr); a size change can free a whole file (the pool)."""
+    with open(host(share, "f"), "wb") as f:
+        f.write(b"x" * 10000)
+    threads: list[bool] = []  # ran on the loop's thread?
+    real = fs._w_setattr
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args)
+
+    monkeypatch.setattr(fs, "_w_setattr", spy)
+
+    async def body() -> None:
+        e = await fs.lookup(ROOT_INODE, b"f", ROOT)
+        a = await fs.setattr(e.st_ino, EntryAttributes(st_mode=0o640, st_mtime_ns=5_000_000_123),
+                             SetattrFields(update_mode=True, update_mtime=True), None, ROOT)
+        assert stat.S_IMODE(a.st_mode) == 0o640 and a.st_mtime_ns == 5_000_000_123
+        a = await fs.setattr(e.st_ino, EntryAttributes(st_uid=1000, st_gid=1000),
+                             SetattrFields(update_uid=True, update_gid=True), None, ROOT)
+        assert (a.st_uid, a.st_gid) == (1000, 1000)
+        a = await fs.setattr(e.st_ino, EntryAttributes(st_size=10), SetattrFields(update_size=True), None, ROOT)
+        assert a.st_size == 10
+
+    go(fs, body)
+    assert threads == [True, True, False]
+    st = os.stat(host(share, "f"))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size) == (0o640, 1000, 10)  # (the truncate set mtime)
 
 
 def test_inline_fallback_without_a_pool(make_fs: Callable[..., PassthroughFS], share: str) -> None:

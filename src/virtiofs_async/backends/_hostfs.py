@@ -31,7 +31,7 @@ import os
 import platform
 import struct
 import threading
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import attrs
 
@@ -352,8 +352,9 @@ _SYS_getdents64 = {"x86_64": 217, "aarch64": 61, "arm64": 61, "riscv64": 61, "lo
 _getdents64 = getattr(_libc, "getdents64", None)
 
 
-@attrs.frozen
-class Dirent:
+class Dirent(NamedTuple):
+    """One host directory entry (a tuple: a directory listing makes many)."""
+
     ino: int
     #: the host's cookie to resume *after* this entry (lseek(fd, off))
     off: int
@@ -361,11 +362,15 @@ class Dirent:
     name: bytes
 
 
-def getdents(fd: int, offset: int, bufsize: int = 32768) -> list[Dirent]:
+def getdents(fd: int, offset: int | None, bufsize: int = 32768) -> list[Dirent]:
     """Entries of the directory ``fd`` (opened O_RDONLY) from the host
-    cookie ``offset`` (0 = start), as many as one getdents64 call returns.
-    An empty list means the end. The caller serialises use of ``fd``."""
-    os.lseek(fd, offset, os.SEEK_SET)
+    cookie ``offset`` (0 = start; None = where the fd is, which saves the
+    seek: on ext4 a seek makes the next call rebuild its hash-order state),
+    as many as one getdents64 call returns. An empty list means the end;
+    after a call the fd is at the last entry's ``off``. The caller
+    serialises use of ``fd``."""
+    if offset is not None:
+        os.lseek(fd, offset, os.SEEK_SET)
     buf = ctypes.create_string_buffer(bufsize)
     if _getdents64 is not None:
         n = _getdents64(fd, buf, bufsize)
@@ -376,15 +381,17 @@ def getdents(fd: int, offset: int, bufsize: int = 32768) -> list[Dirent]:
     _check(n)
     raw = buf.raw[:n]
     out: list[Dirent] = []
+    append = out.append
     pos = 0
-    head = _DIRENT_HEAD
+    unpack_from = _DIRENT_HEAD.unpack_from
+    head_size = _DIRENT_HEAD.size
+    index = raw.index
     while pos < n:
-        ino, off, reclen, dtype = head.unpack_from(raw, pos)
-        if reclen < head.size or pos + reclen > n:
+        ino, off, reclen, dtype = unpack_from(raw, pos)
+        if reclen < head_size or pos + reclen > n:
             raise OSError(errno.EIO, "corrupt getdents64 record")
-        name_start = pos + head.size
-        end = raw.index(b"\0", name_start, pos + reclen)
-        out.append(Dirent(ino, off, dtype, raw[name_start:end]))
+        name_start = pos + head_size
+        append(Dirent(ino, off, dtype, raw[name_start:index(b"\0", name_start, pos + reclen)]))
         pos += reclen
     return out
 

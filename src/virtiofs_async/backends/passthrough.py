@@ -47,8 +47,8 @@ Contracts:
   FATTR_KILL_SUIDGID.
 * **Blocking.** Calls that can block on I/O go through ``run_blocking``
   (the runtime's worker pool, injected by the server; inline until then).
-  Fast metadata calls (lookup, getattr, readlink, access, xattr reads,
-  statfs, non-waiting locks, forget) run inline on the event loop when
+  Fast metadata calls (lookup, getattr, setattr without a size change,
+  readlink, access, xattr reads, statfs, non-waiting locks, forget) run inline on the event loop when
   ``inline_metadata`` is true (the default: measured faster, see
   ``INLINE_METADATA_DEFAULT``). A waiting SETLKW / flock occupies one pool
   thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
@@ -183,8 +183,14 @@ class _Handle:
     nowait_read: bool = False
     pins: int = 0
     closed: bool = False
-    #: serialises lseek+getdents64 on a directory fd
+    #: serialises lseek+getdents64 on a directory fd, and the two below
     lock: threading.Lock = attrs.Factory(threading.Lock)
+    #: directory only: the host cookie the fd is at (-1: unknown); the
+    #: entries the last getdents64 returned, and the cookie they start at
+    #: (a reply that used part of them resumes from the rest, no syscall)
+    dir_pos: int = -1
+    dir_read: list[_hostfs.Dirent] = attrs.Factory(list)
+    dir_read_from: int = -1
 
 
 class _Box:
@@ -786,8 +792,10 @@ class PassthroughFS(Operations):
                 raise _err(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
             _check_range(attr.st_size)
         pins: tuple[Any, ...] = (node,) if h is None else (node, h)
+        # chmod/chown/utimensat only touch the inode: fast metadata, inline
+        # like getattr; a truncate can free a whole file: the pool.
         st = await self._run(
-            pins, True, self._with_fd, node, self._w_setattr, node, attr, f, h, ctx.uid
+            pins, f.update_size, self._with_fd, node, self._w_setattr, node, attr, f, h, ctx.uid
         )
         return self._attrs(node.nodeid, st)
 
@@ -1136,8 +1144,11 @@ class PassthroughFS(Operations):
         _check_range(offset)
         plus = reply.plus
         pos = offset
-        bufsize = 4096 if plus else 16384
         while True:
+            # Read about what the reply can still hold: a host dirent takes
+            # about the room of a READDIR entry, a fifth of a READDIRPLUS one.
+            room = reply.remaining
+            bufsize = max(_GETDENTS_MIN, room // 4 if plus else room)
             batch = await self._run((h,), True, _getdents_locked, h, pos, bufsize)
             if not batch:
                 return
@@ -1158,17 +1169,34 @@ class PassthroughFS(Operations):
         return known.nodeid if known is not None else d.ino
 
     def _readdir_batch(self, node: _Inode, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
+        # Inline _dirent_ino: a READDIR reply carries a hundred entries.
+        by_key, dev = self._by_key, node.dev
+        entries = []
         for d in batch:
-            a = EntryAttributes(st_ino=self._dirent_ino(node, d), st_mode=d.type << 12)
-            if not reply.add(d.name, a, d.off):
-                return True
-        return False
+            name = d.name
+            if name in _DOTS:
+                ino = self._dirent_ino(node, d)
+            else:
+                known = by_key.get((dev, d.ino))
+                ino = known.nodeid if known is not None else d.ino
+            entries.append((ino, d.off, d.type, name))
+        return reply.add_names(entries) < len(entries)
 
     async def _readdirplus_batch(self, h: _Handle, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
         node = h.node
-        chunk = 32
-        for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
+        start, count = 0, len(batch)
+        entry_size = reply.entry_size
+        while start < count:
+            # Look up only what still fits in the reply.
+            room = reply.remaining
+            end = start
+            while end < count and (need := entry_size(len(batch[end].name))) <= room:
+                room -= need
+                end += 1
+            if end == start:
+                return True
+            part = batch[start:end]
+            start = end
             names = [d.name for d in part if d.name not in _DOTS]
             looked = await self._run((h,), False, self._lookup_many, h.fd, names, cleanup=_close_many)
             try:
@@ -1477,9 +1505,30 @@ def _open_for_locks(pfd: int, proc_fd: int) -> int:
     raise last
 
 
+#: The smallest getdents64 buffer: room for a few entries with 255-byte names.
+_GETDENTS_MIN = 2048
+
+
 def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> list[_hostfs.Dirent]:
+    """Entries of directory handle ``h`` after host cookie ``offset``: the
+    rest of the previous batch when ``offset`` falls inside it (what a
+    stream's readdir buffer gives), else one getdents64 call, without a
+    seek when the fd is already there. Offset 0 always reads afresh
+    (rewinddir shows the directory as it is now)."""
     with h.lock:
-        return _hostfs.getdents(h.fd, offset, bufsize)
+        read = h.dir_read
+        if offset and read:
+            if offset == h.dir_read_from:
+                return read
+            for i, d in enumerate(read):
+                if d.off == offset:
+                    if i + 1 < len(read):
+                        return read[i + 1:]
+                    break
+        batch = _hostfs.getdents(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
+        h.dir_read, h.dir_read_from = batch, offset
+        h.dir_pos = batch[-1].off if batch else offset
+        return batch
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
