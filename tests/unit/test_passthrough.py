@@ -695,6 +695,50 @@ def test_setattr_runs_inline_unless_it_truncates(
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size) == (0o640, 1000, 10)  # (the truncate set mtime)
 
 
+@pytest.mark.parametrize("block_device", [True, False])
+def test_flush_and_release_inline_only_where_a_close_cannot_wait(
+    fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch, block_device: bool
+) -> None:
+    """FLUSH (close of a dup) and RELEASE run on the loop for a file on a
+    block-device filesystem whose inode the daemon still holds; elsewhere
+    (NFS, FUSE: flush-on-close), or when the close may be the last
+    reference, in the pool."""
+    from virtiofs_async.backends import passthrough
+
+    monkeypatch.setattr(passthrough, "_on_block_device", lambda dev: block_device)
+    closes: list[tuple[str, bool]] = []  # (what, on the loop's thread)
+    real_flush, real_close = passthrough._flush_fd, passthrough._close_quietly
+
+    def flush_spy(fd: int) -> None:
+        closes.append(("flush", threading.current_thread() is threading.main_thread()))
+        real_flush(fd)
+
+    def close_spy(fd: int) -> None:
+        closes.append(("close", threading.current_thread() is threading.main_thread()))
+        real_close(fd)
+
+    monkeypatch.setattr(passthrough, "_flush_fd", flush_spy)
+    monkeypatch.setattr(passthrough, "_close_quietly", close_spy)
+
+    async def body() -> None:
+        info, e = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT)
+        await fs.write(info.fh, 0, [memoryview(b"data")], ROOT)
+        closes.clear()
+        await fs.flush(info.fh, 0)
+        await fs.release(info.fh)
+        assert closes == [("flush", block_device), ("close", block_device)]
+        # The inode forgotten while open: the release is the last close.
+        info = await fs.open(e.st_ino, os.O_RDONLY, ROOT)
+        await fs.forget([(e.st_ino, 1)])
+        closes.clear()
+        await fs.release(info.fh)
+        assert closes[-1] == ("close", False) and len(closes) == 2  # (the O_PATH fd, then the file)
+
+    go(fs, body)
+    with open(host(share, "f"), "rb") as f:
+        assert f.read() == b"data"
+
+
 def test_inline_fallback_without_a_pool(make_fs: Callable[..., PassthroughFS], share: str) -> None:
     fs = make_fs(inline_metadata=False)
     os.chmod(share, 0o777)

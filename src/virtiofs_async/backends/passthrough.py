@@ -48,7 +48,9 @@ Contracts:
 * **Blocking.** Calls that can block on I/O go through ``run_blocking``
   (the runtime's worker pool, injected by the server; inline until then).
   Fast metadata calls (lookup, getattr, setattr without a size change,
-  readlink, access, xattr reads, statfs, non-waiting locks, forget) run inline on the event loop when
+  readlink, access, xattr reads, statfs, non-waiting locks, forget, and
+  FLUSH and RELEASE of files on a block-device filesystem whose inode
+  stays open, see ``_closes_fast``) run inline on the event loop when
   ``inline_metadata`` is true (the default: measured faster, see
   ``INLINE_METADATA_DEFAULT``). A waiting SETLKW / flock occupies one pool
   thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
@@ -61,8 +63,8 @@ Contracts:
   event loop, which only copies what the page cache already holds and
   fails with EAGAIN instead of waiting for I/O or a lock; whatever it could
   not read goes to the pool (as do O_DIRECT handles and filesystems that
-  refuse RWF_NOWAIT, learnt per handle). Writes, creates, unlinks, closes
-  and syncs always go to the pool: a buffered write can wait on the
+  refuse RWF_NOWAIT, learnt per handle). Writes, creates, unlinks, other
+  closes and syncs go to the pool: a buffered write can wait on the
   journal or on dirty-page throttling (and ext4 refuses RWF_NOWAIT for
   buffered writes), a last close can free a whole file. The numbers are
   at ``INLINE_READ_MAX_DEFAULT``.
@@ -1087,13 +1089,26 @@ class PassthroughFS(Operations):
         if fd is not None:
             _close_quietly(fd)  # the owner's POSIX locks on this file go with it
         # close(dup(fd)): the host filesystem's own flush-on-close (NFS, FUSE).
-        await self._run((h,), True, _flush_fd, h.fd)
+        await self._run((h,), not self._closes_fast(h), _flush_fd, h.fd)
 
     async def release(self, fh: FileHandleT) -> None:
         h = self._drop_handle(fh)
         if h is not None and h.pins == 0 and h.fd >= 0:
             fd, h.fd = h.fd, -1
-            await self.run_blocking(_close_quietly, fd)  # a last close may free blocks
+            if self._closes_fast(h):
+                _close_quietly(fd)
+            else:
+                await self.run_blocking(_close_quietly, fd)  # a last close may free blocks
+
+    def _closes_fast(self, h: _Handle) -> bool:
+        """Whether closing an fd of ``h`` (or a dup of it) cannot wait, so
+        FLUSH and RELEASE may run inline: the file lives on a filesystem on
+        a block device (ext4, xfs: no flush-on-close; NFS, FUSE, CIFS, and
+        also tmpfs and btrfs, have anonymous device numbers and go to the
+        pool), and its inode stays held by its O_PATH fd, so the close is
+        never the last reference (which may free a whole unlinked file)."""
+        node = h.node
+        return self.inline_metadata and node.fd >= 0 and not node.gone and _on_block_device(node.dev)
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
@@ -1145,10 +1160,12 @@ class PassthroughFS(Operations):
         plus = reply.plus
         pos = offset
         while True:
-            # Read about what the reply can still hold: a host dirent takes
-            # about the room of a READDIR entry, a fifth of a READDIRPLUS one.
+            # A host dirent takes about the room of a READDIR entry, a fifth
+            # of a READDIRPLUS one. READDIR reads ahead (the next replies
+            # come from what is left, without a trip to the pool);
+            # READDIRPLUS reads about what fits (each entry is looked up).
             room = reply.remaining
-            bufsize = max(_GETDENTS_MIN, room // 4 if plus else room)
+            bufsize = max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
             batch = await self._run((h,), True, _getdents_locked, h, pos, bufsize)
             if not batch:
                 return
@@ -1507,6 +1524,8 @@ def _open_for_locks(pfd: int, proc_fd: int) -> int:
 
 #: The smallest getdents64 buffer: room for a few entries with 255-byte names.
 _GETDENTS_MIN = 2048
+#: READDIR reads this many replies' worth of host entries at once.
+_READDIR_AHEAD = 4
 
 
 def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> list[_hostfs.Dirent]:
@@ -1601,6 +1620,11 @@ def _pwrite_killpriv(fd: int, data: Sequence[memoryview], offset: int, kill: boo
         except OSError as exc:  # the data is written: do not fail the write
             log.warning("could not drop suid/sgid after a write: %s", exc.strerror)
     return n
+
+
+def _on_block_device(dev: int) -> bool:
+    """``st_dev`` of a filesystem on a block device (major number not 0)."""
+    return os.major(dev) != 0
 
 
 def _flush_fd(fd: int) -> None:
