@@ -24,6 +24,12 @@ if os.environ.get("VIRTIOFS_ASYNC_NO_EXT", "") in ("", "0"):
                 depends=[*shared, "cyext/codec.pyx"],
             ),
             Extension(
+                "virtiofs_async._cy_iopool",
+                ["cyext/iopool.pyx"],
+                include_dirs=["cyext/include"],
+                depends=["cyext/iopool.pyx"],
+            ),
+            Extension(
                 "virtiofs_async._cy_vring",
                 ["cyext/vring.pyx"],
                 include_dirs=["cyext/include"],

@@ -19,6 +19,7 @@ IMPLEMENTATION = "python"
 if _choice != "python":
     try:
         from . import _cy_codec as _codec
+        from ._cy_iopool import IoPool
         from ._cy_vring import DescriptorChain, VirtQueue, scatter
     except ImportError:
         if _choice == "cython":
@@ -29,6 +30,7 @@ if _choice != "python":
 if IMPLEMENTATION == "python":
     from . import codec as _codec  # type: ignore[no-redef]
     from .buffers import scatter
+    from .iopool import IoPool
     from .vring import DescriptorChain, VirtQueue
 
 decode_request = _codec.decode_request
@@ -42,6 +44,6 @@ record_factory = _codec.record_factory
 write_reply = _codec.write_reply
 
 __all__ = [
-    "IMPLEMENTATION", "DescriptorChain", "VirtQueue", "decode_request", "encode_out_header", "pack_attr",
+    "IMPLEMENTATION", "DescriptorChain", "IoPool", "VirtQueue", "decode_request", "encode_out_header", "pack_attr",
     "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out", "record_factory", "scatter", "write_reply",
 ]

@@ -27,6 +27,7 @@ length (``ENAMETOOLONG``) and the meaning of ``.`` / ``..``.
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING, Any, Callable, NewType, Sequence, TypeVar
 
 import attrs
@@ -219,6 +220,19 @@ class Operations:
         blocking syscalls without knowing which event loop runs it. This
         default (no server) simply calls ``fn`` inline."""
         return fn(*args)
+
+    async def run_preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        """One ``preadv(2)`` into ``buffers`` without holding up other
+        requests (it may be short; OSError on failure). The server replaces
+        this with its runtime's I/O pool (compiled: the syscall runs without
+        the GIL); this default goes through ``run_blocking``. Keep ``fd``
+        open until it returns (and, if cancelled, until the syscall would
+        have ended)."""
+        return await self.run_blocking(os.preadv, fd, buffers, offset)
+
+    async def run_pwritev(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        """One ``pwritev(2)`` from ``buffers``; see :meth:`run_preadv`."""
+        return await self.run_blocking(os.pwritev, fd, buffers, offset)
 
     # -- lifecycle -------------------------------------------------------
     async def init(self) -> None:

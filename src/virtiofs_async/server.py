@@ -31,8 +31,11 @@ def make_server(
 ) -> VhostUserServer:
     """A server (not yet listening) for ``operations``; see :func:`serve`.
 
-    Gives ``operations.run_blocking`` the runtime's worker pool."""
+    Gives ``operations.run_blocking`` the runtime's worker pool, and
+    ``run_preadv`` / ``run_pwritev`` its I/O pool."""
     operations.run_blocking = runtime.run_in_thread  # type: ignore[method-assign]
+    operations.run_preadv = runtime.preadv  # type: ignore[method-assign]
+    operations.run_pwritev = runtime.pwritev  # type: ignore[method-assign]
     return VhostUserServer(
         runtime,
         lambda: FuseSession(operations, session_config),

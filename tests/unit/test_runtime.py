@@ -4,7 +4,9 @@ consumes the counter, ``close`` wakes a pending wait with
 ClosedResourceError and stops watching, an unusable fd raises OSError."""
 from __future__ import annotations
 
+import errno
 import os
+import time
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -129,3 +131,31 @@ def test_building_a_runtime_loads_the_unwinder(name: str) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_preadv_and_pwritev_off_the_loop(name: str, tmp_path: Any) -> None:
+    """The runtimes' I/O calls: data in and out of the given buffers, OSError
+    with the errno on failure, and (asyncio) no I/O worker left after run."""
+    import threading
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    ro = os.open(tmp_path / "f", os.O_RDONLY)
+
+    async def body(rt: Runtime) -> Any:
+        n = await rt.pwritev(fd, [b"abc", bytearray(b"defg")], 2)
+        head, tail = bytearray(3), bytearray(10)
+        m = await rt.preadv(fd, [head, tail], 0)
+        with pytest.raises(OSError) as err:
+            await rt.pwritev(ro, [b"x"], 0)
+        return n, m, bytes(head), bytes(tail), err.value.errno
+
+    try:
+        assert run_on(name, body) == (7, 9, b"\0\0a", b"bcdefg\0\0\0\0", errno.EBADF)
+    finally:
+        os.close(fd)
+        os.close(ro)
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("virtiofs-io") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "I/O workers outlived the runtime"
+        time.sleep(0.01)

@@ -28,6 +28,7 @@ from virtiofs_async.errors import FuseProtocolError, VringError
 from virtiofs_async.memory import GuestMemory
 from virtiofs_async.operations import EntryAttributes, RequestContext
 
+from .compiled import need_compiled
 from .codec_strategies import direntpluses, entry_attributes, entry_outs, request_of, requests, resplit
 
 try:
@@ -38,17 +39,10 @@ except ImportError as exc:  # not built
 else:
     _MISSING = None
 
-_REQUIRED = "cython" in (
-    os.environ.get("VIRTIOFS_ASYNC_IMPLEMENTATION", "").strip().lower(),
-    os.environ.get("VIRTIOFS_ASYNC_EXPECT_IMPLEMENTATION", "").strip().lower(),
-)
 
 
 def _need_compiled() -> None:
-    if _MISSING is not None:
-        if _REQUIRED:
-            pytest.fail(f"the Cython twins are required but not importable: {_MISSING}")
-        pytest.skip(f"Cython twins not built ({_MISSING}); run: python setup.py build_ext --inplace")
+    need_compiled(_MISSING, "the Cython twins are")
 
 
 @pytest.fixture(autouse=True)

@@ -58,7 +58,9 @@ Contracts:
   return, so no fd they use can be closed under them.
 * **Data path.** READ goes ``preadv`` straight into the guest's reply
   buffers (``read_into``) and WRITE ``pwritev`` straight from the guest's
-  request buffers: no copy in the daemon. A READ of at most
+  request buffers: no copy in the daemon. Both go through ``run_preadv`` /
+  ``run_pwritev``, the runtime's I/O pool (its compiled workers run the
+  syscall without taking the GIL). A READ of at most
   ``inline_read_max`` bytes first tries ``preadv2(RWF_NOWAIT)`` on the
   event loop, which only copies what the page cache already holds and
   fails with EAGAIN instead of waiting for I/O or a lock; whatever it could
@@ -1074,13 +1076,62 @@ class PassthroughFS(Operations):
                 if done:
                     buffers = _skip(buffers, done)
                 # 0: end of file, or nothing cached: the pool tells which
-        return done + await self._run((h,), True, _preadv_full, h.fd, buffers, offset + done, size - done)
+        size -= done
+        offset += done
+        while size > 0:  # short only at end of file
+            n = await self._io(h, False, buffers if len(buffers) <= _IOV_MAX else buffers[:_IOV_MAX], offset)
+            if n == 0:
+                break
+            done += n
+            size -= n
+            offset += n
+            if size > 0:
+                buffers = _skip(buffers, n)
+        return done
 
     async def write(self, fh: FileHandleT, offset: int, data: Sequence[memoryview], ctx: RequestContext) -> int:
+        """pwritev from ``data`` (IOV_MAX views per syscall, never joined;
+        stops at the first short write; an error after some bytes went out
+        returns their count, as write(2) does). A non-root writer then
+        drops suid (and sgid with group-exec) as Linux would; the daemon's
+        own write keeps them (it has CAP_FSETID)."""
         h = self._file_handle(fh)
         self._check_writable_fs()
         _check_range(offset)
-        return await self._run((h,), True, _pwrite_killpriv, h.fd, data, offset, ctx.uid != 0)
+        if len(data) <= _IOV_MAX:
+            done = await self._io(h, True, data, offset)
+        else:
+            done = 0
+            for start in range(0, len(data), _IOV_MAX):
+                chunk = data[start:start + _IOV_MAX]
+                try:
+                    n = await self._io(h, True, chunk, offset + done)
+                except FuseError:
+                    if done:
+                        break
+                    raise
+                done += n
+                if n < sum(v.nbytes for v in chunk):
+                    break
+        if ctx.uid != 0 and done and h.fd >= 0:
+            _kill_suidgid_after_write(h.fd)  # fstat + fchmod: inline metadata
+        return done
+
+    async def _io(self, h: _Handle, write: bool, views: Sequence[memoryview], offset: int) -> int:
+        """One pwritev/preadv of ``h``'s fd through the runtime's I/O pool,
+        ``h`` pinned meanwhile (left pinned if the request is cancelled:
+        the syscall may still be using the fd); OSError -> FuseError."""
+        h.pins += 1
+        try:
+            n = await (self.run_pwritev if write else self.run_preadv)(h.fd, views, offset)
+        except OSError as exc:
+            self._unpin((h,))
+            raise FuseError(exc.errno or errno.EIO) from None
+        except Exception:
+            self._unpin((h,))
+            raise
+        self._unpin((h,))
+        return n
 
     async def flush(self, fh: FileHandleT, lock_owner: int) -> None:
         h = self._handle(fh)
@@ -1570,56 +1621,14 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     return out[i:]
 
 
-def _preadv_full(fd: int, views: Sequence[memoryview], offset: int, size: int) -> int:
-    """Fill ``views`` (``size`` bytes in all) from ``offset`` on, short only
-    at end of file; IOV_MAX views per syscall."""
-    done = 0
-    while done < size:
-        n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset + done)
-        if n == 0:
-            break
-        done += n
-        if done < size:
-            views = _skip(views, n)
-    return done
-
-
-def _pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
-    """``pwritev`` of ``views`` at ``offset``, IOV_MAX views per syscall
-    (never joined); stops at the first short write. An error after some
-    bytes went out returns their count, as write(2) does."""
-    if len(views) <= _IOV_MAX:
-        return os.pwritev(fd, views, offset)
-    done = 0
-    for start in range(0, len(views), _IOV_MAX):
-        chunk = views[start:start + _IOV_MAX]
-        want = sum(v.nbytes for v in chunk)
-        try:
-            n = os.pwritev(fd, chunk, offset + done)
-        except OSError:
-            if done:
-                return done
-            raise
-        done += n
-        if n < want:
-            break
-    return done
-
-
-def _pwrite_killpriv(fd: int, data: Sequence[memoryview], offset: int, kill: bool) -> int:
-    """Write ``data`` at ``offset``; for a non-root writer then drop suid
-    (and sgid with group-exec) as Linux would (the daemon's own write keeps
-    them: it has CAP_FSETID)."""
-    n = _pwritev_all(fd, data, offset)
-    if kill and n:
-        try:
-            mode = os.fstat(fd).st_mode
-            new = _kill_suidgid_mode(mode)
-            if new != mode:
-                os.fchmod(fd, stat.S_IMODE(new))
-        except OSError as exc:  # the data is written: do not fail the write
-            log.warning("could not drop suid/sgid after a write: %s", exc.strerror)
-    return n
+def _kill_suidgid_after_write(fd: int) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+        new = _kill_suidgid_mode(mode)
+        if new != mode:
+            os.fchmod(fd, stat.S_IMODE(new))
+    except OSError as exc:  # the data is written: do not fail the write
+        log.warning("could not drop suid/sgid after a write: %s", exc.strerror)
 
 
 def _on_block_device(dev: int) -> bool:

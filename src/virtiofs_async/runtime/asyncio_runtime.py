@@ -7,9 +7,11 @@ import os
 import queue
 import threading
 import weakref
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from .base import ClosedResourceError, preload_unwinder
+
+_PREADV, _PWRITEV = 0, 1  # IoPool's operations (iopool.PREADV / PWRITEV)
 
 T = TypeVar("T")
 
@@ -225,6 +227,44 @@ class _ThreadPool:
             self._queue.put(None)
 
 
+class _IoCompletions:
+    """One loop's I/O pool (``_accel.IoPool``: compiled workers run the
+    syscalls without the GIL): a reader on its eventfd settles the futures
+    of the finished jobs. Closed when the runtime's ``run`` ends or the loop
+    is collected; queued jobs still run, their results are dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_threads: int) -> None:
+        from .._accel import IoPool
+
+        self.pool = IoPool(max_threads, "virtiofs-io")
+        self._efd = self.pool.fd
+        self.closed = False
+        loop.add_reader(self._efd, self._drain)
+        self._finalizer = weakref.finalize(loop, self._close_pool, self.pool)
+
+    def _drain(self) -> None:
+        for fut, result in self.pool.drain():
+            if fut.done():  # the awaiting task was cancelled
+                continue
+            if result >= 0:
+                fut.set_result(result)
+            else:
+                fut.set_exception(OSError(-result, os.strerror(-result)))
+
+    @staticmethod
+    def _close_pool(pool: Any) -> None:
+        pool.close()
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not loop.is_closed():
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                loop.remove_reader(self._efd)
+        self._finalizer()
+
+
 class AsyncioRuntime:
     """Runtime over the running asyncio loop (uvloop's loop is an asyncio loop)."""
 
@@ -242,6 +282,8 @@ class AsyncioRuntime:
         self._completions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Completions] = (
             weakref.WeakKeyDictionary()
         )
+        self._max_threads = max_threads
+        self._io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IoCompletions] = weakref.WeakKeyDictionary()
         # fd -> futures waiting on it (readable and writable)
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
 
@@ -303,6 +345,21 @@ class AsyncioRuntime:
         self._pool.submit(sink, fut, fn, args)
         return await fut
 
+    async def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        return await self._io_job(_PREADV, fd, buffers, offset)
+
+    async def pwritev(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        return await self._io_job(_PWRITEV, fd, buffers, offset)
+
+    async def _io_job(self, op: int, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        loop = asyncio.get_running_loop()
+        io = self._io.get(loop)
+        if io is None or io.closed:
+            io = self._io[loop] = _IoCompletions(loop, self._max_threads)
+        fut: asyncio.Future[int] = loop.create_future()
+        io.pool.submit(op, fd, buffers, offset, fut)
+        return await fut
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
@@ -318,12 +375,21 @@ class AsyncioRuntime:
             pass
 
     def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async def main() -> T:
+            try:
+                return await fn(*args)
+            finally:
+                loop = asyncio.get_running_loop()
+                io = self._io.pop(loop, None)
+                if io is not None:
+                    io.close(loop)
+
         try:
             if self._use_uvloop:
                 import uvloop
 
-                return uvloop.run(fn(*args))
-            return asyncio.run(fn(*args))
+                return uvloop.run(main())
+            return asyncio.run(main())
         finally:
             self._pool.shutdown()
 

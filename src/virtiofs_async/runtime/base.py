@@ -16,7 +16,7 @@ import ctypes
 import logging
 import os
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -80,6 +80,16 @@ class Runtime(Protocol):
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking ``fn(*args)`` in the runtime's bounded thread pool."""
+
+    async def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        """One ``preadv(2)`` into the writable ``buffers`` at ``offset`` off
+        the event loop (it may be short); OSError on failure. The caller
+        keeps ``fd`` open and the buffers alive until it returns, and, if
+        it is cancelled, until the call would have returned (the syscall
+        still runs)."""
+
+    async def pwritev(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        """One ``pwritev(2)``, under the contract of :meth:`preadv`."""
 
     async def sleep(self, seconds: float) -> None: ...
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
@@ -95,6 +95,12 @@ class TrioRuntime:
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(self._max_threads)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        return await self.run_in_thread(os.preadv, fd, buffers, offset)
+
+    async def pwritev(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        return await self.run_in_thread(os.pwritev, fd, buffers, offset)
 
     async def sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
