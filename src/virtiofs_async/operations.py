@@ -46,6 +46,11 @@ FileHandleT = NewType("FileHandleT", int)
 #: The nodeid of the mount's root directory, fixed by the FUSE protocol.
 ROOT_INODE = InodeT(1)
 
+#: RENAME's ``flags`` bits (Linux's values, as the guest sends them).
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
 
 @attrs.define(slots=True)
 class RequestContext:

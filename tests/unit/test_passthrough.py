@@ -739,6 +739,89 @@ def test_flush_and_release_inline_only_where_a_close_cannot_wait(
         assert f.read() == b"data"
 
 
+@pytest.mark.parametrize("block_device", [True, False])
+def test_namespace_calls_and_small_writes_inline_on_a_block_device(
+    make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch, block_device: bool
+) -> None:
+    """On a block-device filesystem, create/mkdir/mknod/symlink/link, open
+    without O_TRUNC, rename, unlink and rmdir, and writes of at most
+    ``inline_write_max`` bytes to a buffered handle run on the loop, the
+    creating ones as the caller (owner, umask) with the loop thread's
+    identity restored after; truncating opens, large or O_SYNC writes, and
+    dropping the last link of a large file nobody holds go to the pool.
+    Elsewhere (anonymous device numbers: NFS, FUSE, tmpfs) all of them do."""
+    from virtiofs_async.backends import passthrough
+
+    monkeypatch.setattr(passthrough, "_on_block_device", lambda dev: block_device)
+    fs = make_fs(posix_acl=True)  # handles_umask: the request's umask is applied
+    os.chmod(share, 0o777)
+    with open(host(share, "big"), "wb") as f:  # 2 MiB allocated, never looked up
+        f.write(b"b" * (2 << 20))
+    with open(host(share, "big2"), "wb") as f:
+        f.write(b"c" * (2 << 20))
+    U = RequestContext(uid=1000, gid=1000, pid=2, umask=0o027)
+    pooled: list[str] = []  # the calls that went to the pool, by request
+    steps: list[tuple[str, bool]] = []
+
+    async def body() -> None:
+        real = fs.run_blocking
+
+        async def spy(fn: Callable[..., Any], *args: Any) -> Any:
+            pooled.append("call")
+            return await real(fn, *args)
+
+        fs.run_blocking = spy  # type: ignore[method-assign]
+
+        async def step(name: str, coro: Awaitable[Any]) -> Any:
+            before = len(pooled)
+            result = await coro
+            steps.append((name, len(pooled) > before))
+            return result
+
+        d = await step("mkdir", fs.mkdir(ROOT_INODE, b"d", 0o777, U))
+        info, f = await step("create", fs.create(ROOT_INODE, b"f", 0o666, os.O_RDWR, U))
+        await step("write 4 KiB", fs.write(info.fh, 0, [memoryview(b"w" * 4096)], U))
+        await step("write 256 KiB", fs.write(info.fh, 4096, [memoryview(b"W" * 4096)] * 64, U))
+        await fs.release(info.fh)
+        await step("symlink", fs.symlink(d.st_ino, b"s", b"../f", U))
+        await step("mknod", fs.mknod(d.st_ino, b"p", stat.S_IFIFO | 0o666, 0, U))
+        await step("link", fs.link(f.st_ino, d.st_ino, b"hard", ROOT))
+        await step("rename", fs.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 0, ROOT))
+        h = await step("open", fs.open(f.st_ino, os.O_RDONLY, ROOT))
+        await fs.release(h.fh)
+        h = await step("open O_TRUNC", fs.open(f.st_ino, os.O_WRONLY | os.O_TRUNC, ROOT))
+        await fs.release(h.fh)
+        h = await step("open O_SYNC", fs.open(f.st_ino, os.O_WRONLY | os.O_SYNC, ROOT))
+        await step("write O_SYNC", fs.write(h.fh, 0, [memoryview(b"s")], ROOT))
+        await fs.release(h.fh)
+        await step("unlink small", fs.unlink(d.st_ino, b"hard", ROOT))
+        await step("unlink big", fs.unlink(ROOT_INODE, b"big", ROOT))
+        held = await fs.lookup(ROOT_INODE, b"big2", ROOT)  # our O_PATH fd keeps its blocks
+        await step("unlink big held", fs.unlink(ROOT_INODE, b"big2", ROOT))
+        await fs.forget([(held.st_ino, 1)])
+        await fs.unlink(d.st_ino, b"s", ROOT)
+        await fs.unlink(d.st_ino, b"p", ROOT)
+        await step("rmdir", fs.rmdir(ROOT_INODE, b"d", ROOT))
+        fs.run_blocking = real  # type: ignore[method-assign]
+
+    old = os.umask(0o022)
+    try:
+        go(fs, body)
+        assert os.umask(0o022) == 0o022  # the process umask came back
+    finally:
+        os.umask(old)
+    pool_only = {"write 256 KiB", "open O_TRUNC", "write O_SYNC", "unlink big"}
+    assert steps == [(name, not block_device or name in pool_only) for name, _ in steps]
+    assert [name for name, _ in steps] == [
+        "mkdir", "create", "write 4 KiB", "write 256 KiB", "symlink", "mknod", "link", "rename", "open",
+        "open O_TRUNC", "open O_SYNC", "write O_SYNC", "unlink small", "unlink big", "unlink big held", "rmdir",
+    ]
+    assert _hostfs.current_fs_ids() == (0, 0)  # the loop's thread is the daemon again
+    st = os.lstat(host(share, "g"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_size) == (1000, 1000, 0o640, 1)
+    assert sorted(os.listdir(share)) == ["g"]
+
+
 def test_inline_fallback_without_a_pool(make_fs: Callable[..., PassthroughFS], share: str) -> None:
     fs = make_fs(inline_metadata=False)
     os.chmod(share, 0o777)
@@ -1324,7 +1407,8 @@ def test_huge_guest_offsets_are_einval_not_crashes(fs: PassthroughFS, share: str
     go(fs, body)
 
 
-def test_a_cancelled_request_leaks_no_fd(fs: PassthroughFS, share: str) -> None:
+def test_a_cancelled_request_leaks_no_fd(make_fs: Callable[..., PassthroughFS], share: str) -> None:
+    fs = make_fs(inline_metadata=False)  # every call below goes to the pool
     with open(host(share, "f"), "wb") as f:
         f.write(b"x")
 

@@ -31,7 +31,10 @@ import attrs
 
 from .._accel import scatter
 from ..errors import FuseError
-from ..operations import (
+from ..operations import (  # RENAME_* re-exported
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     ROOT_INODE,
     DirectoryReply,
     EntryAttributes,
@@ -74,9 +77,6 @@ O_EXCL = 0o200
 O_TRUNC = 0o1000
 O_APPEND = 0o2000
 
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
-RENAME_WHITEOUT = 1 << 2
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2

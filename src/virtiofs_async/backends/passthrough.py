@@ -52,7 +52,13 @@ Contracts:
   FLUSH and RELEASE of files on a block-device filesystem whose inode
   stays open, see ``_closes_fast``) run inline on the event loop when
   ``inline_metadata`` is true (the default: measured faster, see
-  ``INLINE_METADATA_DEFAULT``). A waiting SETLKW / flock occupies one pool
+  ``INLINE_METADATA_DEFAULT``). So do namespace calls on a block-device
+  filesystem (``_fast_namespace``: create, mkdir, mknod, symlink, link,
+  open without O_TRUNC; unlink, rmdir and rename unless they drop the last
+  link of a large file we do not hold, ``_drops_fast``), the creating
+  ones under the caller's credentials switched on the loop's thread for
+  the call. Network and FUSE filesystems (anonymous device numbers) send
+  all of these to the pool. A waiting SETLKW / flock occupies one pool
   thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
   Inline calls take no pins: nothing else runs on the loop until they
   return, so no fd they use can be closed under them.
@@ -60,16 +66,19 @@ Contracts:
   buffers (``read_into``) and WRITE ``pwritev`` straight from the guest's
   request buffers: no copy in the daemon. Both go through ``run_preadv`` /
   ``run_pwritev``, the runtime's I/O pool (its compiled workers run the
-  syscall without taking the GIL). A READ of at most
+  syscall without taking the GIL), except: a READ of at most
   ``inline_read_max`` bytes first tries ``preadv2(RWF_NOWAIT)`` on the
   event loop, which only copies what the page cache already holds and
   fails with EAGAIN instead of waiting for I/O or a lock; whatever it could
   not read goes to the pool (as do O_DIRECT handles and filesystems that
-  refuse RWF_NOWAIT, learnt per handle). Writes, creates, unlinks, other
-  closes and syncs go to the pool: a buffered write can wait on the
-  journal or on dirty-page throttling (and ext4 refuses RWF_NOWAIT for
-  buffered writes), a last close can free a whole file. The numbers are
-  at ``INLINE_READ_MAX_DEFAULT``.
+  refuse RWF_NOWAIT, learnt per handle). A WRITE of at most
+  ``inline_write_max`` bytes to a file on a block-device filesystem
+  (handle not O_DIRECT/O_SYNC/O_DSYNC) runs on the loop: ext4 refuses
+  RWF_NOWAIT for buffered writes, so this one can wait when the host
+  throttles dirty pages (both virtiofsd, at their default thread pool
+  size 0, run every write that way). Other closes, truncating opens and
+  syncs go to the pool: a last close can free a whole file. The numbers
+  are at ``INLINE_READ_MAX_DEFAULT`` and ``INLINE_WRITE_MAX_DEFAULT``.
 * **readdir offsets** are the host filesystem's own ``d_off`` cookies:
   each READDIR seeks the handle's directory fd to the guest's offset and
   calls ``getdents64`` (ctypes), so listings resume exactly where the host
@@ -97,6 +106,7 @@ import attrs
 from ..abi import fuse as abi
 from ..errors import FuseError
 from ..operations import (
+    RENAME_EXCHANGE,
     ROOT_INODE,
     DirectoryReply,
     EntryAttributes,
@@ -114,7 +124,7 @@ from ._hostfs import Credentials, FileHandle, call_as
 
 __all__ = [
     "PassthroughFS", "CACHE_POLICIES", "CACHE_TIMEOUTS", "INODE_FILE_HANDLES", "INLINE_METADATA_DEFAULT",
-    "INLINE_READ_MAX_DEFAULT",
+    "INLINE_READ_MAX_DEFAULT", "INLINE_WRITE_MAX_DEFAULT",
 ]
 
 log = logging.getLogger("virtiofs_async.passthrough")
@@ -137,6 +147,14 @@ INLINE_METADATA_DEFAULT = True
 #: here, and the pool copies on another core while the loop goes on (an
 #: inline 1 MiB copy holds the loop for ~0.2 ms), so larger reads use it.
 INLINE_READ_MAX_DEFAULT = 128 * 1024
+#: WRITEs up to this size to a file on a block-device filesystem (not
+#: O_DIRECT, O_SYNC or O_DSYNC) run ``pwritev`` on the event loop (0: always
+#: the pool): a buffered write of that size is a copy into the page cache,
+#: as cheap as the reads above; it waits only when the host throttles dirty
+#: pages, as both virtiofsd do for every write at their default thread pool
+#: size (0). Measured: see ``benchmarks/RESULTS.md`` (WRITE 4 KiB / 128 KiB
+#: rows, guest random writes).
+INLINE_WRITE_MAX_DEFAULT = 128 * 1024
 
 NAME_MAX = 255
 _DOTS = (b".", b"..")
@@ -144,6 +162,8 @@ _O_PATH = os.O_PATH | os.O_CLOEXEC
 _OPEN_ALLOWED = (
     os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | getattr(os, "O_LARGEFILE", 0)
 )
+#: open flags whose writes wait for the device
+_WAITING_WRITES = os.O_DIRECT | os.O_SYNC | os.O_DSYNC
 _F_RDLCK, _F_WRLCK, _F_UNLCK = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
 _FIRST_SYNTHETIC_NODEID = 1 << 63
 _NO_HANDLE_ERRNOS = (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOTSUP, errno.EPERM, errno.ENOSYS)
@@ -185,6 +205,8 @@ class _Handle:
     writable: bool
     #: try preadv2(RWF_NOWAIT) on the loop first (cleared when the file refuses it)
     nowait_read: bool = False
+    #: small writes run on the loop (see INLINE_WRITE_MAX_DEFAULT)
+    inline_write: bool = False
     pins: int = 0
     closed: bool = False
     #: serialises lseek+getdents64 on a directory fd, and the two below
@@ -287,7 +309,7 @@ class PassthroughFS(Operations):
     ``inode_file_handles`` (one of ``INODE_FILE_HANDLES``), ``posix_locks``
     and ``flock_locks``, ``readdirplus``, ``entry_timeout`` /
     ``attr_timeout`` (override the policy's), ``inline_metadata``,
-    ``inline_read_max``, ``max_lock_waiters``.
+    ``inline_read_max``, ``inline_write_max``, ``max_lock_waiters``.
     """
 
     supports_killpriv_v2 = True
@@ -311,6 +333,7 @@ class PassthroughFS(Operations):
         attr_timeout: float | None = None,
         inline_metadata: bool = INLINE_METADATA_DEFAULT,
         inline_read_max: int = INLINE_READ_MAX_DEFAULT,
+        inline_write_max: int = INLINE_WRITE_MAX_DEFAULT,
         max_lock_waiters: int = 16,
         proc_self_fd: int | None = None,
     ) -> None:
@@ -328,6 +351,7 @@ class PassthroughFS(Operations):
         self.allow_direct_io = allow_direct_io
         self.inline_metadata = inline_metadata
         self.inline_read_max = inline_read_max
+        self.inline_write_max = inline_write_max
         self.max_lock_waiters = max_lock_waiters
         timeout = CACHE_TIMEOUTS[cache]
         self.entry_timeout = timeout if entry_timeout is None else entry_timeout
@@ -670,7 +694,10 @@ class PassthroughFS(Operations):
         writable = not is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY
         # O_DIRECT reads wait for the device even with RWF_NOWAIT.
         nowait = not is_dir and self.inline_read_max > 0 and not flags & os.O_DIRECT
-        self._handles[fh] = _Handle(fh, node, fd, is_dir, writable, nowait)
+        inline_write = (
+            writable and self.inline_write_max > 0 and not flags & _WAITING_WRITES and _on_block_device(node.dev)
+        )
+        self._handles[fh] = _Handle(fh, node, fd, is_dir, writable, nowait, inline_write)
         node.opens += 1
         policy = self.cache
         if is_dir:
@@ -860,7 +887,8 @@ class PassthroughFS(Operations):
             call_as(creds, mask, fn, dirfd, name, *args)
             return self._lookup_at(dirfd, name)
 
-        result = await self._run((p,), True, self._with_fd, p, work, cleanup=_close_lookup_result)
+        result = await self._run((p,), not self._fast_namespace(p), self._with_fd, p, work,
+                                 cleanup=_close_lookup_result)
         return self._register(result, p)[1]
 
     async def mknod(self, parent: InodeT, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
@@ -889,7 +917,7 @@ class PassthroughFS(Operations):
         def work(dirfd: int) -> os.stat_result:
             return self._with_fd(node, self._w_link, dirfd, new_name)
 
-        st = await self._run((p, node), True, self._with_fd, p, work)
+        st = await self._run((p, node), not self._fast_namespace(p), self._with_fd, p, work)
         return self._entry(node, st, p)
 
     def _w_link(self, srcfd: int, dirfd: int, name: bytes) -> os.stat_result:
@@ -900,7 +928,8 @@ class PassthroughFS(Operations):
         self._check_writable_fs()
         p = self._dir_node(parent)
         _check_name(name)
-        await self._run((p,), True, self._with_fd, p, fn, name)
+        blocking = not (self._fast_namespace(p) and self._with_fd(p, self._drops_fast, name))
+        await self._run((p,), blocking, self._with_fd, p, fn, name)
 
     async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
         if name in _DOTS:
@@ -932,7 +961,9 @@ class PassthroughFS(Operations):
         def work(ofd: int) -> None:
             self._with_fd(np, lambda nfd: _hostfs.renameat2(ofd, name_old, nfd, name_new, flags))
 
-        await self._run((op, np), True, self._with_fd, op, work)
+        blocking = not (self._fast_namespace(op) and self._fast_namespace(np)
+                        and (flags & RENAME_EXCHANGE or self._with_fd(np, self._drops_fast, name_new)))
+        await self._run((op, np), blocking, self._with_fd, op, work)
 
     # ------------------------------------------------------------------
     # files
@@ -966,7 +997,8 @@ class PassthroughFS(Operations):
         if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
         oflags = self._open_flags(flags)
-        fd = await self._run((node,), True, self._with_fd, node, self._w_open, oflags,
+        blocking = oflags & os.O_TRUNC or not self._fast_namespace(node)
+        fd = await self._run((node,), blocking, self._with_fd, node, self._w_open, oflags,
                              cleanup=_close_quietly)
         return self._new_handle(node, fd, False, oflags)
 
@@ -979,8 +1011,8 @@ class PassthroughFS(Operations):
         oflags = self._open_flags(flags)
         excl = bool(flags & os.O_EXCL)
         args = (oflags, mode & 0o7777, excl, self._creds(ctx), self._umask(ctx))
-        fd, result = await self._run((p,), True, self._with_fd, p, self._w_create, name, *args,
-                                     cleanup=_close_open_result)
+        fd, result = await self._run((p,), not self._fast_namespace(p), self._with_fd, p, self._w_create, name,
+                                     *args, cleanup=_close_open_result)
         try:
             node, entry = self._register(result, p)
         except BaseException:
@@ -1098,7 +1130,12 @@ class PassthroughFS(Operations):
         h = self._file_handle(fh)
         self._check_writable_fs()
         _check_range(offset)
-        if len(data) <= _IOV_MAX:
+        if h.inline_write and len(data) <= _IOV_MAX and sum(v.nbytes for v in data) <= self.inline_write_max:
+            try:
+                done = os.pwritev(h.fd, data, offset)
+            except OSError as exc:
+                raise FuseError(exc.errno or errno.EIO) from None
+        elif len(data) <= _IOV_MAX:
             done = await self._io(h, True, data, offset)
         else:
             done = 0
@@ -1160,6 +1197,31 @@ class PassthroughFS(Operations):
         never the last reference (which may free a whole unlinked file)."""
         node = h.node
         return self.inline_metadata and node.fd >= 0 and not node.gone and _on_block_device(node.dev)
+
+    def _fast_namespace(self, node: _Inode) -> bool:
+        """Whether namespace calls on ``node``'s filesystem (create, mkdir,
+        mknod, symlink, link, open without O_TRUNC, and unlink, rmdir and
+        rename where :meth:`_drops_fast` agrees) run inline: a filesystem on
+        a block device, where they are journalled metadata updates like the
+        lookups that already run inline (network and FUSE filesystems go to
+        the pool)."""
+        return self.inline_metadata and _on_block_device(node.dev)
+
+    def _drops_fast(self, dirfd: int, name: bytes) -> bool:
+        """Whether removing (or renaming over) ``name`` in ``dirfd`` cannot
+        free much: it does not exist, is not a regular file, has other
+        links, is small (at most ``_FAST_DROP_BYTES`` allocated), or is an
+        inode this backend holds open (then its blocks are freed only when
+        our fd goes). A large file's last link goes to the pool: freeing
+        its blocks can take long."""
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            return True  # the call itself gives the error
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_blocks * 512 <= _FAST_DROP_BYTES:
+            return True
+        node = self._by_key.get((st.st_dev, st.st_ino))
+        return node is not None and node.fd >= 0 and not node.gone
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
@@ -1629,6 +1691,10 @@ def _kill_suidgid_after_write(fd: int) -> None:
             os.fchmod(fd, stat.S_IMODE(new))
     except OSError as exc:  # the data is written: do not fail the write
         log.warning("could not drop suid/sgid after a write: %s", exc.strerror)
+
+
+#: A file with at most this much allocated is removed inline (see ``_drops_fast``).
+_FAST_DROP_BYTES = 1 << 20
 
 
 def _on_block_device(dev: int) -> bool:
