@@ -82,7 +82,7 @@ CREATE_DEPTH = 16
 IO_SIZES = (4 * KiB, 128 * KiB, 1 * MiB)
 STAT_FILE = b"stat-target"
 READ_FILE = b"read-data"
-ORDER = ("ours", "ours-pure", "ours-memfs", "c", f"c-tp{TUNED_THREAD_POOL}", "rust", f"rust-tp{TUNED_THREAD_POOL}")
+ORDER = ("ours", f"ours-tp{TUNED_THREAD_POOL}", "ours-pure", "ours-memfs", "c", f"c-tp{TUNED_THREAD_POOL}", "rust", f"rust-tp{TUNED_THREAD_POOL}")
 
 
 @attrs.frozen
@@ -125,10 +125,11 @@ def variants(names: Sequence[str] = ORDER) -> list[Variant]:
     for name in names:
         base, _, suffix = name.partition("-")
         tp = int(suffix[2:]) if suffix.startswith("tp") else None
-        if name in ("ours", "ours-pure"):
+        if base == "ours" and (suffix in ("", "pure") or tp is not None):
             env = {"VIRTIOFS_ASYNC_IMPLEMENTATION": "python"} if name == "ours-pure" else {}
-            out.append(Variant(name, lambda s, d: [*ours, "--socket-path", s, "--shared-dir", d, "--cache", "auto",
-                                                   "--sandbox", "none"], env))
+            extra = ["--thread-pool-size", str(tp)] if tp is not None else []
+            out.append(Variant(name, lambda s, d, extra=extra: [
+                *ours, "--socket-path", s, "--shared-dir", d, "--cache", "auto", "--sandbox", "none", *extra], env))
         elif name == "ours-memfs":
             out.append(Variant(name, lambda s, d: [py, str(REPO / "examples" / "memfs.py"), "--socket-path", s,
                                                    "--size", "2G"], passthrough=False))

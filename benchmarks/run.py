@@ -81,7 +81,7 @@ def machine() -> list[tuple[str, str]]:
         ("Rust virtiofsd", rust),
         ("virtiofs_async", f"{virtiofs_async.__version__ if hasattr(virtiofs_async, '__version__') else '?'} "
                            f"from {Path(virtiofs_async.__file__).resolve().parent}"),
-        ("implementation", f"{virtiofs_async.IMPLEMENTATION} (ours, ours-memfs); {pure} (ours-pure)"),
+        ("implementation", f"{virtiofs_async.IMPLEMENTATION} (ours, ours-tp4, ours-memfs); {pure} (ours-pure)"),
     ]
 
 
