@@ -744,7 +744,7 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
     make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch, block_device: bool
 ) -> None:
     """On a block-device filesystem, create/mkdir/mknod/symlink/link, open
-    without O_TRUNC, rename, unlink and rmdir, and writes of at most
+    without O_TRUNC, opendir, READDIR(PLUS), rename, unlink and rmdir, and writes of at most
     ``inline_write_max`` bytes to a buffered handle run on the loop, the
     creating ones as the caller (owner, umask) with the loop thread's
     identity restored after; truncating opens, large or O_SYNC writes, and
@@ -794,6 +794,11 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
         h = await step("open O_SYNC", fs.open(f.st_ino, os.O_WRONLY | os.O_SYNC, ROOT))
         await step("write O_SYNC", fs.write(h.fh, 0, [memoryview(b"s")], ROOT))
         await fs.release(h.fh)
+        h = await step("opendir", fs.opendir(d.st_ino, ROOT))
+        listing = Collect(plus=True)
+        await step("readdirplus", fs.readdir(h.fh, 0, listing))
+        assert sorted(n for n, _, _ in listing.entries) == [b".", b"..", b"hard", b"p", b"s"]
+        await fs.releasedir(h.fh)
         await step("unlink small", fs.unlink(d.st_ino, b"hard", ROOT))
         await step("unlink big", fs.unlink(ROOT_INODE, b"big", ROOT))
         held = await fs.lookup(ROOT_INODE, b"big2", ROOT)  # our O_PATH fd keeps its blocks
@@ -814,7 +819,7 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
     assert steps == [(name, not block_device or name in pool_only) for name, _ in steps]
     assert [name for name, _ in steps] == [
         "mkdir", "create", "write 4 KiB", "write 256 KiB", "symlink", "mknod", "link", "rename", "open",
-        "open O_TRUNC", "open O_SYNC", "write O_SYNC", "unlink small", "unlink big", "unlink big held", "rmdir",
+        "open O_TRUNC", "open O_SYNC", "write O_SYNC", "opendir", "readdirplus", "unlink small", "unlink big", "unlink big held", "rmdir",
     ]
     assert _hostfs.current_fs_ids() == (0, 0)  # the loop's thread is the daemon again
     st = os.lstat(host(share, "g"))

@@ -54,7 +54,7 @@ Contracts:
   ``inline_metadata`` is true (the default: measured faster, see
   ``INLINE_METADATA_DEFAULT``). So do namespace calls on a block-device
   filesystem (``_fast_namespace``: create, mkdir, mknod, symlink, link,
-  open without O_TRUNC; unlink, rmdir and rename unless they drop the last
+  open without O_TRUNC, opendir and the getdents64 of READDIR; unlink, rmdir and rename unless they drop the last
   link of a large file we do not hold, ``_drops_fast``), the creating
   ones under the caller's credentials switched on the loop's thread for
   the call. Network and FUSE filesystems (anonymous device numbers) send
@@ -1200,8 +1200,9 @@ class PassthroughFS(Operations):
 
     def _fast_namespace(self, node: _Inode) -> bool:
         """Whether namespace calls on ``node``'s filesystem (create, mkdir,
-        mknod, symlink, link, open without O_TRUNC, and unlink, rmdir and
-        rename where :meth:`_drops_fast` agrees) run inline: a filesystem on
+        mknod, symlink, link, open without O_TRUNC, opendir and getdents64,
+        and unlink, rmdir and rename where :meth:`_drops_fast` agrees) run
+        inline: a filesystem on
         a block device, where they are journalled metadata updates like the
         lookups that already run inline (network and FUSE filesystems go to
         the pool)."""
@@ -1259,7 +1260,7 @@ class PassthroughFS(Operations):
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileInfo:
         node = self._dir_node(inode)
         fd = await self._run(
-            (node,), True, self._with_fd, node, self._w_open, os.O_RDONLY | os.O_DIRECTORY,
+            (node,), not self._fast_namespace(node), self._with_fd, node, self._w_open, os.O_RDONLY | os.O_DIRECTORY,
             cleanup=_close_quietly,
         )
         return self._new_handle(node, fd, True, os.O_RDONLY)
@@ -1272,6 +1273,7 @@ class PassthroughFS(Operations):
         _check_range(offset)
         plus = reply.plus
         pos = offset
+        blocking = not self._fast_namespace(node)  # every call on this handle takes the same road
         while True:
             # A host dirent takes about the room of a READDIR entry, a fifth
             # of a READDIRPLUS one. READDIR reads ahead (the next replies
@@ -1279,7 +1281,7 @@ class PassthroughFS(Operations):
             # READDIRPLUS reads about what fits (each entry is looked up).
             room = reply.remaining
             bufsize = max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
-            batch = await self._run((h,), True, _getdents_locked, h, pos, bufsize)
+            batch = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
             if not batch:
                 return
             if plus:
