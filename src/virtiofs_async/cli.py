@@ -1132,6 +1132,10 @@ def run_daemon(options: Options, backend_factory: BackendFactory | None = None) 
             where,
         )
         ready()
+        # The loop's thread switches its umask for inline creates: its own.
+        from .backends import _hostfs
+
+        _hostfs.claim_private_fs()
         fd = listener.sock.detach()
         runtime.run(_serve, backend, runtime, fd)
         log.info("frontend gone: exiting")

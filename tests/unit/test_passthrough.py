@@ -739,9 +739,10 @@ def test_flush_and_release_inline_only_where_a_close_cannot_wait(
         assert f.read() == b"data"
 
 
-@pytest.mark.parametrize("block_device", [True, False])
+@pytest.mark.parametrize("block_device, own_umask", [(True, True), (True, False), (False, True)])
 def test_namespace_calls_and_small_writes_inline_on_a_block_device(
-    make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch, block_device: bool
+    make_fs: Callable[..., PassthroughFS], share: str, monkeypatch: pytest.MonkeyPatch, block_device: bool,
+    own_umask: bool,
 ) -> None:
     """On a block-device filesystem, create/mkdir/mknod/symlink/link, open
     without O_TRUNC, opendir, READDIR(PLUS), rename, unlink and rmdir, and writes of at most
@@ -749,7 +750,11 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
     creating ones as the caller (owner, umask) with the loop thread's
     identity restored after; truncating opens, large or O_SYNC writes, and
     dropping the last link of a large file nobody holds go to the pool.
-    Elsewhere (anonymous device numbers: NFS, FUSE, tmpfs) all of them do."""
+    Elsewhere (anonymous device numbers: NFS, FUSE, tmpfs) all of them do.
+    The calls that apply a umask run inline only on a thread whose umask is
+    its own (``own_umask``: the loop runs on a thread that claimed it, as
+    the daemon's main thread does); on this unclaimed main thread they go
+    to the pool, so no other thread ever sees the umask switch."""
     from virtiofs_async.backends import passthrough
 
     monkeypatch.setattr(passthrough, "_on_block_device", lambda dev: block_device)
@@ -809,19 +814,34 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
         await step("rmdir", fs.rmdir(ROOT_INODE, b"d", ROOT))
         fs.run_blocking = real  # type: ignore[method-assign]
 
+    ids: list[tuple[int, int]] = []
+
+    def serve() -> None:
+        if own_umask:
+            assert _hostfs.claim_private_fs()
+        go(fs, body)
+        ids.append(_hostfs.current_fs_ids())  # the loop's thread is the daemon again
+
     old = os.umask(0o022)
     try:
-        go(fs, body)
-        assert os.umask(0o022) == 0o022  # the process umask came back
+        if own_umask:
+            worker = threading.Thread(target=serve)
+            worker.start()
+            worker.join()
+        else:
+            serve()
+        assert os.umask(0o022) == 0o022  # the process umask came back (or never moved)
     finally:
         os.umask(old)
     pool_only = {"write 256 KiB", "open O_TRUNC", "write O_SYNC", "unlink big"}
+    if not own_umask:
+        pool_only |= {"mkdir", "create", "mknod"}
     assert steps == [(name, not block_device or name in pool_only) for name, _ in steps]
     assert [name for name, _ in steps] == [
         "mkdir", "create", "write 4 KiB", "write 256 KiB", "symlink", "mknod", "link", "rename", "open",
         "open O_TRUNC", "open O_SYNC", "write O_SYNC", "opendir", "readdirplus", "unlink small", "unlink big", "unlink big held", "rmdir",
     ]
-    assert _hostfs.current_fs_ids() == (0, 0)  # the loop's thread is the daemon again
+    assert ids == [(0, 0)] and _hostfs.current_fs_ids() == (0, 0)
     st = os.lstat(host(share, "g"))
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_size) == (1000, 1000, 0o640, 1)
     assert sorted(os.listdir(share)) == ["g"]

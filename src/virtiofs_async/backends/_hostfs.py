@@ -15,8 +15,12 @@ Contracts:
   (``SWITCH_CREDENTIALS``).
 * A per-call umask needs a thread-private umask: the first time a worker
   thread needs one it calls ``unshare(CLONE_FS)`` (its cwd, root and umask
-  become its own). The main thread never unshares; there, the process
-  umask is switched under a global lock instead.
+  become its own). The main thread unshares only when its owner says so
+  (:func:`claim_private_fs`: the daemon does, before it serves); until
+  then the process umask is switched there under a global lock, which
+  other threads of the process can see for the length of the call, so
+  callers keep umask-sensitive work off an unclaimed main thread
+  (:func:`umask_is_private`).
 * :func:`open_beneath` opens one name relative to a directory fd without
   ever following a symlink or ``..`` on the host: ``openat2`` with
   RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS where the
@@ -220,6 +224,24 @@ def _private_umask_possible() -> bool:
             state = _libc.unshare(CLONE_FS) == 0
         _local.fs_private = state
     return state
+
+
+def claim_private_fs() -> bool:
+    """``unshare(CLONE_FS)`` for the calling thread, the main thread too: its
+    cwd, root and umask become its own, so :func:`call_as` switches its
+    umask without other threads seeing it. For a process that owns the
+    thread (the daemon calls it on its main thread once its sandbox is
+    set up). Returns whether the thread's fs context is private now."""
+    if getattr(_local, "fs_private", None) is not True:
+        _local.fs_private = _libc.unshare(CLONE_FS) == 0
+    return _local.fs_private
+
+
+def umask_is_private() -> bool:
+    """Whether this thread's umask is its own already (a worker that
+    needed one, or a thread that called :func:`claim_private_fs`): then a
+    :func:`call_as` with a umask here changes nothing other threads see."""
+    return getattr(_local, "fs_private", None) is True
 
 
 _cwd_lock = threading.Lock()

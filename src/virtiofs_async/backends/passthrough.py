@@ -57,7 +57,10 @@ Contracts:
   open without O_TRUNC, opendir and the getdents64 of READDIR; unlink, rmdir and rename unless they drop the last
   link of a large file we do not hold, ``_drops_fast``), the creating
   ones under the caller's credentials switched on the loop's thread for
-  the call. Network and FUSE filesystems (anonymous device numbers) send
+  the call; those that apply a umask (create, mkdir, mknod) only where
+  the loop's thread has a umask of its own (``_hostfs.umask_is_private``:
+  the daemon claims one for its main thread), else other threads would
+  see the switch. Network and FUSE filesystems (anonymous device numbers) send
   all of these to the pool. A waiting SETLKW / flock occupies one pool
   thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
   Inline calls take no pins: nothing else runs on the loop until they
@@ -887,8 +890,8 @@ class PassthroughFS(Operations):
             call_as(creds, mask, fn, dirfd, name, *args)
             return self._lookup_at(dirfd, name)
 
-        result = await self._run((p,), not self._fast_namespace(p), self._with_fd, p, work,
-                                 cleanup=_close_lookup_result)
+        inline = self._fast_namespace(p) and (mask is None or _hostfs.umask_is_private())
+        result = await self._run((p,), not inline, self._with_fd, p, work, cleanup=_close_lookup_result)
         return self._register(result, p)[1]
 
     async def mknod(self, parent: InodeT, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
@@ -1011,8 +1014,9 @@ class PassthroughFS(Operations):
         oflags = self._open_flags(flags)
         excl = bool(flags & os.O_EXCL)
         args = (oflags, mode & 0o7777, excl, self._creds(ctx), self._umask(ctx))
-        fd, result = await self._run((p,), not self._fast_namespace(p), self._with_fd, p, self._w_create, name,
-                                     *args, cleanup=_close_open_result)
+        inline = self._fast_namespace(p) and _hostfs.umask_is_private()
+        fd, result = await self._run((p,), not inline, self._with_fd, p, self._w_create, name, *args,
+                                     cleanup=_close_open_result)
         try:
             node, entry = self._register(result, p)
         except BaseException:
