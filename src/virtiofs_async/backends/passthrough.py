@@ -54,14 +54,15 @@ Contracts:
   ``inline_metadata`` is true (the default: measured faster, see
   ``INLINE_METADATA_DEFAULT``). So do namespace calls on a block-device
   filesystem (``_fast_namespace``: create, mkdir, mknod, symlink, link,
-  open without O_TRUNC, opendir and the getdents64 of READDIR; unlink, rmdir and rename unless they drop the last
-  link of a large file we do not hold, ``_drops_fast``), the creating
-  ones under the caller's credentials switched on the loop's thread for
-  the call; those that apply a umask (create, mkdir, mknod) only where
-  the loop's thread has a umask of its own (``_hostfs.umask_is_private``:
-  the daemon claims one for its main thread), else other threads would
-  see the switch. Network and FUSE filesystems (anonymous device numbers) send
-  all of these to the pool. A waiting SETLKW / flock occupies one pool
+  open without O_TRUNC, opendir and the getdents64 of READDIR; unlink,
+  rmdir and rename unless they drop the last link of a large file we do
+  not hold, ``_drops_fast``), the creating ones under the caller's
+  credentials switched on the loop's thread for the call; those that
+  apply a umask (create, mkdir, mknod) only where the loop's thread has a
+  umask of its own (``_hostfs.umask_is_private``: the daemon claims one
+  for its main thread), else other threads would see the switch. Network
+  and FUSE filesystems (anonymous device numbers) send all of these to the
+  pool. A waiting SETLKW / flock occupies one pool
   thread; at most ``max_lock_waiters`` do so at once, further waiters poll.
   Inline calls take no pins: nothing else runs on the loop until they
   return, so no fd they use can be closed under them.
@@ -931,7 +932,7 @@ class PassthroughFS(Operations):
         self._check_writable_fs()
         p = self._dir_node(parent)
         _check_name(name)
-        blocking = not (self._fast_namespace(p) and self._with_fd(p, self._drops_fast, name))
+        blocking = not (self._fast_namespace(p) and self._drops_fast(p, name))
         await self._run((p,), blocking, self._with_fd, p, fn, name)
 
     async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
@@ -965,7 +966,7 @@ class PassthroughFS(Operations):
             self._with_fd(np, lambda nfd: _hostfs.renameat2(ofd, name_old, nfd, name_new, flags))
 
         blocking = not (self._fast_namespace(op) and self._fast_namespace(np)
-                        and (flags & RENAME_EXCHANGE or self._with_fd(np, self._drops_fast, name_new)))
+                        and (flags & RENAME_EXCHANGE or self._drops_fast(np, name_new)))
         await self._run((op, np), blocking, self._with_fd, op, work)
 
     # ------------------------------------------------------------------
@@ -1206,21 +1207,20 @@ class PassthroughFS(Operations):
         """Whether namespace calls on ``node``'s filesystem (create, mkdir,
         mknod, symlink, link, open without O_TRUNC, opendir and getdents64,
         and unlink, rmdir and rename where :meth:`_drops_fast` agrees) run
-        inline: a filesystem on
-        a block device, where they are journalled metadata updates like the
-        lookups that already run inline (network and FUSE filesystems go to
-        the pool)."""
+        inline: a filesystem on a block device, where they are journalled
+        metadata updates like the lookups that already run inline (network
+        and FUSE filesystems go to the pool)."""
         return self.inline_metadata and _on_block_device(node.dev)
 
-    def _drops_fast(self, dirfd: int, name: bytes) -> bool:
-        """Whether removing (or renaming over) ``name`` in ``dirfd`` cannot
-        free much: it does not exist, is not a regular file, has other
-        links, is small (at most ``_FAST_DROP_BYTES`` allocated), or is an
-        inode this backend holds open (then its blocks are freed only when
-        our fd goes). A large file's last link goes to the pool: freeing
-        its blocks can take long."""
+    def _drops_fast(self, parent: _Inode, name: bytes) -> bool:
+        """Whether removing (or renaming over) ``name`` in ``parent``
+        cannot free much: it does not exist, is not a regular file, has
+        other links, is small (at most ``_FAST_DROP_BYTES`` allocated), or is
+        an inode this backend holds open (then its blocks are freed only
+        when our fd goes). A large file's last link goes to the pool:
+        freeing its blocks can take long. Inline (one fstatat)."""
         try:
-            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            st = self._with_fd(parent, _lstat_at, name)
         except OSError:
             return True  # the call itself gives the error
         if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_blocks * 512 <= _FAST_DROP_BYTES:
@@ -1701,6 +1701,10 @@ def _kill_suidgid_after_write(fd: int) -> None:
 
 #: A file with at most this much allocated is removed inline (see ``_drops_fast``).
 _FAST_DROP_BYTES = 1 << 20
+
+
+def _lstat_at(dirfd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
 
 
 def _on_block_device(dev: int) -> bool:
