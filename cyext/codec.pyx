@@ -2,7 +2,8 @@
 """Compiled twin of the hot functions of :mod:`virtiofs_async.codec`.
 
 Built as ``virtiofs_async._cy_codec``: :func:`decode_request`,
-:func:`encode_out_header`, :func:`pack_dirent` and :func:`pack_direntplus`,
+:func:`encode_out_header`, :func:`pack_dirent`, :func:`pack_direntplus` and
+:func:`parse_linux_dirents64`,
 with the pure module's signatures, results (the same request and header
 classes, imported from it) and errors. The pure docstrings are the contract;
 ``tests/unit/test_twins.py`` compares the two on random and malformed input.
@@ -764,6 +765,52 @@ def pack_dirent(ino, off, type, name):
     vfa_st32(p + 20, c_type)
     memcpy(p + 24, PyBytes_AS_STRING(name), n)
     memset(p + 24 + n, 0, size - 24 - n)
+    return out
+
+
+_pure_parse_linux_dirents64 = _pure.parse_linux_dirents64
+cdef object _tuple_new = tuple.__new__
+
+
+def parse_linux_dirents64(data, Py_ssize_t length, cls):
+    """The records in the first ``length`` bytes of ``data``, a
+    ``getdents64(2)`` result, as ``cls`` tuples ``(d_ino, d_off, d_type,
+    name)`` (``cls`` is a tuple subclass such as a NamedTuple; ``name``
+    without its NUL). ValueError if ``length`` exceeds ``data`` or a record
+    is cut short, overruns the data or has no NUL-terminated name."""
+    cdef Py_buffer view
+    cdef const unsigned char *p
+    cdef const unsigned char *nul
+    cdef Py_ssize_t pos = 0, reclen, name_start
+    cdef uint64_t ino
+    cdef int64_t off
+    cdef uint16_t rec16
+    cdef list out = []
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        if length < 0 or length > view.len:
+            raise ValueError(f"length {length} outside a buffer of {view.len} bytes")
+        p = <const unsigned char *>view.buf
+        while pos < length:
+            if length - pos < 19:
+                raise ValueError(f"truncated getdents64 record at {pos}")
+            memcpy(&ino, p + pos, 8)
+            memcpy(&off, p + pos + 8, 8)
+            memcpy(&rec16, p + pos + 16, 2)
+            reclen = rec16
+            if reclen <= 19 or pos + reclen > length:
+                raise ValueError(f"getdents64 record at {pos} has length {reclen}")
+            name_start = pos + 19
+            nul = <const unsigned char *>memchr(p + name_start, 0, reclen - 19)
+            if nul == NULL:
+                raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name")
+            out.append(_tuple_new(cls, (
+                ino, off, p[pos + 18],
+                PyBytes_FromStringAndSize(<const char *>(p + name_start), nul - (p + name_start)),
+            )))
+            pos += reclen
+    finally:
+        PyBuffer_Release(&view)
     return out
 
 

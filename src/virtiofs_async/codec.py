@@ -6,6 +6,9 @@ Two directions:
   scatter-gather list of readable buffers; reply bodies (``EntryOut``,
   ``AttrOut`` ...) and :func:`encode_out_header`, :func:`pack_dirent`,
   :func:`pack_direntplus` build the answer.
+* Host side of a directory listing: :func:`parse_linux_dirents64` splits a
+  ``getdents64(2)`` result into records (the one host format a backend
+  parses in bulk, here so that it has a compiled twin too).
 * Frontend side (tests, the built-in FUSE client): ``Request.encode()`` turns
   a request record into buffers, :func:`decode_reply` and the ``decode``
   class methods parse the daemon's answer.
@@ -58,7 +61,7 @@ from .errors import FuseProtocolError
 __all__ = [
     "InHeader", "OutHeader", "Request", "FileLockStruct",
     "decode_request", "encode_out_header", "decode_out_header", "decode_reply",
-    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus",
+    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus", "parse_linux_dirents64",
     "AttributeSource", "split_timeout", "pack_attr", "pack_attr_out", "pack_entry_out", "write_reply", "record_factory",
     "iter_dirents", "iter_direntplus", "iter_extensions", "supp_groups",
     "Attr", "EntryOut", "AttrOut", "OpenOut", "CreateOut", "WriteOut", "StatfsOut",
@@ -68,6 +71,7 @@ __all__ = [
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
+T = TypeVar("T")
 
 _EINVAL = _errno.EINVAL
 
@@ -1837,6 +1841,43 @@ def pack_dirent(ino: int, off: int, type: int, name: bytes) -> bytes:
     checked ``name`` (non-empty, no '/' or NUL, at most FUSE_NAME_MAX)."""
     n = len(name)
     return _dirent_pack(ino, off, n, type) + name + _PAD[: (-n) & 7]
+
+
+#: struct linux_dirent64's head: d_ino, d_off, d_reclen, d_type (native order).
+_LINUX_DIRENT64_HEAD = struct.Struct("=QqHB")
+_tuple_new = tuple.__new__
+
+
+def parse_linux_dirents64(data: Buffer, length: int, cls: type[T]) -> list[T]:
+    """The records in the first ``length`` bytes of ``data``, a
+    ``getdents64(2)`` result, as ``cls`` tuples ``(d_ino, d_off, d_type,
+    name)`` (``cls`` is a tuple subclass such as a NamedTuple; ``name``
+    without its NUL). ValueError if ``length`` exceeds ``data`` or a record
+    is cut short, overruns the data or has no NUL-terminated name."""
+    view = memoryview(data).cast("B")
+    if not 0 <= length <= view.nbytes:
+        raise ValueError(f"length {length} outside a buffer of {view.nbytes} bytes")
+    raw = bytes(view[:length])
+    out: list[T] = []
+    append = out.append
+    unpack_from = _LINUX_DIRENT64_HEAD.unpack_from
+    head_size = _LINUX_DIRENT64_HEAD.size
+    index = raw.index
+    pos = 0
+    while pos < length:
+        if length - pos < head_size:
+            raise ValueError(f"truncated getdents64 record at {pos}")
+        ino, off, reclen, dtype = unpack_from(raw, pos)
+        if reclen <= head_size or pos + reclen > length:
+            raise ValueError(f"getdents64 record at {pos} has length {reclen}")
+        name_start = pos + head_size
+        try:
+            end = index(b"\0", name_start, pos + reclen)
+        except ValueError:
+            raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name") from None
+        append(_tuple_new(cls, (ino, off, dtype, raw[name_start:end])))
+        pos += reclen
+    return out
 
 
 def pack_direntplus(entry: EntryOut, ino: int, off: int, type: int, name: bytes) -> bytes:

@@ -1033,6 +1033,70 @@ def test_packed_direntplus_records_parse_back(entries) -> None:
     assert list(codec.iter_direntplus(packed)) == entries
 
 
+class _HostDirent(tuple):
+    """A tuple subclass standing for the backend's NamedTuple."""
+
+
+_LINUX_DIRENT64 = struct.Struct("=QqHB")
+
+
+@st.composite
+def linux_dirent64_buffers(draw) -> tuple[bytes, int]:
+    """getdents64 results: well-formed records (names with their NUL and
+    padding), now and then damaged (cut, a bad reclen, no NUL), and a length
+    that may stop short of or run past the data."""
+    out = b""
+    for _ in range(draw(st.integers(0, 6))):
+        name = draw(st.binary(min_size=1, max_size=30).filter(lambda n: b"\0" not in n))
+        pad = draw(st.integers(1, 8))  # the NUL and alignment
+        reclen = 19 + len(name) + pad
+        out += _LINUX_DIRENT64.pack(draw(st.integers(0, 2**64 - 1)), draw(st.integers(-(2**63), 2**63 - 1)),
+                                    reclen, draw(st.integers(0, 255))) + name + bytes(pad)
+    data = bytearray(out)
+    damage = draw(st.sampled_from(["none", "none", "reclen", "nul", "cut"]))
+    if data and damage == "reclen":
+        struct.pack_into("=H", data, 16, draw(st.integers(0, 0xFFFF)))
+    elif data and damage == "nul":
+        data[19:] = data[19:].replace(b"\0", b"x")
+    length = len(data)
+    if damage == "cut":
+        length = draw(st.integers(0, len(data) + 4))
+    return bytes(data), length
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=linux_dirent64_buffers(), kind=st.sampled_from([bytes, bytearray, memoryview]))
+def test_parse_linux_dirents64_agrees(case, kind) -> None:
+    data, length = case
+    a = outcome(codec.parse_linux_dirents64, kind(data), length, _HostDirent)
+    b = outcome(_cy_codec.parse_linux_dirents64, kind(data), length, _HostDirent)
+    same_outcome(a, b)
+    if a[0] == "ok":
+        assert all(type(r) is _HostDirent for r in b[1])
+
+
+def test_parse_linux_dirents64_of_a_real_directory(tmp_path) -> None:
+    """Both twins read a real getdents64 result the way os.scandir does."""
+    import ctypes
+
+    names = [b"a", b"x" * 255, "é".encode(), b"with space", *(b"f%d" % i for i in range(50))]
+    for name in names:
+        open(os.path.join(os.fsencode(tmp_path), name), "wb").close()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = ctypes.CDLL(None, use_errno=True).getdents64(fd, buf, len(buf))
+        assert n > 0
+        expected = {e.name: e.inode() for e in os.scandir(os.fsencode(tmp_path))}
+        for parse in (codec.parse_linux_dirents64, _cy_codec.parse_linux_dirents64):
+            records = parse(buf, n, _HostDirent)
+            assert {r[3]: r[0] for r in records if r[3] not in (b".", b"..")} == expected
+            assert {r[3] for r in records} >= {b".", b".."}
+            assert all(r[2] in (4, 8) for r in records)  # DT_DIR, DT_REG
+    finally:
+        os.close(fd)
+
+
 def test_pack_direntplus_with_a_non_attrs_entry() -> None:
     """Duck-typed entries work as in the pure twin (attribute access)."""
 

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import attrs
 
+from .._accel import parse_linux_dirents64 as _parse_dirents
+
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -368,7 +370,6 @@ def utimensat(
 
 # -- directories: getdents64 with resumable offsets ----------------------------------------
 
-_DIRENT_HEAD = struct.Struct("=QqHB")
 _SYS_getdents64 = {"x86_64": 217, "aarch64": 61, "arm64": 61, "riscv64": 61, "loongarch64": 61,
                    "ppc64le": 202, "ppc64": 202}.get(_MACHINE)
 _getdents64 = getattr(_libc, "getdents64", None)
@@ -401,21 +402,10 @@ def getdents(fd: int, offset: int | None, bufsize: int = 32768) -> list[Dirent]:
     else:  # pragma: no cover
         raise OSError(errno.ENOSYS, "getdents64 unavailable")
     _check(n)
-    raw = buf.raw[:n]
-    out: list[Dirent] = []
-    append = out.append
-    pos = 0
-    unpack_from = _DIRENT_HEAD.unpack_from
-    head_size = _DIRENT_HEAD.size
-    index = raw.index
-    while pos < n:
-        ino, off, reclen, dtype = unpack_from(raw, pos)
-        if reclen < head_size or pos + reclen > n:
-            raise OSError(errno.EIO, "corrupt getdents64 record")
-        name_start = pos + head_size
-        append(Dirent(ino, off, dtype, raw[name_start:index(b"\0", name_start, pos + reclen)]))
-        pos += reclen
-    return out
+    try:
+        return _parse_dirents(buf, n, Dirent)
+    except ValueError as exc:
+        raise OSError(errno.EIO, f"corrupt getdents64 result: {exc}") from None
 
 
 def iter_all(fd: int) -> Iterator[Dirent]:

@@ -1310,18 +1310,33 @@ class PassthroughFS(Operations):
         return known.nodeid if known is not None else d.ino
 
     def _readdir_batch(self, node: _Inode, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
+        """Add ``batch`` to ``reply``; True when the reply is full. Entries
+        are prepared about ``reply.remaining`` bytes at a time (a read-ahead
+        batch holds several replies' worth; ``remaining`` is a hint, the
+        reply's ``add_names`` decides)."""
         # Inline _dirent_ino: a READDIR reply carries a hundred entries.
         by_key, dev = self._by_key, node.dev
-        entries = []
-        for d in batch:
-            name = d.name
-            if name in _DOTS:
-                ino = self._dirent_ino(node, d)
-            else:
-                known = by_key.get((dev, d.ino))
-                ino = known.nodeid if known is not None else d.ino
-            entries.append((ino, d.off, d.type, name))
-        return reply.add_names(entries) < len(entries)
+        entry_size = reply.entry_size
+        i, count = 0, len(batch)
+        while i < count:
+            room = reply.remaining
+            entries = []
+            while i < count:
+                d = batch[i]
+                name = d.name
+                room -= entry_size(len(name))
+                if room < 0 and entries:
+                    break
+                if name in _DOTS:
+                    ino = self._dirent_ino(node, d)
+                else:
+                    known = by_key.get((dev, d.ino))
+                    ino = known.nodeid if known is not None else d.ino
+                entries.append((ino, d.off, d.type, name))
+                i += 1
+            if reply.add_names(entries) < len(entries):
+                return True
+        return False
 
     async def _readdirplus_batch(self, h: _Handle, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
         node = h.node
