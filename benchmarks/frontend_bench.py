@@ -82,7 +82,10 @@ CREATE_DEPTH = 16
 IO_SIZES = (4 * KiB, 128 * KiB, 1 * MiB)
 STAT_FILE = b"stat-target"
 READ_FILE = b"read-data"
-ORDER = ("ours", f"ours-tp{TUNED_THREAD_POOL}", "ours-pure", "ours-memfs", "c", f"c-tp{TUNED_THREAD_POOL}", "rust", f"rust-tp{TUNED_THREAD_POOL}")
+ORDER = (
+    "ours", f"ours-tp{TUNED_THREAD_POOL}", "ours-pure", "ours-memfs",
+    "c", f"c-tp{TUNED_THREAD_POOL}", "rust", f"rust-tp{TUNED_THREAD_POOL}",
+)
 
 
 @attrs.frozen

@@ -46,5 +46,6 @@ write_reply = _codec.write_reply
 
 __all__ = [
     "IMPLEMENTATION", "DescriptorChain", "IoPool", "VirtQueue", "decode_request", "encode_out_header", "pack_attr",
-    "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out", "parse_linux_dirents64", "record_factory", "scatter", "write_reply",
+    "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out", "parse_linux_dirents64", "record_factory",
+    "scatter", "write_reply",
 ]

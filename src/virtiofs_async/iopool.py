@@ -18,6 +18,7 @@ Contract (both twins):
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import deque
@@ -92,7 +93,7 @@ class IoPool:
             try:
                 result = (os.preadv if op == PREADV else os.pwritev)(fd, views, offset)
             except OSError as exc:
-                result = -(exc.errno or 5)
+                result = -(exc.errno or errno.EIO)
             with lock:
                 self._done.append((token, result, views))
                 if len(self._done) == 1:

@@ -839,7 +839,8 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
     assert steps == [(name, not block_device or name in pool_only) for name, _ in steps]
     assert [name for name, _ in steps] == [
         "mkdir", "create", "write 4 KiB", "write 256 KiB", "symlink", "mknod", "link", "rename", "open",
-        "open O_TRUNC", "open O_SYNC", "write O_SYNC", "opendir", "readdirplus", "unlink small", "unlink big", "unlink big held", "rmdir",
+        "open O_TRUNC", "open O_SYNC", "write O_SYNC", "opendir", "readdirplus", "unlink small", "unlink big",
+        "unlink big held", "rmdir",
     ]
     assert ids == [(0, 0)] and _hostfs.current_fs_ids() == (0, 0)
     st = os.lstat(host(share, "g"))

@@ -9,9 +9,8 @@ import threading
 import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
+from ..iopool import PREADV, PWRITEV  # the operation codes of both IoPool twins
 from .base import ClosedResourceError, preload_unwinder
-
-_PREADV, _PWRITEV = 0, 1  # IoPool's operations (iopool.PREADV / PWRITEV)
 
 T = TypeVar("T")
 
@@ -346,10 +345,10 @@ class AsyncioRuntime:
         return await fut
 
     async def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
-        return await self._io_job(_PREADV, fd, buffers, offset)
+        return await self._io_job(PREADV, fd, buffers, offset)
 
     async def pwritev(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
-        return await self._io_job(_PWRITEV, fd, buffers, offset)
+        return await self._io_job(PWRITEV, fd, buffers, offset)
 
     async def _io_job(self, op: int, fd: int, buffers: Sequence[Any], offset: int) -> int:
         loop = asyncio.get_running_loop()
