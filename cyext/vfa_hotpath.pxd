@@ -17,3 +17,9 @@ cdef extern from "vfa_hotpath.h" nogil:
     void vfa_rmb()
     void vfa_wmb()
     void vfa_mb()
+    # inline responders (VirtQueue.pop_serving)
+    ctypedef Py_ssize_t (*vfa_respond_fn)(object self, const unsigned char *request, Py_ssize_t request_len,
+                                          unsigned char *reply, Py_ssize_t room)
+    const char *VFA_RESPONDER_CAPSULE
+    enum: VFA_RESPONDER_REQUEST_MAX
+    enum: VFA_RESPONDER_REPLY_MAX

@@ -36,9 +36,25 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.slice cimport PySlice_New
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memmove, strcmp
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.string cimport memcpy, memmove, strcmp
 
-from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_mb, vfa_ring_ld16, vfa_ring_st16, vfa_rmb, vfa_st32, vfa_wmb
+from vfa_hotpath cimport (
+    VFA_RESPONDER_CAPSULE,
+    VFA_RESPONDER_REPLY_MAX,
+    VFA_RESPONDER_REQUEST_MAX,
+    vfa_ld16,
+    vfa_ld32,
+    vfa_ld64,
+    vfa_mb,
+    vfa_respond_fn,
+    vfa_ring_ld16,
+    vfa_ring_st16,
+    vfa_rmb,
+    vfa_st32,
+    vfa_wmb,
+)
 
 import operator
 import struct
@@ -72,6 +88,8 @@ cdef uint16_t AVAIL_F_NO_INTERRUPT = _PY_AVAIL_F_NO_INTERRUPT
 cdef uint16_t USED_F_NO_NOTIFY = _PY_USED_F_NO_NOTIFY
 cdef uint32_t INDIRECT_CHAIN_LIMIT = _PY_INDIRECT_CHAIN_LIMIT
 cdef uint64_t MAX_CHAIN_BYTES = (<uint64_t>1) << 32
+cdef enum:
+    _INLINE_PIECES = 8  # device-writable pieces a chain may have and still be served inline
 
 _check_used_elem = USED_ELEM.pack_into  # argument checks of the pure add_used, for non-int arguments
 
@@ -84,6 +102,42 @@ cdef inline object _error(str message, object head):
 
 cdef inline object _not_mapped(uint64_t gpa, uint64_t length, object head):
     return _error(f"guest range {gpa:#x}+{length:#x} is not in mapped memory", head)
+
+
+cdef inline uint16_t _load_desc(const unsigned char *table, uint32_t idx, uint64_t *addr,
+                                uint32_t *length, uint16_t *flags) noexcept:
+    """Descriptor ``idx`` of ``table`` (guest little-endian): fields out, its next index returned."""
+    cdef const unsigned char *d = table + (<size_t>idx << 4)
+    addr[0] = vfa_ld64(d)
+    length[0] = vfa_ld32(d + 8)
+    flags[0] = vfa_ld16(d + 12)
+    return vfa_ld16(d + 14)
+
+
+cdef enum:  # why an indirect descriptor cannot be followed (_read_chain words each)
+    _IND_OK = 0
+    _IND_NESTED
+    _IND_NOT_NEGOTIATED
+    _IND_WITH_NEXT
+    _IND_BAD_LENGTH
+
+
+cdef inline int _indirect_refusal(bint in_indirect, bint negotiated, uint16_t flags, uint32_t length) noexcept:
+    if in_indirect:
+        return _IND_NESTED
+    if not negotiated:
+        return _IND_NOT_NEGOTIATED
+    if flags & F_NEXT:
+        return _IND_WITH_NEXT
+    if length == 0 or length & 15:
+        return _IND_BAD_LENGTH
+    return _IND_OK
+
+
+cdef inline uint32_t _indirect_walk_limit(uint32_t size, uint32_t table_len) noexcept:
+    """Descriptors an indirect table may contribute before the chain counts as looping."""
+    cdef uint32_t limit = size if size > INDIRECT_CHAIN_LIMIT else INDIRECT_CHAIN_LIMIT
+    return table_len if table_len < limit else limit
 
 
 # ---------------------------------------------------------------------------
@@ -515,30 +569,39 @@ cdef class VirtQueue:
         return self._pop(memory)
 
     cdef object _pop(self, memory):
+        cdef int head = self._next_head(memory)
+        if head < 0:
+            return None
+        return self._read_chain(<uint16_t>head)
+
+    cdef int _next_head(self, memory) except -2:
+        """Consume the next available ring entry: its head index, or -1 when
+        there is none (or the queue is unconfigured or broken); raises a
+        pending or index error as :meth:`pop` does."""
         cdef uint16_t nxt, idx, head
         if self._pending_error is not None:
             err = self._pending_error
             self._pending_error = None
             raise err
         if self._broken or self._desc_gpa is None:
-            return None
+            return -1
         self._check_memory(memory)
         nxt = self._next_avail
         if nxt == self._shadow_avail:
             idx = <uint16_t>self._read_avail_idx()
             if idx == nxt:
                 if not (self._event_idx and self._notify_enabled):
-                    return None
+                    return -1
                 vfa_ring_st16(self._used + self._avail_event_off, nxt)
                 vfa_mb()  # publish avail_event before looking at avail->idx again
                 idx = <uint16_t>self._read_avail_idx()
                 if idx == nxt:
-                    return None
+                    return -1
             vfa_rmb()  # entries and descriptors up to idx are the driver's latest
             self._shadow_avail = idx
         head = vfa_ring_ld16(self._avail + 4 + 2 * (nxt & self._mask))
         self._next_avail = nxt + 1
-        return self._read_chain(head)
+        return head
 
     cdef object _read_chain(self, uint16_t head_idx):
         cdef uint32_t size = self._size
@@ -548,7 +611,6 @@ cdef class VirtQueue:
         cdef list readable = []
         cdef list writable = []
         cdef const unsigned char *table = self._desc
-        cdef const unsigned char *d
         cdef uint32_t limit = size  # descriptors that may still be walked in this table
         cdef uint32_t table_len = size
         cdef uint32_t idx = head_idx
@@ -557,6 +619,7 @@ cdef class VirtQueue:
         cdef uint32_t length
         cdef uint16_t flags, nxt
         cdef bint in_indirect = False
+        cdef int refusal
         cdef bint seen_write = False
         cdef DescriptorChain chain
         while True:
@@ -565,27 +628,22 @@ cdef class VirtQueue:
             if limit == 0:
                 raise _error("descriptor chain loops or is too long", head)
             limit -= 1
-            d = table + (<size_t>idx << 4)
-            addr = vfa_ld64(d)
-            length = vfa_ld32(d + 8)
-            flags = vfa_ld16(d + 12)
-            nxt = vfa_ld16(d + 14)
+            nxt = _load_desc(table, idx, &addr, &length, &flags)
             if flags & F_INDIRECT:
-                if in_indirect:
+                refusal = _indirect_refusal(in_indirect, self._indirect, flags, length)
+                if refusal == _IND_NESTED:
                     raise _error("indirect descriptor inside an indirect table", head)
-                if not self._indirect:
+                if refusal == _IND_NOT_NEGOTIATED:
                     raise _error("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC", head)
-                if flags & F_NEXT:
+                if refusal == _IND_WITH_NEXT:
                     raise _error("indirect descriptor with VIRTQ_DESC_F_NEXT", head)
-                if length == 0 or length & 15:
+                if refusal == _IND_BAD_LENGTH:
                     raise _error(f"indirect table length {length} is not a positive multiple of 16", head)
                 table = self._ptr(addr, length)
                 if table == NULL:
                     raise _not_mapped(addr, length, head)
                 table_len = length >> 4
-                limit = size if size > INDIRECT_CHAIN_LIMIT else INDIRECT_CHAIN_LIMIT
-                if table_len < limit:
-                    limit = table_len
+                limit = _indirect_walk_limit(size, table_len)
                 in_indirect = True
                 idx = 0
                 continue
@@ -633,14 +691,130 @@ cdef class VirtQueue:
             chains.append(chain)
         return chains
 
+    def pop_serving(self, memory, limit, responder):
+        """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
+        small one to ``responder`` first (see the pure twin). The chain walk
+        and the responder's C function (``c_responder``) run without Python
+        objects; chains it does not answer, or that this fast walk does not
+        take (buffers crossing regions, many pieces, malformed), are walked
+        again by the full path."""
+        cdef list chains = []
+        cdef long long n = operator.index(limit)
+        cdef long long served = 0
+        cdef int head
+        cdef vfa_respond_fn fn = NULL
+        cdef object capsule = getattr(responder, "c_responder", None)
+        cdef object respond = None
+        if capsule is not None:
+            fn = <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
+        else:
+            respond = responder.respond
+        while PyList_GET_SIZE(chains) + served < n:
+            try:
+                head = self._next_head(memory)
+                if head < 0:
+                    break
+                if self._serve_inline(<uint16_t>head, fn, responder, respond):
+                    served += 1
+                    continue
+                chain = self._read_chain(<uint16_t>head)
+            except VringError as exc:
+                if not chains and not served:
+                    raise
+                self._pending_error = exc
+                break
+            chains.append(chain)
+        return chains, served
+
+    cdef bint _serve_inline(self, uint16_t head_idx, vfa_respond_fn fn, object responder, object respond) except -1:
+        """Walk chain ``head_idx`` the way _read_chain does, without building
+        views; if it is well formed, every buffer lies in one region, the
+        readable part fits VFA_RESPONDER_REQUEST_MAX and the responder
+        answers, write the reply, return the chain to the used ring and
+        return True. False (nothing consumed but the ring entry): let
+        _read_chain walk it and raise what is wrong."""
+        cdef unsigned char request[VFA_RESPONDER_REQUEST_MAX]
+        cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
+        cdef unsigned char *wptr[_INLINE_PIECES]
+        cdef uint32_t wlen[_INLINE_PIECES]
+        cdef int pieces = 0, i
+        cdef uint32_t size = self._size
+        cdef const unsigned char *table = self._desc
+        cdef const unsigned char *src
+        cdef uint32_t limit = size, table_len = size, idx = head_idx, length
+        cdef uint64_t addr, total = 0
+        cdef Py_ssize_t req_len = 0, room = 0, r, pos, take
+        cdef uint16_t flags
+        cdef bint in_indirect = False, seen_write = False
+        if head_idx >= size:
+            return False
+        while True:
+            if idx >= table_len or limit == 0:
+                return False
+            limit -= 1
+            idx = _load_desc(table, idx, &addr, &length, &flags)
+            if flags & F_INDIRECT:
+                if _indirect_refusal(in_indirect, self._indirect, flags, length) != _IND_OK:
+                    return False
+                table = self._ptr(addr, length)
+                if table == NULL:
+                    return False
+                table_len = length >> 4
+                limit = _indirect_walk_limit(size, table_len)
+                in_indirect = True
+                idx = 0
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                return False
+            if length:
+                src = self._ptr(addr, length)
+                if src == NULL:
+                    return False
+                if flags & F_WRITE:
+                    if pieces == _INLINE_PIECES:
+                        return False
+                    wptr[pieces] = <unsigned char *>src
+                    wlen[pieces] = length
+                    pieces += 1
+                    room += length
+                elif seen_write or length > VFA_RESPONDER_REQUEST_MAX - req_len:
+                    return False
+                else:
+                    memcpy(request + req_len, src, length)
+                    req_len += length
+            if flags & F_WRITE:
+                seen_write = True
+            elif seen_write:
+                return False
+            if not (flags & F_NEXT):
+                break
+        if room == 0:
+            return False
+        if room > VFA_RESPONDER_REPLY_MAX:
+            room = VFA_RESPONDER_REPLY_MAX
+        if fn != NULL:
+            r = fn(responder, request, req_len, reply, room)
+        else:
+            r = _call_respond(respond, request, req_len, reply, room)
+        if r < 0 or r > room:
+            return False
+        pos = 0
+        i = 0
+        while pos < r:
+            take = wlen[i] if wlen[i] < r - pos else r - pos
+            memcpy(wptr[i], reply + pos, take)
+            pos += take
+            i += 1
+        self._push_used(head_idx, <uint32_t>r)
+        return True
+
     def add_used(self, memory, head, length):
         """Return chain ``head`` with ``length`` bytes written and publish the
         used index (element first, then index). VringError if the queue is
         unconfigured, ``head`` >= size or ``length`` does not fit 32 bits."""
         cdef long long h, n
         cdef int overflow_h = 0, overflow_n = 0
-        cdef uint16_t nu
-        cdef unsigned char *elem
         if self._desc_gpa is None:
             raise VringError("add_used on an unconfigured queue")
         self._check_memory(memory)
@@ -661,10 +835,14 @@ cdef class VirtQueue:
             _check_used_elem(bytearray(8), 0, head, length)
             h = operator.index(head)
             n = operator.index(length)
-        nu = self._next_used
-        elem = self._used + 4 + 8 * (nu & self._mask)
-        vfa_st32(elem, <uint32_t>h)
-        vfa_st32(elem + 4, <uint32_t>n)
+        self._push_used(<uint32_t>h, <uint32_t>n)
+
+    cdef void _push_used(self, uint32_t head, uint32_t length) noexcept:
+        """Write the used element and publish the index (checked arguments)."""
+        cdef uint16_t nu = self._next_used
+        cdef unsigned char *elem = self._used + 4 + 8 * (nu & self._mask)
+        vfa_st32(elem, head)
+        vfa_st32(elem + 4, length)
         nu += 1
         vfa_wmb()  # reply data and the element before the index
         vfa_ring_st16(self._used + 2, nu)
@@ -732,6 +910,32 @@ cdef class VirtQueue:
             f"VirtQueue(size={self._size}, next_avail={self._next_avail}, next_used={self._next_used}, "
             f"configured={self.is_configured}, broken={self._broken})"
         )
+
+
+cdef Py_ssize_t _call_respond(object respond, const unsigned char *request, Py_ssize_t req_len,
+                              unsigned char *reply, Py_ssize_t room):
+    """A responder without a C function: call its ``respond`` (an exception
+    means it did not answer, as in the pure twin)."""
+    cdef Py_buffer buf
+    cdef Py_ssize_t n
+    try:
+        out = respond(PyBytes_FromStringAndSize(<const char *>request, req_len), room)
+    except Exception:
+        return -1
+    if out is None:
+        return -1
+    try:
+        PyObject_GetBuffer(out, &buf, PyBUF_SIMPLE)
+    except Exception:
+        return -1
+    try:
+        n = buf.len
+        if n > room:
+            return -1
+        memcpy(reply, buf.buf, n)
+        return n
+    finally:
+        PyBuffer_Release(&buf)
 
 
 cdef inline object _slice(Region *r, uint64_t off, uint64_t length):

@@ -69,4 +69,20 @@ static inline void vfa_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
  * read the driver's used_event / flags / avail->idx). */
 static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+/* -- inline responders --------------------------------------------------------
+ * A responder answers a small request in place, from the ring walk
+ * (VirtQueue.pop_serving): it gets the chain's device-readable bytes copied
+ * into one buffer and a reply buffer of ``room`` bytes, and returns the
+ * reply's length (0 <= n <= room), or -1 when the request is not one it
+ * answers (the full path then serves it). It must not leave a Python
+ * exception set. The compiled responder exports this function in a capsule
+ * named VFA_RESPONDER_CAPSULE (its ``c_responder`` attribute); ``self`` is
+ * the responder object, kept alive by the caller. */
+typedef Py_ssize_t (*vfa_respond_fn)(PyObject *self, const unsigned char *request, Py_ssize_t request_len,
+                                     unsigned char *reply, Py_ssize_t room);
+#define VFA_RESPONDER_CAPSULE "virtiofs_async.responder"
+/* The largest request a responder is offered, and the largest reply room. */
+#define VFA_RESPONDER_REQUEST_MAX 512
+#define VFA_RESPONDER_REPLY_MAX 512
+
 #endif /* VFA_HOTPATH_H */

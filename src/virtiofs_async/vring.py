@@ -31,6 +31,8 @@ Python); that is sufficient on x86 (TSO). A native twin adds the fences.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
 from .abi.virtio import (
@@ -53,10 +55,11 @@ from .abi.virtio import (
     used_ring_size,
     vring_need_event,
 )
+from .buffers import scatter
 from .errors import VringError
 from .memory import GuestMemory
 
-__all__ = ["DescriptorChain", "VirtQueue"]
+__all__ = ["DescriptorChain", "InlineResponder", "VirtQueue"]
 
 _unpack_desc = DESC.unpack_from
 _unpack_u16 = U16.unpack_from
@@ -66,12 +69,33 @@ _MAX_CHAIN_BYTES = 1 << 32  # a chain may not be longer than 2**32 bytes in tota
 #: The spec caps chains at the queue size; QEMU accepts up to 1024 buffers, so
 #: we do too, which still bounds the work a huge guest table can cause.
 INDIRECT_CHAIN_LIMIT = 1024
+#: :meth:`VirtQueue.pop_serving` offers a responder only chains with at most
+#: this many device-readable bytes, and at most this much reply room.
+RESPONDER_REQUEST_MAX = 512
+RESPONDER_REPLY_MAX = 512
 
 
 def _error(message: str, head: int | None) -> VringError:
     err = VringError(message)
     err.head = head  # type: ignore[attr-defined]
     return err
+
+
+class InlineResponder(Protocol):
+    """Answers small requests in place, during :meth:`VirtQueue.pop_serving`.
+
+    ``respond(request, room)`` gets the chain's device-readable bytes
+    (at most ``RESPONDER_REQUEST_MAX``) and the room for a reply (the
+    chain's device-writable length, at most ``RESPONDER_REPLY_MAX``, never
+    0); it returns the reply (at most ``room`` bytes) or None when the
+    request is not one it answers. It must give exactly the reply the full
+    request path would give, because which of the two serves a request is
+    the queue's choice. A compiled responder may also export its C function
+    as a capsule (``c_responder``, see cyext/include/vfa_hotpath.h), which
+    the compiled queue calls instead.
+    """
+
+    def respond(self, request: bytes, room: int) -> bytes | None: ...
 
 
 @attrs.define
@@ -425,6 +449,44 @@ class VirtQueue:
                 break
             chains.append(chain)
         return chains
+
+    def pop_serving(
+        self, memory: GuestMemory, limit: int, responder: InlineResponder
+    ) -> tuple[list[DescriptorChain], int]:
+        """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
+        small one (see :class:`InlineResponder`) to ``responder`` first: a
+        chain it answers is written and returned to the used ring at once
+        (call :meth:`needs_notification` afterwards, as after add_used).
+        Returns the chains it did not answer and how many it answered;
+        ``limit`` counts both. A responder that raises has not answered."""
+        chains: list[DescriptorChain] = []
+        served = 0
+        respond = responder.respond
+        while len(chains) + served < limit:
+            try:
+                chain = self.pop(memory)
+            except VringError as exc:
+                if not chains and not served:
+                    raise
+                self._pending_error = exc
+                break
+            if chain is None:
+                break
+            reply = None
+            room = min(chain.writable_len, RESPONDER_REPLY_MAX)
+            if room and chain.readable_len <= RESPONDER_REQUEST_MAX:
+                try:
+                    reply = respond(b"".join(chain.readable), room)
+                    if reply is not None and memoryview(reply).nbytes > room:
+                        reply = None
+                except Exception:
+                    reply = None
+            if reply is not None:
+                self.add_used(memory, chain.head, scatter(chain.writable, (reply,)))
+                served += 1
+            else:
+                chains.append(chain)
+        return chains, served
 
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written and publish the

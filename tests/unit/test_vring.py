@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from typing import Callable
 import mmap
 import os
 
@@ -772,6 +773,145 @@ def test_pop_many_defers_an_error_after_good_chains(rig: Rig) -> None:
     assert [bytes(c.readable[0]) for c in rig.vq.pop_many(rig.memory, 10)] == [b"c"]
 
 
+# -- pop_serving: small chains answered in place -----------------------------------------------
+
+
+class EchoResponder:
+    """Answers requests that start with b"E": the rest of the request,
+    reversed, cut to the room; records every offer."""
+
+    def __init__(self, answer: bytes = b"E") -> None:
+        self.answer = answer
+        self.offers: list[tuple[bytes, int]] = []
+
+    def respond(self, request: bytes, room: int) -> bytes | None:
+        self.offers.append((request, room))
+        if not request.startswith(self.answer):
+            return None
+        return request[:0:-1][:room]
+
+
+def test_pop_serving_answers_in_place_and_hands_back_the_rest(rig: Rig) -> None:
+    echo = rig.drv.add_chain([b"Eab", b"cdef"], [2, 8])
+    other = rig.drv.add_chain([b"Nxyz"], [8])
+    rig.drv.publish()
+    responder = EchoResponder()
+    chains, served = rig.vq.pop_serving(rig.memory, 10, responder)
+    assert served == 1
+    assert [c.head for c in chains] == [other]
+    assert responder.offers == [(b"Eabcdef", 10), (b"Nxyz", 8)]
+    # the reply crossed both writable buffers; the used length is its size
+    assert rig.drv.pop_used() == (echo, 6, [b"fe", b"dcba"])
+    assert rig.vq.needs_notification(rig.memory) is True
+    rig.complete(chains[0], b"done")
+    assert rig.drv.pop_used() == (other, 4, [b"done"])
+
+
+def test_pop_serving_limit_counts_both_kinds(rig: Rig) -> None:
+    heads = [rig.drv.add_chain([(b"E" if i % 2 else b"N") + bytes([65 + i])], [4]) for i in range(6)]
+    rig.drv.publish()
+    responder = EchoResponder()
+    chains, served = rig.vq.pop_serving(rig.memory, 3, responder)
+    assert (served, len(chains)) == (1, 2)  # N, E, N
+    chains2, served2 = rig.vq.pop_serving(rig.memory, 10, responder)
+    assert (served2, len(chains2)) == (2, 1)  # E, N, E
+    assert rig.vq.pop_serving(rig.memory, 10, responder) == ([], 0)
+    assert [c.head for c in chains + chains2] == heads[0::2]
+    assert [rig.drv.pop_used()[:2] for _ in range(3)] == [(h, 1) for h in heads[1::2]]
+
+
+@pytest.mark.parametrize(
+    "readable, writable, offered",
+    [
+        ([b"E" + b"x" * 511], [600], (b"E" + b"x" * 511, 512)),  # 512 readable bytes: offered, room capped
+        ([b"E" + b"x" * 300, b"y" * 211], [16], (b"E" + b"x" * 300 + b"y" * 211, 16)),
+        ([b"E" + b"x" * 512], [600], None),  # 513 readable bytes: never offered
+        ([b"Eabc"], [], None),  # no room for a reply
+        ([b"Eabc"], [0, 0], None),
+    ],
+)
+def test_pop_serving_offers_only_small_chains(rig: Rig, readable: list[bytes], writable: list[int],
+                                              offered: tuple[bytes, int] | None) -> None:
+    head = rig.drv.add_chain(readable, writable)
+    rig.drv.publish()
+    responder = EchoResponder()
+    chains, served = rig.vq.pop_serving(rig.memory, 4, responder)
+    assert responder.offers == ([offered] if offered else [])
+    if offered:
+        assert (chains, served) == ([], 1)
+        got = rig.drv.pop_used()
+        assert got[0] == head and got[1] == min(len(b"".join(readable)) - 1, offered[1])
+    else:
+        assert served == 0 and [c.head for c in chains] == [head]
+
+
+class BadResponder:
+    def __init__(self, outcome: object) -> None:
+        self.outcome = outcome
+
+    def respond(self, request: bytes, room: int) -> object:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.mark.parametrize("outcome", [RuntimeError("bug"), b"x" * 9, 42, None])
+def test_pop_serving_a_failing_or_oversized_answer_is_no_answer(rig: Rig, outcome: object) -> None:
+    head = rig.drv.add_chain([b"Eabc"], [8])
+    rig.drv.publish()
+    chains, served = rig.vq.pop_serving(rig.memory, 4, BadResponder(outcome))
+    assert served == 0 and [c.head for c in chains] == [head]
+    assert rig.drv.pop_used() is None  # nothing was written or returned
+
+
+def test_pop_serving_defers_an_error_after_a_served_chain(rig: Rig) -> None:
+    served_head = rig.drv.add_chain([b"Ea"], [4])
+    rig.drv.write_desc(10, 0x10, 8, 0)  # unmapped
+    publish_raw(rig, 10)
+    rig.drv.add_chain([b"Nc"], [4])
+    rig.drv.publish()
+    responder = EchoResponder()
+    assert rig.vq.pop_serving(rig.memory, 10, responder) == ([], 1)
+    assert rig.drv.pop_used()[0] == served_head
+    with pytest.raises(VringError) as info:
+        rig.vq.pop_serving(rig.memory, 10, responder)
+    assert info.value.head == 10
+    chains, served = rig.vq.pop_serving(rig.memory, 10, responder)
+    assert served == 0 and [bytes(c.readable[0]) for c in chains] == [b"Nc"]
+
+
+def test_pop_serving_indirect_chain(rig: Rig) -> None:
+    head = rig.drv.add_chain([b"E12", b"34"], [1, 1, 1, 1], indirect=True)
+    rig.drv.publish()
+    assert rig.vq.pop_serving(rig.memory, 4, EchoResponder()) == ([], 1)
+    assert rig.drv.pop_used() == (head, 4, [b"4", b"3", b"2", b"1"])
+
+
+def test_pop_serving_buffers_across_regions() -> None:
+    """A chain whose buffers cross two regions is served correctly, in place
+    or by the full path (the compiled walk leaves such chains to it)."""
+    r = Rig()
+    split = 0x2_0123
+    r.memory.clear()
+    r.memory.add_region(os.dup(r.fd), BASE, split, UVA, 0)
+    r.memory.add_region(os.dup(r.fd), BASE + split, r.mem_size - split, UVA + 0x100_0000, split)
+    req, out = BASE + split - 3, BASE + split + 0x1000 - 2
+    r.drv.write(req, b"Eabcdef")
+    r.drv.write_desc(3, req, 7, N, 4)
+    r.drv.write_desc(4, out, 6, W)
+    r.drv.push_head(3)
+    r.drv.publish()
+    chains, served = r.vq.pop_serving(r.memory, 4, EchoResponder())
+    if served:
+        assert chains == []
+    else:
+        assert [bytes(v) for v in chains[0].readable] == [b"Eab", b"cdef"]
+        r.complete(chains[0], b"fedcba")
+    assert r.drv.read(out, 6) == b"fedcba"
+    assert r.drv.pop_used_raw() == (3, 6)
+    r.close()
+
+
 # -- property tests -------------------------------------------------------------------------
 
 payloads = st.lists(st.binary(max_size=40), max_size=3)
@@ -931,29 +1071,22 @@ def garbage_rig():
     r.close()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    table=_table,
-    indirect_tables=_indirect_tables,
-    noise=st.binary(max_size=256),
-    entries=_avail_entries,
-    ahead=st.one_of(st.integers(0, GARBAGE_SIZE), st.integers(0, 0xFFFF)),
-    indirect=st.booleans(),
-    event_idx=st.booleans(),
-    start=st.integers(0, 65535),
-)
-def test_garbage_rings_only_raise_vring_error(
-    garbage_rig: Rig,
-    table: list,
-    indirect_tables: list,
-    noise: bytes,
-    entries: list[int],
-    ahead: int,
-    indirect: bool,
-    event_idx: bool,
-    start: int,
-) -> None:
-    r = garbage_rig
+def _garbage_rings(test):
+    """Hypothesis examples of garbage rings: what _load_garbage takes."""
+    return settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])(given(
+        table=_table,
+        indirect_tables=_indirect_tables,
+        noise=st.binary(max_size=256),
+        entries=_avail_entries,
+        ahead=st.one_of(st.integers(0, GARBAGE_SIZE), st.integers(0, 0xFFFF)),
+        indirect=st.booleans(),
+        event_idx=st.booleans(),
+        start=st.integers(0, 65535),
+    )(test))
+
+
+def _load_garbage(r: Rig, table: list, indirect_tables: list, noise: bytes, entries: list[int], ahead: int,
+                  indirect: bool, event_idx: bool, start: int) -> None:
     drv, vq = r.drv, r.vq
     for i, desc in enumerate(table):
         drv.write_desc(i, *desc)
@@ -970,6 +1103,100 @@ def test_garbage_rings_only_raise_vring_error(
     vq.set_size(GARBAGE_SIZE)
     vq.next_avail = start
     vq.set_addresses(r.memory, drv.desc_gpa, drv.avail_gpa, drv.used_gpa)
+
+
+class _SilentResponder:
+    """Answers (with an empty reply: nothing written, so the rings stay as
+    they were) the requests whose first byte is even; records its offers."""
+
+    def __init__(self) -> None:
+        self.offers: list[tuple[bytes, int]] = []
+
+    def respond(self, request: bytes, room: int) -> bytes | None:
+        self.offers.append((request, room))
+        return b"" if request and request[0] % 2 == 0 else None
+
+
+def _outcomes(r: Rig, take: Callable[[], object]) -> list[object]:
+    """One outcome per available entry: a chain's content, or an error's head."""
+    out: list[object] = []
+    for _ in range(GARBAGE_SIZE + 2):
+        try:
+            got = take()
+        except VringError as exc:
+            out.append(("error", exc.head))
+            if exc.head is None:
+                break
+            r.vq.add_used(r.memory, exc.head, 0)
+            continue
+        if got is None:
+            break
+        out.append(got)
+    return out
+
+
+@_garbage_rings
+def test_pop_serving_matches_pop_on_garbage_rings(
+    garbage_rig: Rig, table: list, indirect_tables: list, noise: bytes, entries: list[int], ahead: int,
+    indirect: bool, event_idx: bool, start: int,
+) -> None:
+    """Entry by entry, pop_serving gives what pop gives: the same errors
+    (heads included), and every chain either handed back with the same
+    content or offered (readable bytes, capped room) and answered."""
+    r = garbage_rig
+    args = (table, indirect_tables, noise, entries, ahead, indirect, event_idx, start)
+
+    def popped() -> object:
+        chain = r.vq.pop(r.memory)
+        if chain is None:
+            return None
+        r.vq.add_used(r.memory, chain.head, 0)
+        return ("chain", chain.head, b"".join(chain.readable), chain.writable_len)
+
+    _load_garbage(r, *args)
+    expected = _outcomes(r, popped)
+    responder = _SilentResponder()
+
+    def serving() -> object:
+        chains, served = r.vq.pop_serving(r.memory, 1, responder)
+        if served:
+            assert not chains
+            request, room = responder.offers[-1]
+            return ("served", request, room)
+        if not chains:
+            return None
+        chain = chains[0]
+        r.vq.add_used(r.memory, chain.head, 0)
+        return ("chain", chain.head, b"".join(chain.readable), chain.writable_len)
+
+    _load_garbage(r, *args)
+    got = _outcomes(r, serving)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if g[0] == "served":
+            assert e[0] == "chain"
+            assert g[1:] == (e[2], min(e[3], 512))
+            assert len(e[2]) <= 512 and e[3] > 0 and e[2][:1] and e[2][0] % 2 == 0
+        else:
+            assert g == e
+    assert r.vq.broken == (ahead > GARBAGE_SIZE)
+
+
+@_garbage_rings
+def test_garbage_rings_only_raise_vring_error(
+    garbage_rig: Rig,
+    table: list,
+    indirect_tables: list,
+    noise: bytes,
+    entries: list[int],
+    ahead: int,
+    indirect: bool,
+    event_idx: bool,
+    start: int,
+) -> None:
+    r = garbage_rig
+    drv, vq = r.drv, r.vq
+    _load_garbage(r, table, indirect_tables, noise, entries, ahead, indirect, event_idx, start)
 
     results = 0
     for _ in range(GARBAGE_SIZE + 2):
