@@ -30,6 +30,12 @@ if os.environ.get("VIRTIOFS_ASYNC_NO_EXT", "") in ("", "0"):
                 depends=["cyext/iopool.pyx"],
             ),
             Extension(
+                "virtiofs_async._cy_responder",
+                ["cyext/responder.pyx"],
+                include_dirs=["cyext/include"],
+                depends=[*shared, "cyext/responder.pyx"],
+            ),
+            Extension(
                 "virtiofs_async._cy_vring",
                 ["cyext/vring.pyx"],
                 include_dirs=["cyext/include"],

@@ -920,7 +920,8 @@ cdef enum:
 
 
 cdef bint _put_time(unsigned char *sec_p, unsigned char *nsec_p, object ns) except -1:
-    """Nanoseconds since the epoch as fuse_attr's seconds and nanoseconds."""
+    """Nanoseconds since the epoch as fuse_attr's seconds and nanoseconds
+    (before the epoch: the pure twin, codec.wire_seconds)."""
     cdef uint64_t x = 0
     if not _as_u64(ns, &x):
         return False
@@ -1035,7 +1036,7 @@ cdef object _packed(Py_ssize_t size, _filler fill, object a):
 
 def pack_attr(a):
     """The 88-byte ``fuse_attr`` of ``a``; raises ``struct.error`` when a
-    field does not fit its wire type (e.g. a time before the epoch)."""
+    field does not fit its wire type (times: see codec.wire_seconds)."""
     out = _packed(ATTR_SIZE, _fill_attr, a)
     return _pure_pack_attr(a) if out is None else out
 

@@ -48,6 +48,7 @@ copied into ``bytes``.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import struct
 from typing import Callable, ClassVar, Iterator, NoReturn, Protocol, Sequence, TypeVar, Union
 
@@ -1738,11 +1739,43 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * _NS)
 
 
+def guest_rdev_to_host(rdev: int) -> int:
+    """A device number from the wire (Linux's 32-bit ``new_encode_dev``
+    value, as MKNOD carries it) as a host ``dev_t``."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+def host_rdev_to_guest(dev: int) -> int:
+    """A host ``st_rdev`` as the wire's 32-bit ``new_encode_dev`` value."""
+    if dev == 0:
+        return 0
+    major, minor = os.major(dev), os.minor(dev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+def wire_seconds(ns: int) -> int:
+    """Whole seconds of a time in nanoseconds since the epoch, as fuse_attr's
+    u64 carries them: the kernel reads the field as signed, so a time
+    before the epoch goes as two's complement (floored; the nanoseconds
+    field, ``ns % 10**9``, adds up to it). Beyond the signed 64-bit range
+    the value stays out of range (``struct.error`` when packed)."""
+    sec = ns // _NS
+    return sec + (1 << 64) if -(1 << 63) <= sec < 0 else sec
+
+
+def wire_time_ns(sec: int, nsec: int) -> int:
+    """The inverse of :func:`wire_seconds`: a wire (u64 seconds, nanoseconds)
+    pair, e.g. SETATTR's, as signed nanoseconds since the epoch."""
+    return (sec - (1 << 64) if sec >= 1 << 63 else sec) * _NS + nsec
+
+
 def _attr_fields(a: AttributeSource) -> tuple[int, ...]:
     """The ``fuse_attr`` fields of ``a``, in wire order."""
     return (
         a.st_ino, a.st_size, a.st_blocks,
-        a.st_atime_ns // _NS, a.st_mtime_ns // _NS, a.st_ctime_ns // _NS,
+        wire_seconds(a.st_atime_ns), wire_seconds(a.st_mtime_ns), wire_seconds(a.st_ctime_ns),
         a.st_atime_ns % _NS, a.st_mtime_ns % _NS, a.st_ctime_ns % _NS,
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_blksize, a.attr_flags,
     )
@@ -1750,7 +1783,7 @@ def _attr_fields(a: AttributeSource) -> tuple[int, ...]:
 
 def pack_attr(a: AttributeSource) -> bytes:
     """The 88-byte ``fuse_attr`` of ``a``; raises ``struct.error`` when a
-    field does not fit its wire type (e.g. a time before the epoch)."""
+    field does not fit its wire type (times: see :func:`wire_seconds`)."""
     return _attr_pack(*_attr_fields(a))
 
 

@@ -239,6 +239,17 @@ class Operations:
         """One ``pwritev(2)`` from ``buffers``; see :meth:`run_preadv`."""
         return await self.run_blocking(os.pwritev, fd, buffers, offset)
 
+    def inline_responder(self) -> Any | None:
+        """An object that answers some small requests straight from the
+        queue, without the session (its ``respond(request: bytes, room: int)
+        -> bytes | None`` gives the complete reply, header included, that the
+        session's full path would write for that request; None: not
+        answered). The session asks once per mount, after ``init()``. The
+        default, None, sends every request through the session; the
+        passthrough backend answers GETATTR and LOOKUP of known inodes (see
+        :mod:`virtiofs_async.responder`)."""
+        return None
+
     # -- lifecycle -------------------------------------------------------
     async def init(self) -> None:
         """Called once per FUSE session (per guest mount), before any request."""

@@ -44,7 +44,6 @@ OUR_MINOR = abi.FUSE_KERNEL_MINOR_VERSION
 OLDEST_MINOR = 31
 
 _OUT_HEADER_SIZE = 16
-_NS = 1_000_000_000
 _OP_INIT = int(abi.Opcode.INIT)
 _OP_READ = int(abi.Opcode.READ)  # answered in place: FuseSession._read_into
 
@@ -203,6 +202,8 @@ class FuseSession:
         self.negotiated: Negotiated | None = None
         self.destroyed = False
         self._reinit_allowed = False
+        #: The backend's inline responder for the current mount (see inline_responder).
+        self._responder: Any | None = None
         handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
             abi.Opcode.INIT: self._init,
             abi.Opcode.DESTROY: self._destroy,
@@ -304,6 +305,18 @@ class FuseSession:
         written = _write_reply(writable, header.unique, 0, body)
         return written if written else self._reply_too_big(writable, header.unique, body, opcode)
 
+    @property
+    def inline_responder(self) -> Any | None:
+        """What the transport may offer small requests to before calling
+        :meth:`handle_request` (``VirtQueue.pop_serving``): the backend's
+        :meth:`~virtiofs_async.operations.Operations.inline_responder` once
+        FUSE_INIT has succeeded, while the mount lasts. None otherwise, and
+        while this module logs at DEBUG (every request is then logged here)."""
+        responder = self._responder
+        if responder is None or self.destroyed or self.negotiated is None or log.isEnabledFor(logging.DEBUG):
+            return None
+        return responder
+
     def device_reset(self) -> None:
         """The transport stopped a queue (guest reset or reboot, VM pause):
         a FUSE_INIT that follows starts a new mount instead of being an
@@ -372,6 +385,7 @@ class FuseSession:
                 raise FuseError(errno.EPROTO)
             log.info("FUSE_INIT after %s: starting a new mount", "FUSE_DESTROY" if self.destroyed else "a device reset")
             self.negotiated = None
+            self._responder = None
             if not self.destroyed:
                 self.destroyed = True
                 try:
@@ -413,6 +427,7 @@ class FuseSession:
             major=OUR_MAJOR, minor=minor, flags=flags, max_write=max_write, max_readahead=req.max_readahead,
             max_read=max_pages * 4096,
         )
+        self._responder = ops.inline_responder()
         log.info("FUSE_INIT: guest 7.%d, agreed 7.%d, flags %#x, max_write %d", req.minor, minor, flags, max_write)
         return codec.InitOut(
             major=OUR_MAJOR,
@@ -473,9 +488,9 @@ class FuseSession:
             st_uid=req.uid,
             st_gid=req.gid,
             st_size=req.size,
-            st_atime_ns=req.atime * _NS + req.atimensec,
-            st_mtime_ns=req.mtime * _NS + req.mtimensec,
-            st_ctime_ns=req.ctime * _NS + req.ctimensec,
+            st_atime_ns=codec.wire_time_ns(req.atime, req.atimensec),
+            st_mtime_ns=codec.wire_time_ns(req.mtime, req.mtimensec),
+            st_ctime_ns=codec.wire_time_ns(req.ctime, req.ctimensec),
         )
         fh = req.fh if valid & abi.FATTR_FH else None
         return _pack_attr_out(await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req)))

@@ -61,6 +61,9 @@ class RequestHandler(Protocol):
     # Optional: ``device_reset()`` is called (if the handler has it) whenever
     # a queue is stopped or the device is reset, so a FUSE session may accept
     # the FUSE_INIT of a rebooted guest.
+    # Optional: ``inline_responder`` (an attribute, read at every batch pop):
+    # when not None, chains are first offered to it (VirtQueue.pop_serving);
+    # the ones it answers never reach handle_request.
 
 
 @attrs.define
@@ -75,6 +78,11 @@ class DeviceConfig:
 #: Chains a leader serves before it lets other tasks run (and signals the
 #: replies so far) when the guest keeps the queue full.
 _TURN_BUDGET = 256
+#: Replies answered inline (pop_serving) between notification decisions: a
+#: driver that waits for a call gets the first replies while the daemon
+#: answers the rest (GETATTR qd64 ran about twice as fast as with one call
+#: per batch, and faster than with 32 or 64, in benchmarks/frontend_bench.py).
+_SIGNAL_EVERY = 16
 
 
 class _Done:
@@ -243,13 +251,26 @@ class _QueueWorker:
 
     def _pop_batch(self, memory: Any, limit: int) -> int:
         """Move up to ``limit`` available chains into the backlog; return how
-        many chains were taken (malformed ones are returned at once, used
-        length 0). VringError for a broken queue."""
+        many chains were taken (malformed ones, and those the handler's
+        inline responder answers, are returned at once). VringError for a
+        broken queue."""
         queue = self.queue
+        handler = self.conn.handler
         taken = 0
         while taken < limit and not self.stopping:
+            responder = getattr(handler, "inline_responder", None)
+            answered = 0
             try:
-                chains = queue.pop_many(memory, limit - taken)
+                if responder is None:
+                    chains = queue.pop_many(memory, limit - taken)
+                else:
+                    chains, answered = queue.pop_serving(memory, min(limit - taken, _SIGNAL_EVERY), responder)
+                    if answered:
+                        # Let the driver see these replies while the rest
+                        # of the batch is served.
+                        self._unsignalled = True
+                        self._signal(memory)
+                        taken += answered
             except VringError as exc:
                 head = exc.head  # type: ignore[attr-defined]
                 log.warning("queue %d: malformed descriptor chain (head=%s): %s", self.index, head, exc)
@@ -261,6 +282,8 @@ class _QueueWorker:
                 taken += 1
                 continue
             if not chains:
+                if answered:
+                    continue
                 break
             self.in_flight += len(chains)
             self._backlog.extend(chains)

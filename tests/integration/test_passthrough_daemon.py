@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 from typing import Any, AsyncIterator
@@ -21,6 +22,7 @@ from virtiofs_async import FuseError
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.backends.passthrough import PassthroughFS
 from virtiofs_async.runtime import Runtime
+from virtiofs_async.session import FuseSession
 from virtiofs_async.testing import Caller, FuseClient, serve_in_background
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the passthrough daemon tests need root")
@@ -73,6 +75,62 @@ def test_init_flags_follow_the_options(run, sock_path, share) -> None:  # type: 
             assert not flags & abi.FUSE_DO_READDIRPLUS  # cache=never, as virtiofsd
             entry = await client.lookup(ROOT, b".")
             assert entry.entry_valid == entry.attr_valid == 0
+
+    run(body)
+
+
+def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Known inodes' GETATTR and LOOKUP (and ENOENT) never reach the session:
+    the backend's inline responder answers them from the ring walk, with
+    the replies and lookup counts of the full path. Not at DEBUG logging,
+    and not for a subclass that overrides getattr."""
+    seen: list[int] = []
+    real = FuseSession.handle_request
+
+    async def counting(self, readable, writable):  # type: ignore[no-untyped-def]
+        seen.append(int.from_bytes(bytes(readable[0][4:8]), "little"))
+        return await real(self, readable, writable)
+
+    monkeypatch.setattr(FuseSession, "handle_request", counting)
+
+    class Tagged(PassthroughFS):
+        async def getattr(self, inode, ctx, fh=None):  # type: ignore[no-untyped-def]
+            return await super().getattr(inode, ctx, fh)  # a hook a subclass might add
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        with open(os.path.join(share, "f"), "wb") as f:
+            f.write(b"12345")
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            entry = await client.lookup(ROOT, b"f")  # a new inode: the full path
+            assert int(abi.Opcode.LOOKUP) in seen
+            before = len(seen)
+            for _ in range(5):
+                attr = await client.getattr(entry.nodeid)
+                assert attr.attr.size == 5 and attr.attr.ino == entry.nodeid
+                again = await client.lookup(ROOT, b"f")
+                assert again.nodeid == entry.nodeid and again.attr == attr.attr
+            await expect_errno(errno.ENOENT, client.lookup(ROOT, b"missing"))
+            assert len(seen) == before
+            assert fs.lookup_count(entry.nodeid) == 6
+            os.truncate(os.path.join(share, "f"), 7)
+            assert (await client.getattr(entry.nodeid)).attr.size == 7
+            assert len(seen) == before
+            caplog.set_level(logging.DEBUG, logger="virtiofs_async.session")
+            assert (await client.getattr(entry.nodeid)).attr.size == 7
+            assert seen[before:] == [int(abi.Opcode.GETATTR)]
+            caplog.set_level(logging.WARNING, logger="virtiofs_async.session")
+        seen.clear()
+        fs = Tagged(share)
+        fs.run_blocking = rt.run_in_thread  # type: ignore[method-assign]
+        assert fs.inline_responder() is None
+        try:
+            async with serve_in_background(fs, sock_path, runtime=rt):
+                async with FuseClient.connect(sock_path, runtime=rt) as client:
+                    entry = await client.lookup(ROOT, b"f")
+                    await client.getattr(entry.nodeid)
+                    assert seen.count(int(abi.Opcode.GETATTR)) == 1
+        finally:
+            fs.close()
 
     run(body)
 

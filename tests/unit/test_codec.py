@@ -671,11 +671,20 @@ def test_attribute_packers_match_the_reply_records(a):
 
 def test_attribute_packers_refuse_what_the_wire_cannot_carry():
     with pytest.raises(struct.error):
-        pack_attr_out(EntryAttributes(st_mtime_ns=-1))  # before the epoch: no negative seconds on the wire
+        pack_attr_out(EntryAttributes(st_mtime_ns=-(1 << 63) * 10**9 - 1))  # beyond a signed 64-bit second
     with pytest.raises(struct.error):
         pack_entry_out(EntryAttributes(st_ino=2**64))
     with pytest.raises(AttributeError):
         pack_attr(object())
+
+
+def test_times_before_the_epoch_are_twos_complement_seconds_as_the_kernel_reads_them():
+    attr = abi.fuse_attr.unpack(pack_attr(EntryAttributes(st_mtime_ns=-1, st_atime_ns=-5_000_000_123)))
+    mtime, atime, mtimensec, atimensec = attr[4], attr[3], attr[7], attr[6]
+    assert (mtime, mtimensec) == ((1 << 64) - 1, 999_999_999)  # -1 s + 0.999999999 s
+    assert (atime - (1 << 64)) * 10**9 + atimensec == -5_000_000_123
+    assert codec.wire_time_ns(atime, atimensec) == -5_000_000_123 and codec.wire_time_ns(5, 7) == 5_000_000_007
+    assert codec.wire_seconds(-(1 << 63) * 10**9) == 1 << 63
 
 
 def test_write_reply_scatters_header_and_body_or_writes_nothing():

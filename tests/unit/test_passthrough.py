@@ -22,6 +22,7 @@ import pytest
 
 import virtiofs_async
 
+from virtiofs_async import codec
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.backends import _hostfs
 from virtiofs_async.backends.passthrough import CACHE_TIMEOUTS, PassthroughFS
@@ -248,8 +249,8 @@ def test_mknod_mkdir_symlink_link_unlink_rmdir(fs: PassthroughFS, share: str) ->
         rdev = (1 << 8) | 3  # new_encode_dev(1, 3) as the guest sends it
         dev = await fs.mknod(ROOT_INODE, b"null", stat.S_IFCHR | 0o666, rdev, ROOT)
         assert os.lstat(host(share, "null")).st_rdev == os.makedev(1, 3) and dev.st_rdev == rdev
-        big = _hostfs.host_rdev_to_guest(os.makedev(259, 300000))
-        assert _hostfs.guest_rdev_to_host(big) == os.makedev(259, 300000)
+        big = codec.host_rdev_to_guest(os.makedev(259, 300000))
+        assert codec.guest_rdev_to_host(big) == os.makedev(259, 300000)
         d = await fs.mkdir(ROOT_INODE, b"d", 0o1750, ROOT)
         assert stat.S_IMODE(os.lstat(host(share, "d")).st_mode) == 0o1750 and stat.S_ISDIR(d.st_mode)
         ln = await fs.symlink(d.st_ino, b"ln", b"/anything/at/all", ROOT)

@@ -419,23 +419,6 @@ def iter_all(fd: int) -> Iterator[Dirent]:
         off = batch[-1].off
 
 
-# -- device numbers: the guest's 32-bit encoding (new_encode_dev) ---------------------------
-
-
-def guest_rdev_to_host(rdev: int) -> int:
-    """FUSE carries rdev as Linux's 32-bit ``new_encode_dev`` value."""
-    major = (rdev & 0xFFF00) >> 8
-    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
-    return os.makedev(major, minor)
-
-
-def host_rdev_to_guest(dev: int) -> int:
-    if dev == 0:
-        return 0
-    major, minor = os.major(dev), os.minor(dev)
-    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
-
-
 # -- OFD / flock locks ----------------------------------------------------------------------
 
 _FLOCK = struct.Struct("hhqqi4x")

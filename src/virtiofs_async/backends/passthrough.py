@@ -107,6 +107,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import attrs
 
+from .. import _accel, codec
 from ..abi import fuse as abi
 from ..errors import FuseError
 from ..operations import (
@@ -273,6 +274,11 @@ def _close_lookup_result(result: tuple[int, os.stat_result, Any]) -> None:
 def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> None:
     _close_quietly(result[0])
     _close_lookup_result(result[1])
+
+
+#: The methods a GETATTR or LOOKUP goes through; the inline responder
+#: answers those requests without them (see PassthroughFS.inline_responder).
+_RESPONDER_BYPASSES = ("lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node")
 
 
 def _err(code: int) -> FuseError:
@@ -676,7 +682,7 @@ class PassthroughFS(Operations):
         return EntryAttributes(
             nodeid, 0, self.entry_timeout, self.attr_timeout,
             st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
-            _hostfs.host_rdev_to_guest(rdev) if rdev else 0,
+            codec.host_rdev_to_guest(rdev) if rdev else 0,
             st.st_size, st.st_blksize, st.st_blocks,
             st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, flags,
         )
@@ -755,6 +761,25 @@ class PassthroughFS(Operations):
 
     # ------------------------------------------------------------------
     # lifecycle
+    def inline_responder(self) -> Any | None:
+        """With ``inline_metadata``: a responder that answers GETATTR and
+        LOOKUP of known inodes from this backend's tables at the queue
+        (:mod:`virtiofs_async.responder`; LOOKUP only without file handles),
+        with the timeouts as they are now. None when a subclass or the
+        instance replaces a method those answers go through, since the
+        responder would bypass it."""
+        if not self.inline_metadata:
+            return None
+        cls = type(self)
+        own = vars(self)
+        for name in _RESPONDER_BYPASSES:
+            if getattr(cls, name) is not getattr(PassthroughFS, name) or name in own:
+                return None
+        return _accel.PassthroughResponder(
+            self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts,
+            self.file_handles == "never",
+        )
+
     async def destroy(self) -> None:
         """Drop every lookup and handle; the root stays."""
         self._reset()
@@ -904,7 +929,7 @@ class PassthroughFS(Operations):
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise _err(errno.EPERM if kind == stat.S_IFDIR else errno.EINVAL)
-        device = _hostfs.guest_rdev_to_host(rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        device = codec.guest_rdev_to_host(rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
         return await self._make(parent, name, ctx, _mknodat, kind | (mode & 0o7777), device)
 
     async def mkdir(self, parent: InodeT, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:

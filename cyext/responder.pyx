@@ -1,0 +1,238 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled twin of :mod:`virtiofs_async.responder`.
+
+Built as ``virtiofs_async._cy_responder``. :class:`PassthroughResponder`
+answers exactly what the pure one answers, with the same bytes and the same
+lookup counting (``tests/unit/test_responder.py`` runs both against the
+session's full path). Its ``c_responder`` capsule carries a C function
+(``vfa_respond_fn``, see include/vfa_hotpath.h) that the compiled
+``VirtQueue.pop_serving`` calls with the request gathered from guest memory
+and a reply buffer: a GETATTR costs one dict lookup, one ``fstat`` and the
+stores of the reply, with no Python objects but the nodeid key.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+from cpython.pycapsule cimport PyCapsule_New
+from libc.errno cimport ENOENT, errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcpy
+from posix.stat cimport S_ISDIR, fstat, fstatat, struct_stat
+
+from vfa_hotpath cimport (
+    VFA_RESPONDER_CAPSULE,
+    VFA_RESPONDER_REPLY_MAX,
+    vfa_ld16,
+    vfa_ld32,
+    vfa_ld64,
+    vfa_st32,
+    vfa_st64,
+)
+
+from virtiofs_async.abi import fuse as _abi
+from virtiofs_async.codec import split_timeout
+
+cdef extern from "<fcntl.h>" nogil:
+    enum: AT_SYMLINK_NOFOLLOW
+
+cdef extern from "<sys/sysmacros.h>" nogil:
+    unsigned int major(unsigned long long dev)
+    unsigned int minor(unsigned long long dev)
+
+cdef enum:
+    IN_HEADER = 40
+    OUT_HEADER = 16
+    GETATTR_LEN = 56     # header + fuse_getattr_in
+    ATTR_REPLY = 120     # header + fuse_attr_out
+    ENTRY_REPLY = 144    # header + fuse_entry_out
+    NAME_MAX = 255
+    S_IFMT_BITS = 0o170000
+    S_IFDIR_BITS = 0o040000
+
+cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
+cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
+cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
+cdef uint64_t NS = 1000000000
+
+
+cdef inline uint32_t _guest_rdev(unsigned long long dev) noexcept:
+    cdef unsigned int ma, mi
+    if dev == 0:
+        return 0
+    ma = major(dev)
+    mi = minor(dev)
+    return <uint32_t>((mi & 0xFF) | (ma << 8) | ((mi & ~(<unsigned int>0xFF)) << 12))
+
+
+cdef bint _store_attr(unsigned char *p, uint64_t nodeid, struct_stat *st, uint32_t flags) noexcept:
+    """The 88-byte fuse_attr of ``st`` as inode ``nodeid`` at ``p``; False
+    (nothing meaningful written) where the pure twin's _attr_fields gives None."""
+    if <unsigned long long>st.st_nlink > 0xFFFFFFFF or st.st_blksize < 0 or <unsigned long long>st.st_blksize > 0xFFFFFFFF:
+        return False
+    vfa_st64(p, nodeid)
+    vfa_st64(p + 8, <uint64_t>st.st_size)
+    vfa_st64(p + 16, <uint64_t>st.st_blocks)
+    vfa_st64(p + 24, <uint64_t>st.st_atim.tv_sec)  # two's complement before the epoch (codec.wire_seconds)
+    vfa_st64(p + 32, <uint64_t>st.st_mtim.tv_sec)
+    vfa_st64(p + 40, <uint64_t>st.st_ctim.tv_sec)
+    vfa_st32(p + 48, <uint32_t>st.st_atim.tv_nsec)
+    vfa_st32(p + 52, <uint32_t>st.st_mtim.tv_nsec)
+    vfa_st32(p + 56, <uint32_t>st.st_ctim.tv_nsec)
+    vfa_st32(p + 60, <uint32_t>st.st_mode)
+    vfa_st32(p + 64, <uint32_t>st.st_nlink)
+    vfa_st32(p + 68, <uint32_t>st.st_uid)
+    vfa_st32(p + 72, <uint32_t>st.st_gid)
+    vfa_st32(p + 76, _guest_rdev(st.st_rdev))
+    vfa_st32(p + 80, <uint32_t>st.st_blksize)
+    vfa_st32(p + 84, flags)
+    return True
+
+
+cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error, uint64_t unique) noexcept:
+    vfa_st32(p, length)
+    vfa_st32(p + 4, <uint32_t>error)
+    vfa_st64(p + 8, unique)
+
+
+@cython.final
+cdef class PassthroughResponder:
+    """See :class:`virtiofs_async.responder.PassthroughResponder`."""
+
+    cdef dict _inodes
+    cdef dict _by_key
+    cdef uint64_t _entry_valid, _attr_valid
+    cdef uint32_t _entry_nsec, _attr_nsec
+    cdef bint _announce_submounts, _lookups
+
+    def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups):
+        self._inodes = inodes
+        self._by_key = by_key
+        self._entry_valid, self._entry_nsec = split_timeout(entry_timeout)
+        self._attr_valid, self._attr_nsec = split_timeout(attr_timeout)
+        self._announce_submounts = bool(announce_submounts)
+        self._lookups = bool(lookups)
+
+    @property
+    def c_responder(self):
+        """The capsule of the C function VirtQueue.pop_serving calls."""
+        return _CAPSULE
+
+    def respond(self, request, Py_ssize_t room):
+        """As the pure twin's: the reply bytes, or None."""
+        cdef const unsigned char[::1] req = request
+        cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
+        cdef Py_ssize_t n
+        if room > VFA_RESPONDER_REPLY_MAX:
+            room = VFA_RESPONDER_REPLY_MAX
+        if room < 0 or req.shape[0] < IN_HEADER:
+            return None
+        n = self._answer(&req[0], req.shape[0], reply, room)
+        if n < 0:
+            return None
+        return PyBytes_FromStringAndSize(<char *>reply, n)
+
+    cdef Py_ssize_t _answer(self, const unsigned char *request, Py_ssize_t n, unsigned char *reply,
+                            Py_ssize_t room) except? -2:
+        cdef uint32_t length, opcode
+        cdef uint64_t unique, nodeid
+        if n < IN_HEADER:
+            return -1
+        length = vfa_ld32(request)
+        opcode = vfa_ld32(request + 4)
+        unique = vfa_ld64(request + 8)
+        nodeid = vfa_ld64(request + 16)
+        if vfa_ld16(request + 36) != 0 or length > n:  # total_extlen
+            return -1
+        if opcode == OP_GETATTR:
+            return self._getattr(unique, nodeid, length, reply, room)
+        if opcode == OP_LOOKUP and self._lookups:
+            return self._lookup(unique, nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
+        return -1
+
+    cdef Py_ssize_t _getattr(self, uint64_t unique, uint64_t nodeid, uint32_t length, unsigned char *reply,
+                             Py_ssize_t room) except? -2:
+        cdef struct_stat st
+        cdef PyObject *found
+        cdef int fd
+        if length < GETATTR_LEN or room < ATTR_REPLY:
+            return -1
+        found = PyDict_GetItem(self._inodes, nodeid)
+        if found == NULL:
+            return -1
+        fd = (<object>found).fd
+        if fd < 0 or fstat(fd, &st) != 0:
+            return -1
+        if not _store_attr(reply + 32, nodeid, &st, 0):
+            return -1
+        _store_out_header(reply, ATTR_REPLY, 0, unique)
+        vfa_st64(reply + 16, self._attr_valid)
+        vfa_st32(reply + 24, self._attr_nsec)
+        vfa_st32(reply + 28, 0)
+        return ATTR_REPLY
+
+    cdef Py_ssize_t _lookup(self, uint64_t unique, uint64_t parent_id, const unsigned char *body, Py_ssize_t blen,
+                            unsigned char *reply, Py_ssize_t room) except? -2:
+        cdef char name[NAME_MAX + 1]
+        cdef Py_ssize_t nlen = blen - 1
+        cdef struct_stat st
+        cdef PyObject *found
+        cdef int pfd
+        cdef uint64_t parent_dev, nid
+        cdef uint32_t flags = 0
+        if blen < 2 or body[nlen] != 0 or nlen > NAME_MAX:
+            return -1
+        if memchr(body, 0, nlen) != NULL or memchr(body, ord('/'), nlen) != NULL:
+            return -1
+        if body[0] == ord('.') and (nlen == 1 or (nlen == 2 and body[1] == ord('.'))):
+            return -1
+        found = PyDict_GetItem(self._inodes, parent_id)
+        if found == NULL:
+            return -1
+        parent = <object>found
+        if parent.kind != S_IFDIR_BITS:
+            return -1
+        pfd = parent.fd
+        if pfd < 0:
+            return -1
+        memcpy(name, body, blen)  # with its NUL
+        if fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0:
+            if errno == ENOENT and room >= OUT_HEADER:
+                _store_out_header(reply, OUT_HEADER, -ENOENT, unique)
+                return OUT_HEADER
+            return -1
+        if room < ENTRY_REPLY:
+            return -1
+        found = PyDict_GetItem(self._by_key, (<unsigned long long>st.st_dev, <unsigned long long>st.st_ino))
+        if found == NULL:
+            return -1
+        node = <object>found
+        if self._announce_submounts and S_ISDIR(st.st_mode):
+            parent_dev = parent.key[0]
+            if <uint64_t>st.st_dev != parent_dev:
+                flags = ATTR_SUBMOUNT
+        nid = node.nodeid
+        if not _store_attr(reply + 56, nid, &st, flags):
+            return -1
+        _store_out_header(reply, ENTRY_REPLY, 0, unique)
+        vfa_st64(reply + 16, nid)
+        vfa_st64(reply + 24, 0)  # generation
+        vfa_st64(reply + 32, self._entry_valid)
+        vfa_st64(reply + 40, self._attr_valid)
+        vfa_st32(reply + 48, self._entry_nsec)
+        vfa_st32(reply + 52, self._attr_nsec)
+        node.lookups += 1
+        return ENTRY_REPLY
+
+
+cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, unsigned char *reply,
+                           Py_ssize_t room) noexcept:
+    if type(self) is not PassthroughResponder:
+        return -1
+    try:
+        return (<PassthroughResponder>self)._answer(request, n, reply, room)
+    except Exception:
+        return -1
+
+
+cdef object _CAPSULE = PyCapsule_New(<void *>_respond_c, VFA_RESPONDER_CAPSULE, NULL)

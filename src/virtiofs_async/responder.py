@@ -1,0 +1,160 @@
+"""Inline answers to GETATTR and LOOKUP over a table of host-fd inodes.
+
+The pure twin of ``cyext/responder.pyx``. A :class:`PassthroughResponder` is
+what :meth:`VirtQueue.pop_serving <virtiofs_async.vring.VirtQueue.pop_serving>`
+offers small requests to, straight from the ring walk: it returns the exact
+reply bytes the full path (``FuseSession.handle_request`` over
+``PassthroughFS``) would write, or None to leave the request to that path.
+It answers only what the full path answers without logging and without
+leaving the event loop:
+
+* GETATTR of a known inode that holds an O_PATH fd (``fstat``);
+* LOOKUP of a valid component (not ``.`` or ``..``) in a known directory
+  that holds an fd, when the name is an inode the table already has
+  (``fstatat`` without following), or ENOENT.
+
+Everything else (other opcodes, request extensions, errors other than
+ENOENT, short reply room) gets None.
+
+Contract: the responder holds the backend's ``inodes`` (nodeid -> inode)
+and ``by_key`` ((st_dev, st_ino) -> inode) dicts by reference and never
+changes them; an inode object has ``nodeid``, ``key``, ``kind`` (S_IFMT
+bits), ``fd`` (-1: none) and ``lookups``. Each LOOKUP reply it gives counts
+one lookup on the inode, as the backend's own LOOKUP does. The timeouts are
+fixed when it is built.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from .abi import fuse as abi
+from .codec import host_rdev_to_guest, split_timeout, wire_seconds
+
+__all__ = ["PassthroughResponder", "NAME_MAX"]
+
+#: The longest component name a LOOKUP is answered for (the host's NAME_MAX).
+NAME_MAX = 255
+
+_NS = 1_000_000_000
+_IN_HEADER = abi.fuse_in_header.size  # 40
+_OUT_HEADER = abi.fuse_out_header.size  # 16
+_GETATTR_LEN = _IN_HEADER + abi.fuse_getattr_in.size  # 56
+_ATTR_REPLY = _OUT_HEADER + abi.fuse_attr_out.size  # 120
+_ENTRY_REPLY = _OUT_HEADER + abi.fuse_entry_out.size  # 144
+_U32 = 0xFFFFFFFF
+_OP_GETATTR = int(abi.Opcode.GETATTR)
+_OP_LOOKUP = int(abi.Opcode.LOOKUP)
+
+_in_header_unpack_from = abi.fuse_in_header.unpack_from
+_out_header_pack = abi.fuse_out_header.pack
+_attr_out_pack = abi.fuse_attr_out.pack
+_entry_out_pack = abi.fuse_entry_out.pack
+
+
+def _attr_fields(nodeid: int, st: os.stat_result, flags: int) -> tuple[int, ...] | None:
+    """``fuse_attr`` fields, in wire order, of ``st`` as inode ``nodeid``;
+    None when one does not fit its wire type (the full path then fails the
+    same request with EIO and a log line)."""
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    if st.st_nlink > _U32 or not 0 <= st.st_blksize <= _U32:
+        return None
+    rdev = st.st_rdev
+    return (
+        nodeid, st.st_size, st.st_blocks,
+        wire_seconds(a), wire_seconds(m), wire_seconds(c), a % _NS, m % _NS, c % _NS,
+        st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+        host_rdev_to_guest(rdev) if rdev else 0, st.st_blksize, flags,
+    )
+
+
+class PassthroughResponder:
+    """Answers GETATTR (and LOOKUP when ``lookups``) from ``inodes`` and
+    ``by_key``; see the module docstring for what it answers and the
+    contract on the tables. ``announce_submounts`` sets FUSE_ATTR_SUBMOUNT
+    on a LOOKUP of a directory on another device than its parent."""
+
+    __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups")
+
+    def __init__(
+        self,
+        inodes: dict[int, Any],
+        by_key: dict[tuple[int, int], Any],
+        entry_timeout: float,
+        attr_timeout: float,
+        announce_submounts: bool,
+        lookups: bool,
+    ) -> None:
+        self._inodes = inodes
+        self._by_key = by_key
+        self._entry_valid = split_timeout(entry_timeout)
+        self._attr_valid = split_timeout(attr_timeout)
+        self._announce_submounts = bool(announce_submounts)
+        self._lookups = bool(lookups)
+
+    def respond(self, request: bytes, room: int) -> bytes | None:
+        """The reply to ``request`` (one whole request's readable bytes) if
+        it fits in ``room`` bytes and is one this responder gives, else None."""
+        if len(request) < _IN_HEADER:
+            return None
+        length, opcode, unique, nodeid, _uid, _gid, _pid, extlen, _pad = _in_header_unpack_from(request)
+        if extlen or length > len(request):
+            return None
+        if opcode == _OP_GETATTR:
+            return self._getattr(unique, nodeid, length, room)
+        if opcode == _OP_LOOKUP and self._lookups:
+            return self._lookup(unique, nodeid, request[_IN_HEADER:length], room)
+        return None
+
+    def _getattr(self, unique: int, nodeid: int, length: int, room: int) -> bytes | None:
+        if length < _GETATTR_LEN or room < _ATTR_REPLY:
+            return None
+        node = self._inodes.get(nodeid)
+        if node is None or node.fd < 0:
+            return None
+        try:
+            st = os.fstat(node.fd)
+        except OSError:
+            return None
+        fields = _attr_fields(nodeid, st, 0)
+        if fields is None:
+            return None
+        valid, nsec = self._attr_valid
+        return _out_header_pack(_ATTR_REPLY, 0, unique) + _attr_out_pack(valid, nsec, 0, *fields)
+
+    def _lookup(self, unique: int, parent_id: int, body: bytes, room: int) -> bytes | None:
+        # body: the name and its NUL, nothing else (the codec's framing rule)
+        if len(body) < 2 or body[-1] != 0:
+            return None
+        name = body[:-1]
+        if len(name) > NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+            return None
+        parent = self._inodes.get(parent_id)
+        if parent is None or parent.kind != stat.S_IFDIR or parent.fd < 0:
+            return None
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and room >= _OUT_HEADER:
+                return _out_header_pack(_OUT_HEADER, -errno.ENOENT, unique)
+            return None
+        if room < _ENTRY_REPLY:
+            return None
+        node = self._by_key.get((st.st_dev, st.st_ino))
+        if node is None:
+            return None
+        flags = 0
+        if self._announce_submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != parent.key[0]:
+            flags = abi.FUSE_ATTR_SUBMOUNT
+        fields = _attr_fields(node.nodeid, st, flags)
+        if fields is None:
+            return None
+        entry_valid, entry_nsec = self._entry_valid
+        attr_valid, attr_nsec = self._attr_valid
+        reply = _out_header_pack(_ENTRY_REPLY, 0, unique) + _entry_out_pack(
+            node.nodeid, 0, entry_valid, attr_valid, entry_nsec, attr_nsec, *fields
+        )
+        node.lookups += 1
+        return reply

@@ -1,0 +1,364 @@
+"""The inline responders (pure virtiofs_async.responder, compiled
+_cy_responder) against the session's full path over a real PassthroughFS:
+for every request either twin answers, its bytes are the full path's reply
+and the lookup counts move the same way; a request it does not answer
+changes nothing. Both twins always agree.
+
+Skips the compiled twin when it is not built, except when the run asks for
+cython (then it fails).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import struct
+from typing import Any, Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from virtiofs_async import _accel, codec
+from virtiofs_async import responder as pure
+from virtiofs_async.abi import fuse as abi
+from virtiofs_async.backends.passthrough import PassthroughFS
+from virtiofs_async.session import FuseSession
+
+from .compiled import need_compiled
+
+try:
+    from virtiofs_async import _cy_responder
+except ImportError as exc:  # not built
+    _cy_responder = None  # type: ignore[assignment]
+    _MISSING: ImportError | None = exc
+else:
+    _MISSING = None
+
+IN = abi.fuse_in_header
+GETATTR = int(abi.Opcode.GETATTR)
+LOOKUP = int(abi.Opcode.LOOKUP)
+NAMES = [b"f", b"d", b"s", b"fifo", b"old", b"missing", b"d/g", b".", b"..", b"", b"x" * 255, b"x" * 256, b"a\0b"]
+
+
+def _twins() -> list[type]:
+    out: list[type] = [pure.PassthroughResponder]
+    if _cy_responder is not None:
+        out.append(_cy_responder.PassthroughResponder)
+    return out
+
+
+def request(opcode: int, nodeid: int, body: bytes, unique: int = 7, *, extlen: int = 0, len_delta: int = 0,
+            trailing: bytes = b"") -> bytes:
+    length = IN.size + len(body) + 8 * extlen + len_delta
+    return IN.pack(length & 0xFFFFFFFF, opcode, unique, nodeid, 0, 0, 1, extlen, 0) + body + b"\0" * 8 * extlen + trailing
+
+
+def getattr_req(nodeid: int, **kw: Any) -> bytes:
+    return request(GETATTR, nodeid, abi.fuse_getattr_in.pack(0, 0, 0), **kw)
+
+
+def lookup_req(parent: int, name: bytes, **kw: Any) -> bytes:
+    return request(LOOKUP, parent, name + b"\0", **kw)
+
+
+class Mount:
+    """A PassthroughFS over a small tree, mounted by a FuseSession."""
+
+    def __init__(self, root: str, **options: Any) -> None:
+        self.root = root
+        for name in ("f", "old"):
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"hello")
+        os.makedirs(os.path.join(root, "d"), exist_ok=True)
+        with open(os.path.join(root, "d", "g"), "wb") as f:
+            f.write(b"g" * 5000)
+        if not os.path.lexists(os.path.join(root, "s")):
+            os.symlink("f", os.path.join(root, "s"))
+        if not os.path.exists(os.path.join(root, "fifo")):
+            os.mkfifo(os.path.join(root, "fifo"))
+        os.utime(os.path.join(root, "old"), ns=(-5_000_000_123, 1_000_000_007))  # before the epoch
+        self.fs = PassthroughFS(root, **options)
+        self.session = FuseSession(self.fs)
+        h, _ = self.full(codec.InitRequest(
+            codec.InHeader(len=0, opcode=0, unique=1, nodeid=0, uid=0, gid=0, pid=1),
+            major=7, minor=38, max_readahead=131072, flags=abi.FUSE_INIT_EXT | abi.FUSE_MAX_PAGES,
+        ).encode())
+        # the full path installs the inodes the responders may then answer for
+        self.nodeids = {b"": abi.FUSE_ROOT_ID}
+        for name in (b"f", b"d", b"s", b"fifo", b"old"):
+            self.nodeids[name] = self.lookup_via_session(abi.FUSE_ROOT_ID, name)
+        self.nodeids[b"d/g"] = self.lookup_via_session(self.nodeids[b"d"], b"g")
+
+    def full(self, req: bytes | list[bytes], room: int = 4096) -> tuple[int, bytes]:
+        parts = [req] if isinstance(req, bytes) else req
+        out = bytearray(room)
+        n = asyncio.run(self.session.handle_request([memoryview(bytes(p)) for p in parts], [memoryview(out)]))
+        return n, bytes(out[:n])
+
+    def lookup_via_session(self, parent: int, name: bytes) -> int:
+        n, reply = self.full(lookup_req(parent, name))
+        assert n == 144, reply
+        return abi.fuse_entry_out.unpack_from(reply, 16)[0]
+
+    def counts(self) -> dict[int, int]:
+        return {nodeid: node.lookups for nodeid, node in self.fs._inodes.items()}
+
+    def responders(self) -> list[Any]:
+        fs = self.fs
+        return [cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, fs.announce_submounts,
+                    fs.file_handles == "never") for cls in _twins()]
+
+    def check(self, req: bytes, room: int) -> bytes | None:
+        """Offer ``req`` to each twin, then to the full path; assert they agree.
+        Returns the responders' answer (None: not answered)."""
+        answers = []
+        deltas = []
+        for r in self.responders():
+            before = self.counts()
+            answers.append(r.respond(req, room))
+            deltas.append(_delta(before, self.counts()))
+        assert all(a == answers[0] for a in answers), answers
+        answer = answers[0]
+        if answer is None:
+            assert all(not d for d in deltas), deltas
+            return None
+        before = self.counts()
+        n, reply = self.full(req, room)
+        assert answer == reply
+        assert all(d == _delta(before, self.counts()) for d in deltas)
+        return answer
+
+    def close(self) -> None:
+        asyncio.run(self.session.close())
+        self.fs.close()
+
+
+def _delta(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after) if after.get(k, 0) != before.get(k, 0)}
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    m = Mount(str(tmp_path_factory.mktemp("responder")))
+    yield m
+    m.close()
+
+
+def test_the_package_uses_the_selected_twin() -> None:
+    expected = _cy_responder.PassthroughResponder if _accel.IMPLEMENTATION == "cython" else pure.PassthroughResponder
+    assert _accel.PassthroughResponder is expected
+    fs = PassthroughFS(os.getcwd())
+    try:
+        assert type(fs.inline_responder()) is expected
+    finally:
+        fs.close()
+
+
+def test_getattr_of_known_inodes_is_answered_like_the_session(mount: Mount) -> None:
+    for name in (b"", b"f", b"d", b"s", b"fifo", b"d/g"):
+        nodeid = mount.nodeids[name]
+        answer = mount.check(getattr_req(nodeid), 512)
+        assert answer is not None, name
+        length, error, unique = abi.fuse_out_header.unpack_from(answer)
+        assert (length, error, unique) == (120, 0, 7)
+        attr = abi.fuse_attr_out.unpack_from(answer, 16)
+        st = os.lstat(os.path.join(mount.root, name.decode()))
+        assert attr[3] == nodeid and attr[4] == st.st_size and attr[12] == st.st_mode
+        assert attr[7] == st.st_mtime_ns // 10**9 and attr[10] == st.st_mtime_ns % 10**9  # mtime, mtimensec
+
+
+def test_lookup_of_known_names_counts_one_lookup_each(mount: Mount) -> None:
+    nodeid = mount.nodeids[b"f"]
+    before = mount.fs.lookup_count(nodeid)
+    answer = mount.check(lookup_req(abi.FUSE_ROOT_ID, b"f"), 512)
+    assert answer is not None
+    assert abi.fuse_entry_out.unpack_from(answer, 16)[0] == nodeid
+    # each twin once, then the full path once
+    assert mount.fs.lookup_count(nodeid) == before + len(_twins()) + 1
+    assert mount.check(lookup_req(mount.nodeids[b"d"], b"g"), 144) is not None
+
+
+def test_times_before_the_epoch_go_as_the_kernel_reads_them(mount: Mount) -> None:
+    for req in (getattr_req(mount.nodeids[b"old"]), lookup_req(abi.FUSE_ROOT_ID, b"old")):
+        answer = mount.check(req, 512)
+        assert answer is not None
+        offset = 16 + (16 if len(answer) == 120 else 40)
+        fields = abi.fuse_attr.unpack_from(answer, offset)
+        atime, mtime, atimensec, mtimensec = fields[3], fields[4], fields[6], fields[7]
+        assert atime - (1 << 64) == -6 and atimensec == 999_999_877  # -5.000000123 s
+        assert (mtime, mtimensec) == (1, 7)
+
+
+def test_missing_names_get_enoent(mount: Mount) -> None:
+    answer = mount.check(lookup_req(abi.FUSE_ROOT_ID, b"missing", unique=99), 16)
+    assert answer == abi.fuse_out_header.pack(16, -errno.ENOENT, 99)
+
+
+@pytest.mark.parametrize("case", [
+    "unknown nodeid", "short room", "extension",
+    "len beyond the bytes", "dot", "dotdot", "slash", "not a directory", "unknown inode", "nul in name",
+    "too long", "other opcode", "short header",
+])
+def test_what_the_responders_leave_to_the_full_path(mount: Mount, case: str) -> None:
+    root, f = abi.FUSE_ROOT_ID, mount.nodeids[b"f"]
+    reqs = {
+        "unknown nodeid": (getattr_req(123456), 512),
+        "short room": (getattr_req(f), 119),
+        "extension": (getattr_req(f, extlen=1), 512),
+        "len beyond the bytes": (getattr_req(f, len_delta=1), 512),
+        "dot": (lookup_req(root, b"."), 512),
+        "dotdot": (lookup_req(mount.nodeids[b"d"], b".."), 512),
+        "slash": (lookup_req(root, b"d/g"), 512),
+        "not a directory": (lookup_req(f, b"x"), 512),
+        "unknown inode": (lookup_req(root, b"new"), 512),
+        "nul in name": (lookup_req(root, b"f\0f"), 512),
+        "too long": (lookup_req(root, b"x" * 256), 512),
+        "other opcode": (request(int(abi.Opcode.READLINK), mount.nodeids[b"s"], b""), 512),
+        "short header": (getattr_req(f)[:39], 512),
+    }
+    req, room = reqs[case]
+    if case == "unknown inode":
+        with open(os.path.join(mount.root, "new"), "wb"):
+            pass
+    try:
+        assert mount.check(req, room) is None
+    finally:
+        if case == "unknown inode":
+            os.unlink(os.path.join(mount.root, "new"))
+
+
+def test_lookup_room_for_enoent_but_not_for_an_entry(mount: Mount) -> None:
+    assert mount.check(lookup_req(abi.FUSE_ROOT_ID, b"f"), 143) is None
+    assert mount.check(lookup_req(abi.FUSE_ROOT_ID, b"nope"), 15) is None
+
+
+def test_trailing_bytes_after_len_are_ignored_as_the_codec_does(mount: Mount) -> None:
+    assert mount.check(getattr_req(mount.nodeids[b"f"], trailing=b"junk"), 512) is not None
+    assert mount.check(lookup_req(abi.FUSE_ROOT_ID, b"f", trailing=b"junk"), 512) is not None
+
+
+def test_submounts_are_flagged_when_announced(tmp_path: Any) -> None:
+    m = Mount(str(tmp_path), announce_submounts=True)
+    try:
+        # Pretend the root is on another device: every directory under it
+        # is then a submount for the full path and the responders alike.
+        m.fs._root.key = (m.fs._root.key[0] + 1, m.fs._root.key[1])
+        answer = m.check(lookup_req(abi.FUSE_ROOT_ID, b"d"), 512)
+        assert answer is not None
+        assert abi.fuse_entry_out.unpack_from(answer, 16)[-1] == abi.FUSE_ATTR_SUBMOUNT
+        answer = m.check(lookup_req(abi.FUSE_ROOT_ID, b"f"), 512)
+        assert answer is not None and abi.fuse_entry_out.unpack_from(answer, 16)[-1] == 0
+    finally:
+        m.close()
+
+
+def test_device_numbers_are_encoded_as_the_session_does(tmp_path: Any) -> None:
+    try:
+        os.mknod(os.path.join(tmp_path, "dev"), stat.S_IFCHR | 0o600, os.makedev(259, 300000))
+    except PermissionError:
+        pytest.skip("mknod of a character device is not allowed here")
+    m = Mount(str(tmp_path))
+    try:
+        nodeid = m.lookup_via_session(abi.FUSE_ROOT_ID, b"dev")
+        answer = m.check(getattr_req(nodeid), 512)
+        assert answer is not None
+        assert abi.fuse_attr_out.unpack_from(answer, 16)[16] == codec.host_rdev_to_guest(os.makedev(259, 300000))
+    finally:
+        m.close()
+
+
+def test_file_handle_mode_answers_no_lookup(tmp_path: Any) -> None:
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        for cls in _twins():
+            r = cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, False)
+            assert r.respond(lookup_req(abi.FUSE_ROOT_ID, b"f"), 512) is None
+            assert r.respond(getattr_req(m.nodeids[b"f"]), 512) is not None
+    finally:
+        m.close()
+
+
+def test_timeouts_split_as_the_codec_does(tmp_path: Any) -> None:
+    m = Mount(str(tmp_path), entry_timeout=2.75, attr_timeout=0.5)
+    try:
+        answer = m.check(lookup_req(abi.FUSE_ROOT_ID, b"f"), 512)
+        assert answer is not None
+        _, _, ev, av, evn, avn = abi.fuse_entry_out.unpack_from(answer, 16)[:6]
+        assert (ev, evn, av, avn) == (2, 750_000_000, 0, 500_000_000)
+    finally:
+        m.close()
+
+
+_NODES = st.integers(0, 9)  # an index into Mount.nodeids (0: the root, 2: d), or an unknown number past them
+
+
+def _nodeid(mount: Mount, k: int) -> int:
+    known = list(mount.nodeids.values())
+    return known[k] if k < len(known) else [0, 123456, 2**64 - 1][k % 3]
+
+
+_options = {"extlen": st.sampled_from([0, 0, 0, 1]), "len_delta": st.sampled_from([0, 0, -1, -16, 1]),
+            "trailing": st.binary(max_size=8)}
+_requests = st.one_of(
+    # well-formed, mostly answered
+    st.tuples(st.just("getattr"), _NODES, st.just(b""), st.just({})),
+    st.tuples(st.just("lookup"), st.sampled_from([0, 2]), st.sampled_from(NAMES[:6] + [b"g"]), st.just({})),
+    # framing mutated, and anything else
+    st.tuples(st.just("getattr"), _NODES, st.just(b""), st.fixed_dictionaries(_options)),
+    st.tuples(st.just("lookup"), _NODES, st.one_of(st.sampled_from(NAMES), st.binary(max_size=12)),
+              st.fixed_dictionaries(_options)),
+    st.tuples(st.integers(0, 60), _NODES, st.binary(max_size=40), st.just({})),
+    st.binary(max_size=80),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=_requests, room=st.sampled_from([0, 15, 16, 119, 120, 143, 144, 300, 512]))
+def test_random_requests_agree_with_the_session(mount: Mount, spec: Any, room: int) -> None:
+    if isinstance(spec, bytes):
+        req = spec
+    else:
+        kind, k, body, options = spec
+        nodeid = _nodeid(mount, k)
+        if kind == "getattr":
+            req = getattr_req(nodeid, **options)
+        elif kind == "lookup":
+            req = lookup_req(nodeid, body, **options)
+        else:
+            req = request(kind, nodeid, body)
+    quiet = logging.getLogger("virtiofs_async")
+    quiet.setLevel(logging.CRITICAL)  # the full path logs what it refuses
+    try:
+        mount.check(req, room)
+    finally:
+        quiet.setLevel(logging.NOTSET)
+
+
+def test_setattr_times_before_the_epoch_reach_the_host(tmp_path: Any) -> None:
+    """The session's side of the same encoding: SETATTR's u64 seconds are
+    read as signed (``touch -d 1969-12-31`` in a guest)."""
+    m = Mount(str(tmp_path))
+    try:
+        req = codec.SetattrRequest(
+            codec.InHeader(len=0, opcode=0, unique=5, nodeid=m.nodeids[b"f"], uid=0, gid=0, pid=1),
+            valid=abi.FATTR_MTIME | abi.FATTR_ATIME, fh=0, size=0, lock_owner=0,
+            atime=(1 << 64) - 6, mtime=(1 << 64) - 1, ctime=0, atimensec=999_999_877, mtimensec=5,
+            ctimensec=0, mode=0, uid=0, gid=0,
+        )
+        n, reply = m.full([bytes(p) for p in req.encode()])
+        assert n == 120 and abi.fuse_out_header.unpack_from(reply)[1] == 0
+        st = os.stat(os.path.join(m.root, "f"))
+        assert (st.st_atime_ns, st.st_mtime_ns) == (-5_000_000_123, -999_999_995)
+        attr = abi.fuse_attr_out.unpack_from(m.check(getattr_req(m.nodeids[b"f"]), 512), 16)
+        assert (attr[7], attr[10]) == ((1 << 64) - 1, 5)  # mtime, mtimensec
+    finally:
+        m.close()
