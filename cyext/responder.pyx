@@ -20,9 +20,14 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy
 from posix.stat cimport S_ISDIR, fstat, fstatat, struct_stat
 
+from posix.types cimport off_t
+from posix.uio cimport iovec
+
 from vfa_hotpath cimport (
     VFA_RESPONDER_CAPSULE,
+    VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
+    vfa_scatter,
     vfa_ld16,
     vfa_ld32,
     vfa_ld64,
@@ -30,11 +35,16 @@ from vfa_hotpath cimport (
     vfa_st64,
 )
 
+import os as _os
+
 from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
 
 cdef extern from "<fcntl.h>" nogil:
     enum: AT_SYMLINK_NOFOLLOW
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
 
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int major(unsigned long long dev)
@@ -44,6 +54,7 @@ cdef enum:
     IN_HEADER = 40
     OUT_HEADER = 16
     GETATTR_LEN = 56     # header + fuse_getattr_in
+    READ_LEN = 80        # header + fuse_read_in
     ATTR_REPLY = 120     # header + fuse_attr_out
     ENTRY_REPLY = 144    # header + fuse_entry_out
     NAME_MAX = 255
@@ -52,6 +63,9 @@ cdef enum:
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
+cdef uint32_t OP_READ = int(_abi.Opcode.READ)
+cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
+cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
 cdef uint64_t NS = 1000000000
 
@@ -101,13 +115,18 @@ cdef class PassthroughResponder:
 
     cdef dict _inodes
     cdef dict _by_key
+    cdef dict _handles
     cdef uint64_t _entry_valid, _attr_valid
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
+    cdef uint32_t _read_max
 
-    def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups):
+    def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
+                 dict handles=None, read_max=0):
         self._inodes = inodes
         self._by_key = by_key
+        self._handles = handles if handles is not None else {}
+        self._read_max = min(max(read_max, 0), 0xFFFFFFFF)
         self._entry_valid, self._entry_nsec = split_timeout(entry_timeout)
         self._attr_valid, self._attr_nsec = split_timeout(attr_timeout)
         self._announce_submounts = bool(announce_submounts)
@@ -224,15 +243,75 @@ cdef class PassthroughResponder:
         node.lookups += 1
         return ENTRY_REPLY
 
+    cdef Py_ssize_t _read(self, const unsigned char *request, Py_ssize_t n, const iovec *reply, int count,
+                          Py_ssize_t room) except? -2:
+        """READ of a handle that reads without waiting: the whole ``size``
+        from the page cache (preadv2 RWF_NOWAIT) straight into the guest's
+        buffers after the header, else -1 (short, not cached, an error: the
+        full path reads again and answers)."""
+        cdef iovec data[VFA_RESPONDER_IOV_MAX]
+        cdef unsigned char header[OUT_HEADER]
+        cdef uint32_t length = vfa_ld32(request), size
+        cdef uint64_t unique, fh, offset
+        cdef Py_ssize_t skip = OUT_HEADER, want, got
+        cdef int i, k = 0, fd
+        cdef PyObject *found
+        if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
+            return -1
+        unique = vfa_ld64(request + 8)
+        fh = vfa_ld64(request + 40)
+        offset = vfa_ld64(request + 48)
+        size = vfa_ld32(request + 56)
+        if size == 0 or size > self._read_max or offset > OFF_MAX or room < OUT_HEADER + <Py_ssize_t>size:
+            return -1
+        found = PyDict_GetItem(self._handles, fh)
+        if found == NULL:
+            return -1
+        h = <object>found
+        if not h.nowait_read or h.closed:
+            return -1
+        fd = h.fd
+        if fd < 0:
+            return -1
+        want = size
+        for i in range(count):  # the buffers after the header, ``size`` bytes of them
+            if want == 0:
+                break
+            if <Py_ssize_t>reply[i].iov_len <= skip:
+                skip -= reply[i].iov_len
+                continue
+            data[k].iov_base = <unsigned char *>reply[i].iov_base + skip
+            data[k].iov_len = reply[i].iov_len - skip
+            skip = 0
+            if <Py_ssize_t>data[k].iov_len > want:
+                data[k].iov_len = want
+            want -= data[k].iov_len
+            k += 1
+        with nogil:
+            got = preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT)
+        if got != size:
+            return -1
+        _store_out_header(header, OUT_HEADER + size, 0, unique)
+        vfa_scatter(reply, count, header, OUT_HEADER)
+        return OUT_HEADER + size
 
-cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, unsigned char *reply,
-                           Py_ssize_t room) noexcept:
+
+cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, const iovec *reply,
+                           int count, Py_ssize_t room) noexcept:
+    cdef unsigned char small[VFA_RESPONDER_REPLY_MAX]
+    cdef Py_ssize_t r
     if type(self) is not PassthroughResponder:
         return -1
     try:
-        return (<PassthroughResponder>self)._answer(request, n, reply, room)
+        if n >= IN_HEADER and vfa_ld32(request + 4) == OP_READ:
+            return (<PassthroughResponder>self)._read(request, n, reply, count, room)
+        r = (<PassthroughResponder>self)._answer(request, n, small, room if room < VFA_RESPONDER_REPLY_MAX
+                                                 else VFA_RESPONDER_REPLY_MAX)
     except Exception:
         return -1
+    if r > 0:
+        vfa_scatter(reply, count, small, r)
+    return r
 
 
 cdef object _CAPSULE = PyCapsule_New(<void *>_respond_c, VFA_RESPONDER_CAPSULE, NULL)

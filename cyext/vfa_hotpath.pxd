@@ -1,5 +1,6 @@
 # C helpers shared by the Cython twins; implemented in include/vfa_hotpath.h.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from posix.uio cimport iovec
 
 
 cdef extern from "vfa_hotpath.h" nogil:
@@ -19,7 +20,9 @@ cdef extern from "vfa_hotpath.h" nogil:
     void vfa_mb()
     # inline responders (VirtQueue.pop_serving)
     ctypedef Py_ssize_t (*vfa_respond_fn)(object self, const unsigned char *request, Py_ssize_t request_len,
-                                          unsigned char *reply, Py_ssize_t room)
+                                          const iovec *reply, int reply_count, Py_ssize_t room)
     const char *VFA_RESPONDER_CAPSULE
     enum: VFA_RESPONDER_REQUEST_MAX
+    enum: VFA_RESPONDER_IOV_MAX
     enum: VFA_RESPONDER_REPLY_MAX
+    void vfa_scatter(const iovec *iov, int count, const unsigned char *src, Py_ssize_t n)

@@ -42,6 +42,7 @@ from libc.string cimport memcpy, memmove, strcmp
 
 from vfa_hotpath cimport (
     VFA_RESPONDER_CAPSULE,
+    VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
     VFA_RESPONDER_REQUEST_MAX,
     vfa_ld16,
@@ -52,9 +53,11 @@ from vfa_hotpath cimport (
     vfa_ring_ld16,
     vfa_ring_st16,
     vfa_rmb,
+    vfa_scatter,
     vfa_st32,
     vfa_wmb,
 )
+from posix.uio cimport iovec
 
 import operator
 import struct
@@ -88,8 +91,6 @@ cdef uint16_t AVAIL_F_NO_INTERRUPT = _PY_AVAIL_F_NO_INTERRUPT
 cdef uint16_t USED_F_NO_NOTIFY = _PY_USED_F_NO_NOTIFY
 cdef uint32_t INDIRECT_CHAIN_LIMIT = _PY_INDIRECT_CHAIN_LIMIT
 cdef uint64_t MAX_CHAIN_BYTES = (<uint64_t>1) << 32
-cdef enum:
-    _INLINE_PIECES = 8  # device-writable pieces a chain may have and still be served inline
 
 _check_used_elem = USED_ELEM.pack_into  # argument checks of the pure add_used, for non-int arguments
 
@@ -691,16 +692,22 @@ cdef class VirtQueue:
             chains.append(chain)
         return chains
 
-    def pop_serving(self, memory, limit, responder):
+    def pop_serving(self, memory, limit, responder, reply_budget=0):
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
         small one to ``responder`` first (see the pure twin). The chain walk
         and the responder's C function (``c_responder``) run without Python
-        objects; chains it does not answer, or that this fast walk does not
-        take (buffers crossing regions, many pieces, malformed), are walked
-        again by the full path."""
+        objects; that function gets the guest's writable buffers themselves
+        (all of them, up to VFA_RESPONDER_IOV_MAX), so it may also answer
+        requests with large replies, such as READ, which the pure twin
+        leaves to the full path. Chains it does not answer, or that this
+        fast walk does not take (buffers crossing regions, more pieces,
+        malformed), are walked again by the full path."""
         cdef list chains = []
         cdef long long n = operator.index(limit)
         cdef long long served = 0
+        cdef long long budget = operator.index(reply_budget)
+        cdef long long written = 0
+        cdef Py_ssize_t r
         cdef int head
         cdef vfa_respond_fn fn = NULL
         cdef object capsule = getattr(responder, "c_responder", None)
@@ -709,13 +716,15 @@ cdef class VirtQueue:
             fn = <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
         else:
             respond = responder.respond
-        while PyList_GET_SIZE(chains) + served < n:
+        while PyList_GET_SIZE(chains) + served < n and not (0 < budget <= written):
             try:
                 head = self._next_head(memory)
                 if head < 0:
                     break
-                if self._serve_inline(<uint16_t>head, fn, responder, respond):
+                r = self._serve_inline(<uint16_t>head, fn, responder, respond)
+                if r >= 0:
                     served += 1
+                    written += r
                     continue
                 chain = self._read_chain(<uint16_t>head)
             except VringError as exc:
@@ -726,39 +735,39 @@ cdef class VirtQueue:
             chains.append(chain)
         return chains, served
 
-    cdef bint _serve_inline(self, uint16_t head_idx, vfa_respond_fn fn, object responder, object respond) except -1:
+    cdef Py_ssize_t _serve_inline(self, uint16_t head_idx, vfa_respond_fn fn, object responder,
+                                  object respond) except -2:
         """Walk chain ``head_idx`` the way _read_chain does, without building
         views; if it is well formed, every buffer lies in one region, the
         readable part fits VFA_RESPONDER_REQUEST_MAX and the responder
         answers, write the reply, return the chain to the used ring and
-        return True. False (nothing consumed but the ring entry): let
-        _read_chain walk it and raise what is wrong."""
+        return the reply's length. -1 (nothing consumed but the ring
+        entry): let _read_chain walk it and raise what is wrong."""
         cdef unsigned char request[VFA_RESPONDER_REQUEST_MAX]
         cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
-        cdef unsigned char *wptr[_INLINE_PIECES]
-        cdef uint32_t wlen[_INLINE_PIECES]
-        cdef int pieces = 0, i
+        cdef iovec wiov[VFA_RESPONDER_IOV_MAX]
+        cdef int pieces = 0
         cdef uint32_t size = self._size
         cdef const unsigned char *table = self._desc
         cdef const unsigned char *src
         cdef uint32_t limit = size, table_len = size, idx = head_idx, length
         cdef uint64_t addr, total = 0
-        cdef Py_ssize_t req_len = 0, room = 0, r, pos, take
+        cdef Py_ssize_t req_len = 0, room = 0, r
         cdef uint16_t flags
         cdef bint in_indirect = False, seen_write = False
         if head_idx >= size:
-            return False
+            return -1
         while True:
             if idx >= table_len or limit == 0:
-                return False
+                return -1
             limit -= 1
             idx = _load_desc(table, idx, &addr, &length, &flags)
             if flags & F_INDIRECT:
                 if _indirect_refusal(in_indirect, self._indirect, flags, length) != _IND_OK:
-                    return False
+                    return -1
                 table = self._ptr(addr, length)
                 if table == NULL:
-                    return False
+                    return -1
                 table_len = length >> 4
                 limit = _indirect_walk_limit(size, table_len)
                 in_indirect = True
@@ -766,48 +775,44 @@ cdef class VirtQueue:
                 continue
             total += length
             if total > MAX_CHAIN_BYTES:
-                return False
+                return -1
             if length:
                 src = self._ptr(addr, length)
                 if src == NULL:
-                    return False
+                    return -1
                 if flags & F_WRITE:
-                    if pieces == _INLINE_PIECES:
-                        return False
-                    wptr[pieces] = <unsigned char *>src
-                    wlen[pieces] = length
+                    if pieces == VFA_RESPONDER_IOV_MAX:
+                        return -1
+                    wiov[pieces].iov_base = <void *>src
+                    wiov[pieces].iov_len = length
                     pieces += 1
                     room += length
                 elif seen_write or length > VFA_RESPONDER_REQUEST_MAX - req_len:
-                    return False
+                    return -1
                 else:
                     memcpy(request + req_len, src, length)
                     req_len += length
             if flags & F_WRITE:
                 seen_write = True
             elif seen_write:
-                return False
+                return -1
             if not (flags & F_NEXT):
                 break
         if room == 0:
-            return False
-        if room > VFA_RESPONDER_REPLY_MAX:
-            room = VFA_RESPONDER_REPLY_MAX
+            return -1
         if fn != NULL:
-            r = fn(responder, request, req_len, reply, room)
+            r = fn(responder, request, req_len, wiov, pieces, room)
+            if r < 0 or r > room:
+                return -1
         else:
+            if room > VFA_RESPONDER_REPLY_MAX:
+                room = VFA_RESPONDER_REPLY_MAX
             r = _call_respond(respond, request, req_len, reply, room)
-        if r < 0 or r > room:
-            return False
-        pos = 0
-        i = 0
-        while pos < r:
-            take = wlen[i] if wlen[i] < r - pos else r - pos
-            memcpy(wptr[i], reply + pos, take)
-            pos += take
-            i += 1
+            if r < 0 or r > room:
+                return -1
+            vfa_scatter(wiov, pieces, reply, r)
         self._push_used(head_idx, <uint32_t>r)
-        return True
+        return r
 
     def add_used(self, memory, head, length):
         """Return chain ``head`` with ``length`` bytes written and publish the

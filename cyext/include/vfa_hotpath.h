@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 #define VFA_LE16(x) __builtin_bswap16(x)
@@ -70,19 +71,36 @@ static inline void vfa_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 /* -- inline responders --------------------------------------------------------
- * A responder answers a small request in place, from the ring walk
+ * A responder answers a request in place, from the ring walk
  * (VirtQueue.pop_serving): it gets the chain's device-readable bytes copied
- * into one buffer and a reply buffer of ``room`` bytes, and returns the
- * reply's length (0 <= n <= room), or -1 when the request is not one it
- * answers (the full path then serves it). It must not leave a Python
- * exception set. The compiled responder exports this function in a capsule
- * named VFA_RESPONDER_CAPSULE (its ``c_responder`` attribute); ``self`` is
- * the responder object, kept alive by the caller. */
+ * into one buffer (at most VFA_RESPONDER_REQUEST_MAX) and the chain's
+ * device-writable buffers as host iovecs (at most VFA_RESPONDER_IOV_MAX,
+ * ``room`` bytes in all), writes its reply into them (vfa_scatter) and
+ * returns the reply's length (0 <= n <= room), or -1 when the request is not
+ * one it answers (the full path then serves it; what it may have written
+ * into the buffers is overwritten or ignored, as the used length says). It
+ * must not leave a Python exception set. The compiled responder exports this
+ * function in a capsule named VFA_RESPONDER_CAPSULE (its ``c_responder``
+ * attribute); ``self`` is the responder object, kept alive by the caller. */
 typedef Py_ssize_t (*vfa_respond_fn)(PyObject *self, const unsigned char *request, Py_ssize_t request_len,
-                                     unsigned char *reply, Py_ssize_t room);
+                                     const struct iovec *reply, int reply_count, Py_ssize_t room);
 #define VFA_RESPONDER_CAPSULE "virtiofs_async.responder"
-/* The largest request a responder is offered, and the largest reply room. */
+/* The largest request a responder is offered; the most reply buffers; the
+ * largest reply room a Python ``respond`` is offered. */
 #define VFA_RESPONDER_REQUEST_MAX 512
+#define VFA_RESPONDER_IOV_MAX 1024
 #define VFA_RESPONDER_REPLY_MAX 512
+
+/* Copy ``n`` bytes of ``src`` into the buffers ``iov`` (their total must be
+ * at least ``n``). */
+static inline void vfa_scatter(const struct iovec *iov, int count, const unsigned char *src, Py_ssize_t n)
+{
+    for (int i = 0; i < count && n > 0; i++) {
+        size_t take = iov[i].iov_len < (size_t)n ? iov[i].iov_len : (size_t)n;
+        memcpy(iov[i].iov_base, src, take);
+        src += take;
+        n -= (Py_ssize_t)take;
+    }
+}
 
 #endif /* VFA_HOTPATH_H */

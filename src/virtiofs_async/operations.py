@@ -239,15 +239,18 @@ class Operations:
         """One ``pwritev(2)`` from ``buffers``; see :meth:`run_preadv`."""
         return await self.run_blocking(os.pwritev, fd, buffers, offset)
 
-    def inline_responder(self) -> Any | None:
-        """An object that answers some small requests straight from the
-        queue, without the session (its ``respond(request: bytes, room: int)
-        -> bytes | None`` gives the complete reply, header included, that the
+    def inline_responder(self, max_read: int) -> Any | None:
+        """An object that answers some requests straight from the queue,
+        without the session (its ``respond(request: bytes, room: int) ->
+        bytes | None`` gives the complete reply, header included, that the
         session's full path would write for that request; None: not
-        answered). The session asks once per mount, after ``init()``. The
-        default, None, sends every request through the session; the
-        passthrough backend answers GETATTR and LOOKUP of known inodes (see
-        :mod:`virtiofs_async.responder`)."""
+        answered; a compiled one may also carry a ``c_responder`` capsule,
+        see ``cyext/include/vfa_hotpath.h``). ``max_read`` is the mount's
+        negotiated READ limit: larger READs are the session's to refuse.
+        The session asks once per mount, after ``init()``. The default,
+        None, sends every request through the session; the passthrough
+        backend answers GETATTR and LOOKUP of known inodes and cached READs
+        (see :mod:`virtiofs_async.responder`)."""
         return None
 
     # -- lifecycle -------------------------------------------------------

@@ -86,7 +86,13 @@ class PassthroughResponder:
         attr_timeout: float,
         announce_submounts: bool,
         lookups: bool,
+        handles: dict[int, Any] | None = None,
+        read_max: int = 0,
     ) -> None:
+        # handles (fh -> handle: fd, nowait_read, closed) and read_max serve
+        # the compiled twin's READ, which writes into the guest's buffers
+        # through its C entry point; ``respond`` returns bytes and answers
+        # no READ, in both twins.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

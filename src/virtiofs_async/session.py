@@ -427,7 +427,7 @@ class FuseSession:
             major=OUR_MAJOR, minor=minor, flags=flags, max_write=max_write, max_readahead=req.max_readahead,
             max_read=max_pages * 4096,
         )
-        self._responder = ops.inline_responder()
+        self._responder = ops.inline_responder(max_pages * 4096)
         log.info("FUSE_INIT: guest 7.%d, agreed 7.%d, flags %#x, max_write %d", req.minor, minor, flags, max_write)
         return codec.InitOut(
             major=OUR_MAJOR,

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from virtiofs_async import FuseError
+from virtiofs_async import FuseError, _accel
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.backends.passthrough import PassthroughFS
 from virtiofs_async.runtime import Runtime
@@ -82,8 +82,9 @@ def test_init_flags_follow_the_options(run, sock_path, share) -> None:  # type: 
 def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """Known inodes' GETATTR and LOOKUP (and ENOENT) never reach the session:
     the backend's inline responder answers them from the ring walk, with
-    the replies and lookup counts of the full path. Not at DEBUG logging,
-    and not for a subclass that overrides getattr."""
+    the replies and lookup counts of the full path; so are cached READs
+    with the compiled twins. Not at DEBUG logging, and not for a subclass
+    that overrides getattr."""
     seen: list[int] = []
     real = FuseSession.handle_request
 
@@ -115,6 +116,14 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
             os.truncate(os.path.join(share, "f"), 7)
             assert (await client.getattr(entry.nodeid)).attr.size == 7
             assert len(seen) == before
+            # a READ the page cache holds: at the queue with the compiled twins
+            fh = (await client.open(entry.nodeid, os.O_RDONLY)).fh
+            assert await client.read(entry.nodeid, fh, 1, 100) == b"2345\0\0"
+            assert await client.read(entry.nodeid, fh, 0, 3) == b"123"
+            reads = seen[before:].count(int(abi.Opcode.READ))
+            assert reads == (1 if _accel.IMPLEMENTATION == "cython" else 2)  # the short one: the full path
+            await client.release(entry.nodeid, fh)
+            before = len(seen)
             caplog.set_level(logging.DEBUG, logger="virtiofs_async.session")
             assert (await client.getattr(entry.nodeid)).attr.size == 7
             assert seen[before:] == [int(abi.Opcode.GETATTR)]
@@ -122,7 +131,7 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
         seen.clear()
         fs = Tagged(share)
         fs.run_blocking = rt.run_in_thread  # type: ignore[method-assign]
-        assert fs.inline_responder() is None
+        assert fs.inline_responder(1 << 20) is None
         try:
             async with serve_in_background(fs, sock_path, runtime=rt):
                 async with FuseClient.connect(sock_path, runtime=rt) as client:

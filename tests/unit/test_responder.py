@@ -157,7 +157,7 @@ def test_the_package_uses_the_selected_twin() -> None:
     assert _accel.PassthroughResponder is expected
     fs = PassthroughFS(os.getcwd())
     try:
-        assert type(fs.inline_responder()) is expected
+        assert type(fs.inline_responder(1 << 20)) is expected
     finally:
         fs.close()
 
@@ -205,7 +205,7 @@ def test_missing_names_get_enoent(mount: Mount) -> None:
 @pytest.mark.parametrize("case", [
     "unknown nodeid", "short room", "extension",
     "len beyond the bytes", "dot", "dotdot", "slash", "not a directory", "unknown inode", "nul in name",
-    "too long", "other opcode", "short header",
+    "too long", "other opcode", "read", "short header",
 ])
 def test_what_the_responders_leave_to_the_full_path(mount: Mount, case: str) -> None:
     root, f = abi.FUSE_ROOT_ID, mount.nodeids[b"f"]
@@ -222,6 +222,7 @@ def test_what_the_responders_leave_to_the_full_path(mount: Mount, case: str) -> 
         "nul in name": (lookup_req(root, b"f\0f"), 512),
         "too long": (lookup_req(root, b"x" * 256), 512),
         "other opcode": (request(int(abi.Opcode.READLINK), mount.nodeids[b"s"], b""), 512),
+        "read": (request(int(abi.Opcode.READ), 0, abi.fuse_read_in.pack(1, 0, 8, 0, 0, 0, 0)), 512),
         "short header": (getattr_req(f)[:39], 512),
     }
     req, room = reqs[case]
@@ -362,3 +363,232 @@ def test_setattr_times_before_the_epoch_reach_the_host(tmp_path: Any) -> None:
         assert (attr[7], attr[10]) == ((1 << 64) - 1, 5)  # mtime, mtimensec
     finally:
         m.close()
+
+
+# -- READ answered at the queue (compiled twins only) ------------------------------------------
+#
+# The compiled responder's C entry writes READ data straight into the guest's
+# buffers, which only the compiled VirtQueue.pop_serving hands it. Each case
+# runs one READ chain through pop_serving with the responder the backend
+# gives, and the same request through the session's full path: when served,
+# the guest sees the full path's bytes and used length; when not, the chain
+# comes back untouched, and the full path is what answers it.
+
+READ = int(abi.Opcode.READ)
+DATA = bytes(range(256)) * 1200  # 300 KiB
+
+
+class ReadRig:
+    """A Mount whose file ``big`` is open through the session, and a compiled
+    VirtQueue on a driver's rings."""
+
+    def __init__(self, root: str, **options: Any) -> None:
+        from virtiofs_async import _cy_vring
+
+        from .test_vring import Rig
+
+        with open(os.path.join(root, "big"), "wb") as f:
+            f.write(DATA)
+        self.mount = Mount(root, **options)
+        self.big = self.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"big")
+        self.fh = self.open(self.big, os.O_RDONLY)
+        self.rig = Rig(size=64, mem_size=8 << 20, queue_type=_cy_vring.VirtQueue)
+        # the compiled twin, built by the backend as it would build it, in
+        # the pure run too
+        saved, _accel.PassthroughResponder = _accel.PassthroughResponder, _cy_responder.PassthroughResponder
+        try:
+            self.responder = self.mount.fs.inline_responder(1 << 20)
+        finally:
+            _accel.PassthroughResponder = saved
+
+    def open(self, nodeid: int, flags: int, opcode: int = int(abi.Opcode.OPEN)) -> int:
+        n, reply = self.mount.full(request(opcode, nodeid, abi.fuse_open_in.pack(flags, 0)))
+        assert n == 32, reply
+        return abi.fuse_open_out.unpack_from(reply, 16)[0]
+
+    def offer(self, req: bytes, writable: list[int]) -> tuple[bool, int, bytes]:
+        """pop_serving one chain (in an indirect table when it has many
+        buffers); returns (served, reply length, reply bytes), the unserved
+        chain being answered by the full path on its own views."""
+        head = self.rig.drv.add_chain([req[:40], req[40:]], writable, indirect=len(writable) > 32)
+        self.rig.drv.publish()
+        chains, served = self.rig.vq.pop_serving(self.rig.memory, 4, self.responder)
+        if not served:
+            assert [c.head for c in chains] == [head]
+            n = asyncio.run(self.mount.session.handle_request(chains[0].readable, chains[0].writable))
+            self.rig.vq.add_used(self.rig.memory, head, n)
+        got_head, n, pieces = self.rig.drv.pop_used()
+        assert got_head == head
+        return bool(served), n, b"".join(pieces)
+
+    def check(self, req: bytes, writable: list[int], **kw: Any) -> bool:
+        """Offer ``req``; assert the guest got what the full path answers
+        into a buffer of the same layout. Returns whether it was served."""
+        served, n, reply = self.offer(req, writable, **kw)
+        full_n, full_reply = self.mount.full(req, sum(writable))
+        assert (n, reply) == (full_n, full_reply)
+        return served
+
+    def close(self) -> None:
+        self.rig.close()
+        self.mount.close()
+
+
+def read_req(fh: int, offset: int, size: int, unique: int = 7, **kw: Any) -> bytes:
+    return request(READ, 0, abi.fuse_read_in.pack(fh, offset, size, 0, 0, 0, 0), unique, **kw)
+
+
+def linux_layout(size: int) -> list[int]:
+    """How the guest driver lays out a READ reply: the header, then pages."""
+    return [16] + [4096] * (size // 4096) + ([size % 4096] if size % 4096 else [])
+
+
+@pytest.fixture
+def reads(tmp_path: Any) -> Iterator[ReadRig]:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    try:
+        from virtiofs_async import _cy_vring  # noqa: F401
+    except ImportError as exc:
+        need_compiled(exc, "virtiofs_async._cy_vring is")
+    r = ReadRig(str(tmp_path), inline_read_max=1 << 20)
+    yield r
+    r.close()
+
+
+def _resident_pages(path: str, offset: int, size: int) -> int:
+    """How many of the pages of ``path`` covering ``offset``..+``size`` the
+    page cache holds (mincore(2) on a fresh mapping; reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    start = offset - offset % mmap.PAGESIZE
+    length = offset + size - start
+    vec = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            assert libc.mincore(addr, length, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+@pytest.mark.parametrize("offset, size, layout", [
+    (0, 4096, None),
+    (4096 * 3, 128 * 1024, None),
+    (5, 1000, None),  # unaligned
+    (0, 300 * 1024, [16 + 300 * 1024]),  # header and data in one buffer
+    (100, 9000, [7, 9, 4000, 1, 4999, 300]),  # odd pieces, header split, spare room
+])
+def test_cached_reads_are_served_with_the_full_paths_bytes(reads: ReadRig, offset: int, size: int,
+                                                           layout: list[int] | None) -> None:
+    layout = layout or linux_layout(size)
+    assert reads.check(read_req(reads.fh, offset, size, unique=4242), layout) is True
+    _, _, reply = reads.offer(read_req(reads.fh, offset, size, unique=4242), layout)
+    assert reply[:16] == abi.fuse_out_header.pack(16 + size, 0, 4242)
+    assert reply[16:] == DATA[offset:offset + size]
+
+
+def test_a_1mib_read_in_an_indirect_table(tmp_path: Any) -> None:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    with open(os.path.join(tmp_path, "huge"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    r = ReadRig(str(tmp_path), inline_read_max=1 << 20)
+    try:
+        fh = r.open(r.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"huge"), os.O_RDONLY)
+        assert r.check(read_req(fh, 1 << 20, 1 << 20), linux_layout(1 << 20)) is True
+    finally:
+        r.close()
+
+
+def test_reads_the_responder_leaves_to_the_full_path(reads: ReadRig, tmp_path: Any) -> None:
+    fh, end = reads.fh, len(DATA)
+    wronly = reads.open(reads.big, os.O_WRONLY)
+    d = reads.open(abi.FUSE_ROOT_ID, os.O_RDONLY | os.O_DIRECTORY, int(abi.Opcode.OPENDIR))
+    released = reads.open(reads.big, os.O_RDONLY)
+    n, _ = reads.mount.full(request(int(abi.Opcode.RELEASE), reads.big, abi.fuse_release_in.pack(released, 0, 0, 0)))
+    assert n == 16
+    cases = {
+        "short at end of file": (read_req(fh, end - 100, 4096), linux_layout(4096)),
+        "past the end": (read_req(fh, end + 1, 4096), linux_layout(4096)),
+        "zero bytes": (read_req(fh, 0, 0), [16]),
+        "over the negotiated max": (read_req(fh, 0, (1 << 20) + 4096), linux_layout((1 << 20) + 4096)),
+        "offset beyond off_t": (read_req(fh, 1 << 63, 4096), linux_layout(4096)),
+        "unknown fh": (read_req(987654, 0, 4096), linux_layout(4096)),
+        "write-only handle": (read_req(wronly, 0, 4096), linux_layout(4096)),
+        "directory handle": (read_req(d, 0, 4096), linux_layout(4096)),
+        "released handle": (read_req(released, 0, 4096), linux_layout(4096)),
+        "room short of the size": (read_req(fh, 0, 8192), linux_layout(4096)),
+        "extension": (read_req(fh, 0, 4096, extlen=1), linux_layout(4096)),
+        "len beyond the bytes": (read_req(fh, 0, 4096, len_delta=8), linux_layout(4096)),
+    }
+    for case, (req, layout) in cases.items():
+        assert reads.check(req, layout) is False, case
+    # and what the full path then said
+    assert reads.offer(*cases["unknown fh"])[2][:16] == abi.fuse_out_header.pack(16, -errno.EBADF, 7)
+    assert reads.offer(*cases["short at end of file"])[1] == 16 + 100
+
+
+def test_uncached_reads_go_to_the_full_path(reads: ReadRig) -> None:
+    path = os.path.join(reads.mount.root, "big")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    cached = _resident_pages(path, 200 * 1024, 64 * 1024) == 16
+    assert not cached, "POSIX_FADV_DONTNEED kept the pages: this filesystem cannot test the uncached case"
+    assert reads.check(read_req(reads.fh, 200 * 1024, 64 * 1024), linux_layout(64 * 1024)) is cached
+    assert _resident_pages(path, 200 * 1024, 64 * 1024) == 16
+    # the full path read it: now it is cached and served here
+    assert reads.check(read_req(reads.fh, 200 * 1024, 64 * 1024), linux_layout(64 * 1024)) is True
+
+
+def test_inline_read_max_bounds_what_is_served(tmp_path: Any) -> None:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    for limit, size, served in ((8192, 8192, True), (8192, 8193, False), (0, 4096, False)):
+        r = ReadRig(_fresh(tmp_path, f"{limit}-{size}"), inline_read_max=limit)
+        try:
+            assert r.check(read_req(r.fh, 0, size), linux_layout(size)) is served, (limit, size)
+        finally:
+            r.close()
+
+
+def _fresh(tmp_path: Any, name: str) -> str:
+    path = os.path.join(tmp_path, name)
+    os.mkdir(path)
+    return path
+
+
+def test_metadata_replies_scatter_over_small_guest_buffers(reads: ReadRig) -> None:
+    """GETATTR and LOOKUP through the C entry: the reply crosses the buffers
+    as the guest laid them out."""
+    assert reads.check(getattr_req(reads.big), [7, 100, 13]) is True
+    assert reads.check(lookup_req(abi.FUSE_ROOT_ID, b"big"), [1] * 144) is True
+    assert reads.check(getattr_req(reads.big), [7, 100, 12]) is False  # 119 bytes: no room
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    offset=st.integers(0, len(DATA) + 10),
+    size=st.integers(0, 70_000),
+    cuts=st.lists(st.integers(1, 70_016), max_size=6),
+    spare=st.integers(0, 40),
+)
+def test_random_reads_agree_with_the_full_path(reads: ReadRig, offset: int, size: int, cuts: list[int],
+                                               spare: int) -> None:
+    room = 16 + size + spare
+    points = sorted({c for c in cuts if c < room})
+    layout = [b - a for a, b in zip([0] + points, points + [room])]
+    served = reads.check(read_req(reads.fh, offset, size), layout)
+    assert served == (size > 0 and offset + size <= len(DATA))

@@ -47,6 +47,7 @@ class Rig:
         start_idx: int = 0,
         mem_size: int = MEM_SIZE,
         configure: bool = True,
+        queue_type: type = VirtQueue,
     ) -> None:
         self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, mem_size)
@@ -55,7 +56,7 @@ class Rig:
         self.memory = GuestMemory()
         self.memory.add_region(os.dup(self.fd), BASE, mem_size, UVA, 0)
         self.drv = DriverQueue(memoryview(self.mm), BASE, size, event_idx=event_idx, start_idx=start_idx)
-        self.vq = VirtQueue(max_size=max(size, 1024))
+        self.vq = queue_type(max_size=max(size, 1024))
         self.vq.event_idx = event_idx
         self.vq.indirect = indirect
         if configure:
@@ -818,6 +819,24 @@ def test_pop_serving_limit_counts_both_kinds(rig: Rig) -> None:
     assert rig.vq.pop_serving(rig.memory, 10, responder) == ([], 0)
     assert [c.head for c in chains + chains2] == heads[0::2]
     assert [rig.drv.pop_used()[:2] for _ in range(3)] == [(h, 1) for h in heads[1::2]]
+
+
+@pytest.mark.parametrize("budget, per_call", [(0, [5]), (1, [1] * 5), (6, [2, 2, 1]), (7, [3, 2])])
+def test_pop_serving_reply_budget_stops_after_that_many_bytes(rig: Rig, budget: int, per_call: list[int]) -> None:
+    """Replies of 3 bytes each: a call stops at the first reply that brings
+    the bytes answered to ``budget`` (0: no bound)."""
+    heads = [rig.drv.add_chain([b"Exyz"], [8]) for _ in range(5)]
+    rig.drv.publish()
+    responder = EchoResponder()
+    calls = []
+    while True:
+        chains, served = rig.vq.pop_serving(rig.memory, 16, responder, budget)
+        assert chains == []
+        if not served:
+            break
+        calls.append(served)
+    assert calls == per_call
+    assert [rig.drv.pop_used()[:2] for _ in heads] == [(h, 3) for h in heads]
 
 
 @pytest.mark.parametrize(

@@ -152,8 +152,12 @@ INLINE_METADATA_DEFAULT = True
 #: here, and the pool copies on another core while the loop goes on (an
 #: inline 1 MiB copy holds the loop for ~0.2 ms), so larger reads use it.
 #: Re-measured against the compiled I/O pool (same run, 3 runs each):
-#: 128 KiB reads inline 4.3-4.4 GiB/s, through the pool 3.5-3.7.
-INLINE_READ_MAX_DEFAULT = 128 * 1024
+#: 128 KiB reads inline 4.3-4.4 GiB/s, through the pool 3.5-3.7. Since the
+#: compiled inline responder serves cached READs from the ring walk (no
+#: Python per request) the limit is 1 MiB, the largest READ: 5 runs each,
+#: limit 128 KiB -> 1 MiB: 128 KiB reads 0.64 -> 0.85 of the C virtiofsd,
+#: 1 MiB reads 0.77 -> 0.91.
+INLINE_READ_MAX_DEFAULT = 1024 * 1024
 #: WRITEs up to this size to a file on a block-device filesystem (not
 #: O_DIRECT, O_SYNC or O_DSYNC) run ``pwritev`` on the event loop (0: always
 #: the pool): a buffered write of that size is a copy into the page cache,
@@ -278,7 +282,10 @@ def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> N
 
 #: The methods a GETATTR or LOOKUP goes through; the inline responder
 #: answers those requests without them (see PassthroughFS.inline_responder).
-_RESPONDER_BYPASSES = ("lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node")
+_RESPONDER_BYPASSES = (
+    "lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node", "read_into", "_file_handle",
+    "_handle",
+)
 
 
 def _err(code: int) -> FuseError:
@@ -761,13 +768,16 @@ class PassthroughFS(Operations):
 
     # ------------------------------------------------------------------
     # lifecycle
-    def inline_responder(self) -> Any | None:
+    def inline_responder(self, max_read: int) -> Any | None:
         """With ``inline_metadata``: a responder that answers GETATTR and
         LOOKUP of known inodes from this backend's tables at the queue
         (:mod:`virtiofs_async.responder`; LOOKUP only without file handles),
-        with the timeouts as they are now. None when a subclass or the
-        instance replaces a method those answers go through, since the
-        responder would bypass it."""
+        with the timeouts as they are now, and (compiled twin) READs of up
+        to ``min(max_read, inline_read_max)`` bytes that the page cache
+        holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
+        guest's buffers. None when a
+        subclass or the instance replaces a method those answers go
+        through, since the responder would bypass it."""
         if not self.inline_metadata:
             return None
         cls = type(self)
@@ -775,9 +785,10 @@ class PassthroughFS(Operations):
         for name in _RESPONDER_BYPASSES:
             if getattr(cls, name) is not getattr(PassthroughFS, name) or name in own:
                 return None
+        read_max = max(0, min(max_read, self.inline_read_max))
         return _accel.PassthroughResponder(
             self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts,
-            self.file_handles == "never",
+            self.file_handles == "never", self._handles, read_max,
         )
 
     async def destroy(self) -> None:
