@@ -7,8 +7,10 @@ lookup counting (``tests/unit/test_responder.py`` runs both against the
 session's full path). Its ``c_responder`` capsule carries a C function
 (``vfa_respond_fn``, see include/vfa_hotpath.h) that the compiled
 ``VirtQueue.pop_serving`` calls with the request gathered from guest memory
-and a reply buffer: a GETATTR costs one dict lookup, one ``fstat`` and the
-stores of the reply, with no Python objects but the nodeid key.
+and the guest's buffers: a GETATTR costs one dict lookup, one ``fstat``
+and the stores of the reply, with no Python objects but the nodeid key; a
+cached READ one ``preadv2`` into the guest's reply buffers, a WRITE one
+``pwritev`` from its request buffers.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -18,7 +20,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport ENOENT, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy
-from posix.stat cimport S_ISDIR, fstat, fstatat, struct_stat
+from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fstat, fstatat, struct_stat
 
 from posix.types cimport off_t
 from posix.uio cimport iovec
@@ -45,6 +47,7 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int major(unsigned long long dev)
@@ -55,6 +58,8 @@ cdef enum:
     OUT_HEADER = 16
     GETATTR_LEN = 56     # header + fuse_getattr_in
     READ_LEN = 80        # header + fuse_read_in
+    WRITE_LEN = 80       # header + fuse_write_in
+    WRITE_REPLY = 24     # header + fuse_write_out
     ATTR_REPLY = 120     # header + fuse_attr_out
     ENTRY_REPLY = 144    # header + fuse_entry_out
     NAME_MAX = 255
@@ -64,6 +69,7 @@ cdef enum:
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
+cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -103,6 +109,27 @@ cdef bint _store_attr(unsigned char *p, uint64_t nodeid, struct_stat *st, uint32
     return True
 
 
+cdef int _slice_iov(const iovec *src, int count, Py_ssize_t skip, Py_ssize_t want, iovec *out) noexcept:
+    """Describe in ``out`` the ``want`` bytes of the buffers ``src`` that
+    follow their first ``skip`` bytes (the caller checked they hold them);
+    returns how many entries of ``out`` it used (at most ``count``)."""
+    cdef int i, k = 0
+    for i in range(count):
+        if want == 0:
+            break
+        if <Py_ssize_t>src[i].iov_len <= skip:
+            skip -= src[i].iov_len
+            continue
+        out[k].iov_base = <unsigned char *>src[i].iov_base + skip
+        out[k].iov_len = src[i].iov_len - skip
+        skip = 0
+        if <Py_ssize_t>out[k].iov_len > want:
+            out[k].iov_len = want
+        want -= out[k].iov_len
+        k += 1
+    return k
+
+
 cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error, uint64_t unique) noexcept:
     vfa_st32(p, length)
     vfa_st32(p + 4, <uint32_t>error)
@@ -119,14 +146,15 @@ cdef class PassthroughResponder:
     cdef uint64_t _entry_valid, _attr_valid
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
-    cdef uint32_t _read_max
+    cdef uint32_t _read_max, _write_max
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
-                 dict handles=None, read_max=0):
+                 dict handles=None, read_max=0, write_max=0):
         self._inodes = inodes
         self._by_key = by_key
         self._handles = handles if handles is not None else {}
         self._read_max = min(max(read_max, 0), 0xFFFFFFFF)
+        self._write_max = min(max(write_max, 0), 0xFFFFFFFF)
         self._entry_valid, self._entry_nsec = split_timeout(entry_timeout)
         self._attr_valid, self._attr_nsec = split_timeout(attr_timeout)
         self._announce_submounts = bool(announce_submounts)
@@ -243,6 +271,19 @@ cdef class PassthroughResponder:
         node.lookups += 1
         return ENTRY_REPLY
 
+    cdef int _handle_fd(self, uint64_t fh, bint write) except? -2:
+        """The fd of open handle ``fh`` if it reads without waiting (or,
+        with ``write``, writes inline), else -1. The fd stays open while
+        the caller runs: RELEASE takes the handle out of the table on the
+        loop's thread before it closes the fd."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        if found == NULL:
+            return -1
+        h = <object>found
+        if h.closed or not (h.inline_write if write else h.nowait_read):
+            return -1
+        return h.fd if h.fd >= 0 else -1
+
     cdef Py_ssize_t _read(self, const unsigned char *request, Py_ssize_t n, const iovec *reply, int count,
                           Py_ssize_t room) except? -2:
         """READ of a handle that reads without waiting: the whole ``size``
@@ -253,9 +294,8 @@ cdef class PassthroughResponder:
         cdef unsigned char header[OUT_HEADER]
         cdef uint32_t length = vfa_ld32(request), size
         cdef uint64_t unique, fh, offset
-        cdef Py_ssize_t skip = OUT_HEADER, want, got
-        cdef int i, k = 0, fd
-        cdef PyObject *found
+        cdef Py_ssize_t got
+        cdef int k, fd
         if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
             return -1
         unique = vfa_ld64(request + 8)
@@ -264,29 +304,10 @@ cdef class PassthroughResponder:
         size = vfa_ld32(request + 56)
         if size == 0 or size > self._read_max or offset > OFF_MAX or room < OUT_HEADER + <Py_ssize_t>size:
             return -1
-        found = PyDict_GetItem(self._handles, fh)
-        if found == NULL:
-            return -1
-        h = <object>found
-        if not h.nowait_read or h.closed:
-            return -1
-        fd = h.fd
+        fd = self._handle_fd(fh, False)
         if fd < 0:
             return -1
-        want = size
-        for i in range(count):  # the buffers after the header, ``size`` bytes of them
-            if want == 0:
-                break
-            if <Py_ssize_t>reply[i].iov_len <= skip:
-                skip -= reply[i].iov_len
-                continue
-            data[k].iov_base = <unsigned char *>reply[i].iov_base + skip
-            data[k].iov_len = reply[i].iov_len - skip
-            skip = 0
-            if <Py_ssize_t>data[k].iov_len > want:
-                data[k].iov_len = want
-            want -= data[k].iov_len
-            k += 1
+        k = _slice_iov(reply, count, OUT_HEADER, size, data)  # after the header
         with nogil:
             got = preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT)
         if got != size:
@@ -295,16 +316,66 @@ cdef class PassthroughResponder:
         vfa_scatter(reply, count, header, OUT_HEADER)
         return OUT_HEADER + size
 
+    cdef Py_ssize_t _write(self, const unsigned char *request, Py_ssize_t n, const iovec *readable, int rcount,
+                           Py_ssize_t readable_len, const iovec *reply, int count, Py_ssize_t room) except? -2:
+        """WRITE to a handle that writes on the loop (``inline_write``): one
+        pwritev from the guest's buffers, answered with what it wrote, as
+        the backend's write does; -1 before anything is written when the
+        full path must serve it (malformed, too large, a non-root writer
+        to a file whose suid/sgid the write would drop, a failing pwritev:
+        nothing was written, the full path writes again and answers)."""
+        cdef iovec data[VFA_RESPONDER_IOV_MAX]
+        cdef unsigned char out[WRITE_REPLY]
+        cdef uint32_t length = vfa_ld32(request), size
+        cdef uint64_t unique, fh, offset
+        cdef Py_ssize_t got
+        cdef int k, fd
+        cdef struct_stat st
+        if n < WRITE_LEN or vfa_ld16(request + 36) != 0 or length < WRITE_LEN or length > readable_len:
+            return -1
+        if room < WRITE_REPLY:
+            return -1
+        unique = vfa_ld64(request + 8)
+        fh = vfa_ld64(request + 40)
+        offset = vfa_ld64(request + 48)
+        size = vfa_ld32(request + 56)
+        if size == 0 or length - WRITE_LEN != size or size > self._write_max or offset > OFF_MAX:
+            return -1
+        fd = self._handle_fd(fh, True)
+        if fd < 0:
+            return -1
+        if vfa_ld32(request + 24) != 0:  # uid: the backend drops suid/sgid after such a write
+            if fstat(fd, &st) != 0:
+                return -1
+            if st.st_mode & S_ISUID or (st.st_mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP):
+                return -1
+        k = _slice_iov(readable, rcount, WRITE_LEN, size, data)  # after fuse_write_in
+        with nogil:
+            got = pwritev(fd, data, k, <off_t>offset)
+        if got < 0:
+            return -1
+        _store_out_header(out, WRITE_REPLY, 0, unique)
+        vfa_st32(out + 16, <uint32_t>got)
+        vfa_st32(out + 20, 0)
+        vfa_scatter(reply, count, out, WRITE_REPLY)
+        return WRITE_REPLY
 
-cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, const iovec *reply,
-                           int count, Py_ssize_t room) noexcept:
+
+cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, const iovec *readable,
+                           int rcount, Py_ssize_t readable_len, const iovec *reply, int count,
+                           Py_ssize_t room) noexcept:
     cdef unsigned char small[VFA_RESPONDER_REPLY_MAX]
     cdef Py_ssize_t r
+    cdef uint32_t opcode
     if type(self) is not PassthroughResponder:
         return -1
     try:
-        if n >= IN_HEADER and vfa_ld32(request + 4) == OP_READ:
+        opcode = vfa_ld32(request + 4) if n >= IN_HEADER else 0
+        if opcode == OP_READ:
             return (<PassthroughResponder>self)._read(request, n, reply, count, room)
+        if opcode == OP_WRITE:
+            return (<PassthroughResponder>self)._write(request, n, readable, rcount, readable_len, reply, count,
+                                                       room)
         r = (<PassthroughResponder>self)._answer(request, n, small, room if room < VFA_RESPONDER_REPLY_MAX
                                                  else VFA_RESPONDER_REPLY_MAX)
     except Exception:

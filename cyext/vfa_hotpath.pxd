@@ -20,6 +20,7 @@ cdef extern from "vfa_hotpath.h" nogil:
     void vfa_mb()
     # inline responders (VirtQueue.pop_serving)
     ctypedef Py_ssize_t (*vfa_respond_fn)(object self, const unsigned char *request, Py_ssize_t request_len,
+                                          const iovec *readable, int readable_count, Py_ssize_t readable_len,
                                           const iovec *reply, int reply_count, Py_ssize_t room)
     const char *VFA_RESPONDER_CAPSULE
     enum: VFA_RESPONDER_REQUEST_MAX

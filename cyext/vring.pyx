@@ -692,21 +692,22 @@ cdef class VirtQueue:
             chains.append(chain)
         return chains
 
-    def pop_serving(self, memory, limit, responder, reply_budget=0):
+    def pop_serving(self, memory, limit, responder, byte_budget=0):
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
         small one to ``responder`` first (see the pure twin). The chain walk
         and the responder's C function (``c_responder``) run without Python
-        objects; that function gets the guest's writable buffers themselves
-        (all of them, up to VFA_RESPONDER_IOV_MAX), so it may also answer
-        requests with large replies, such as READ, which the pure twin
-        leaves to the full path. Chains it does not answer, or that this
+        objects; that function gets the guest's buffers themselves (up to
+        VFA_RESPONDER_IOV_MAX each way) besides the request's first bytes,
+        so it is offered every chain and may also answer requests with
+        large payloads, such as READ and WRITE, which the pure twin leaves
+        to the full path. Chains it does not answer, or that this
         fast walk does not take (buffers crossing regions, more pieces,
         malformed), are walked again by the full path."""
         cdef list chains = []
         cdef long long n = operator.index(limit)
         cdef long long served = 0
-        cdef long long budget = operator.index(reply_budget)
-        cdef long long written = 0
+        cdef long long budget = operator.index(byte_budget)
+        cdef long long moved = 0
         cdef Py_ssize_t r
         cdef int head
         cdef vfa_respond_fn fn = NULL
@@ -716,7 +717,7 @@ cdef class VirtQueue:
             fn = <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
         else:
             respond = responder.respond
-        while PyList_GET_SIZE(chains) + served < n and not (0 < budget <= written):
+        while PyList_GET_SIZE(chains) + served < n and not (0 < budget <= moved):
             try:
                 head = self._next_head(memory)
                 if head < 0:
@@ -724,7 +725,7 @@ cdef class VirtQueue:
                 r = self._serve_inline(<uint16_t>head, fn, responder, respond)
                 if r >= 0:
                     served += 1
-                    written += r
+                    moved += r
                     continue
                 chain = self._read_chain(<uint16_t>head)
             except VringError as exc:
@@ -738,21 +739,22 @@ cdef class VirtQueue:
     cdef Py_ssize_t _serve_inline(self, uint16_t head_idx, vfa_respond_fn fn, object responder,
                                   object respond) except -2:
         """Walk chain ``head_idx`` the way _read_chain does, without building
-        views; if it is well formed, every buffer lies in one region, the
-        readable part fits VFA_RESPONDER_REQUEST_MAX and the responder
-        answers, write the reply, return the chain to the used ring and
+        views; if it is well formed, every buffer lies in one region (and a
+        Python ``respond`` is offered only readable parts that fit
+        VFA_RESPONDER_REQUEST_MAX) and the responder answers, write the reply, return the chain to the used ring and
         return the reply's length. -1 (nothing consumed but the ring
         entry): let _read_chain walk it and raise what is wrong."""
         cdef unsigned char request[VFA_RESPONDER_REQUEST_MAX]
         cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
         cdef iovec wiov[VFA_RESPONDER_IOV_MAX]
-        cdef int pieces = 0
+        cdef iovec riov[VFA_RESPONDER_IOV_MAX]
+        cdef int pieces = 0, rpieces = 0
         cdef uint32_t size = self._size
         cdef const unsigned char *table = self._desc
         cdef const unsigned char *src
         cdef uint32_t limit = size, table_len = size, idx = head_idx, length
         cdef uint64_t addr, total = 0
-        cdef Py_ssize_t req_len = 0, room = 0, r
+        cdef Py_ssize_t req_len = 0, readable_len = 0, room = 0, r, take
         cdef uint16_t flags
         cdef bint in_indirect = False, seen_write = False
         if head_idx >= size:
@@ -787,11 +789,19 @@ cdef class VirtQueue:
                     wiov[pieces].iov_len = length
                     pieces += 1
                     room += length
-                elif seen_write or length > VFA_RESPONDER_REQUEST_MAX - req_len:
+                elif seen_write or rpieces == VFA_RESPONDER_IOV_MAX:
                     return -1
                 else:
-                    memcpy(request + req_len, src, length)
-                    req_len += length
+                    riov[rpieces].iov_base = <void *>src
+                    riov[rpieces].iov_len = length
+                    rpieces += 1
+                    readable_len += length
+                    if req_len < VFA_RESPONDER_REQUEST_MAX:
+                        take = VFA_RESPONDER_REQUEST_MAX - req_len
+                        if take > length:
+                            take = length
+                        memcpy(request + req_len, src, take)
+                        req_len += take
             if flags & F_WRITE:
                 seen_write = True
             elif seen_write:
@@ -801,10 +811,12 @@ cdef class VirtQueue:
         if room == 0:
             return -1
         if fn != NULL:
-            r = fn(responder, request, req_len, wiov, pieces, room)
+            r = fn(responder, request, req_len, riov, rpieces, readable_len, wiov, pieces, room)
             if r < 0 or r > room:
                 return -1
         else:
+            if readable_len > VFA_RESPONDER_REQUEST_MAX:
+                return -1
             if room > VFA_RESPONDER_REPLY_MAX:
                 room = VFA_RESPONDER_REPLY_MAX
             r = _call_respond(respond, request, req_len, reply, room)
@@ -812,7 +824,7 @@ cdef class VirtQueue:
                 return -1
             vfa_scatter(wiov, pieces, reply, r)
         self._push_used(head_idx, <uint32_t>r)
-        return r
+        return r + readable_len
 
     def add_used(self, memory, head, length):
         """Return chain ``head`` with ``length`` bytes written and publish the

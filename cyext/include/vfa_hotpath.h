@@ -72,21 +72,27 @@ static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 /* -- inline responders --------------------------------------------------------
  * A responder answers a request in place, from the ring walk
- * (VirtQueue.pop_serving): it gets the chain's device-readable bytes copied
- * into one buffer (at most VFA_RESPONDER_REQUEST_MAX) and the chain's
- * device-writable buffers as host iovecs (at most VFA_RESPONDER_IOV_MAX,
- * ``room`` bytes in all), writes its reply into them (vfa_scatter) and
- * returns the reply's length (0 <= n <= room), or -1 when the request is not
- * one it answers (the full path then serves it; what it may have written
- * into the buffers is overwritten or ignored, as the used length says). It
- * must not leave a Python exception set. The compiled responder exports this
- * function in a capsule named VFA_RESPONDER_CAPSULE (its ``c_responder``
- * attribute); ``self`` is the responder object, kept alive by the caller. */
+ * (VirtQueue.pop_serving). It gets the chain's device-readable part twice:
+ * its first bytes copied into one buffer (``request``, at most
+ * VFA_RESPONDER_REQUEST_MAX of the ``readable_len`` in all) and the guest's
+ * buffers themselves as host iovecs (``readable``, e.g. for a WRITE's data);
+ * and the device-writable buffers as iovecs (``reply``, ``room`` bytes in
+ * all). It writes its reply into those (vfa_scatter) and returns the
+ * reply's length (0 <= n <= room), or -1 when the request is not one it
+ * answers (the full path then serves it; what it may have written into the
+ * reply buffers is overwritten or ignored, as the used length says; it must
+ * not have changed anything else). At most VFA_RESPONDER_IOV_MAX buffers
+ * each way. It must not leave a Python exception set. The compiled
+ * responder exports this function in a capsule named VFA_RESPONDER_CAPSULE
+ * (its ``c_responder`` attribute); ``self`` is the responder object, kept
+ * alive by the caller. */
 typedef Py_ssize_t (*vfa_respond_fn)(PyObject *self, const unsigned char *request, Py_ssize_t request_len,
+                                     const struct iovec *readable, int readable_count, Py_ssize_t readable_len,
                                      const struct iovec *reply, int reply_count, Py_ssize_t room);
 #define VFA_RESPONDER_CAPSULE "virtiofs_async.responder"
-/* The largest request a responder is offered; the most reply buffers; the
- * largest reply room a Python ``respond`` is offered. */
+/* The request prefix a responder gets (and the largest request a Python
+ * ``respond`` is offered); the most buffers each way; the largest reply
+ * room a Python ``respond`` is offered. */
 #define VFA_RESPONDER_REQUEST_MAX 512
 #define VFA_RESPONDER_IOV_MAX 1024
 #define VFA_RESPONDER_REPLY_MAX 512

@@ -88,11 +88,13 @@ class PassthroughResponder:
         lookups: bool,
         handles: dict[int, Any] | None = None,
         read_max: int = 0,
+        write_max: int = 0,
     ) -> None:
-        # handles (fh -> handle: fd, nowait_read, closed) and read_max serve
-        # the compiled twin's READ, which writes into the guest's buffers
-        # through its C entry point; ``respond`` returns bytes and answers
-        # no READ, in both twins.
+        # handles (fh -> handle: fd, nowait_read, inline_write, closed),
+        # read_max and write_max serve the compiled twin's READ and WRITE,
+        # which use the guest's buffers themselves through its C entry
+        # point; ``respond`` returns bytes and answers neither, in both
+        # twins.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

@@ -83,12 +83,12 @@ _TURN_BUDGET = 256
 #: answers the rest (GETATTR qd64 ran about twice as fast as with one call
 #: per batch, and faster than with 32 or 64, in benchmarks/frontend_bench.py).
 _SIGNAL_EVERY = 16
-#: ... or after this many bytes of them: READ replies (the page cache's
-#: data, copied in place) are signalled one by one, so that the driver
-#: refills the queue while the next ones are copied. Frontend benchmark,
-#: READ 4 KiB qd16, 3 runs: 16 replies per signal 758 MiB/s, 1 per signal
-#: ~1070; GETATTR and LOOKUP replies (120 and 144 bytes) still go 16 at a
-#: time (one per reply halved GETATTR qd64).
+#: ... or after chains carrying this many bytes (request and reply): READs
+#: and WRITEs (data copied in place) are signalled one by one, so that the
+#: driver refills the queue while the next ones are copied. Frontend
+#: benchmark, READ 4 KiB qd16, 3 runs: 16 replies per signal 758 MiB/s, 1
+#: per signal ~1070; GETATTR and LOOKUP (under 200 bytes each way) still go
+#: 16 at a time (one per reply halved GETATTR qd64).
 _SIGNAL_BYTES = 4096
 
 

@@ -451,22 +451,22 @@ class VirtQueue:
         return chains
 
     def pop_serving(
-        self, memory: GuestMemory, limit: int, responder: InlineResponder, reply_budget: int = 0
+        self, memory: GuestMemory, limit: int, responder: InlineResponder, byte_budget: int = 0
     ) -> tuple[list[DescriptorChain], int]:
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
         small one (see :class:`InlineResponder`) to ``responder`` first: a
         chain it answers is written and returned to the used ring at once
         (call :meth:`needs_notification` afterwards, as after add_used).
         Returns the chains it did not answer and how many it answered;
-        ``limit`` counts both. With ``reply_budget`` > 0 it also stops once
-        the replies answered reach that many bytes, so that a caller can
-        signal large replies sooner. A responder that raises has not
+        ``limit`` counts both. With ``byte_budget`` > 0 it also stops once
+        the chains answered carried that many bytes (requests and replies),
+        so that a caller can signal large transfers sooner. A responder that raises has not
         answered."""
         chains: list[DescriptorChain] = []
         served = 0
-        written = 0
+        moved = 0
         respond = responder.respond
-        while len(chains) + served < limit and not 0 < reply_budget <= written:
+        while len(chains) + served < limit and not 0 < byte_budget <= moved:
             try:
                 chain = self.pop(memory)
             except VringError as exc:
@@ -489,7 +489,7 @@ class VirtQueue:
                 n = scatter(chain.writable, (reply,))
                 self.add_used(memory, chain.head, n)
                 served += 1
-                written += n
+                moved += n + chain.readable_len
             else:
                 chains.append(chain)
         return chains, served

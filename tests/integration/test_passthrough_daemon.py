@@ -83,7 +83,7 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
     """Known inodes' GETATTR and LOOKUP (and ENOENT) never reach the session:
     the backend's inline responder answers them from the ring walk, with
     the replies and lookup counts of the full path; so are cached READs
-    with the compiled twins. Not at DEBUG logging, and not for a subclass
+    and WRITEs with the compiled twins. Not at DEBUG logging, and not for a subclass
     that overrides getattr."""
     seen: list[int] = []
     real = FuseSession.handle_request
@@ -122,6 +122,17 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
             assert await client.read(entry.nodeid, fh, 0, 3) == b"123"
             reads = seen[before:].count(int(abi.Opcode.READ))
             assert reads == (1 if _accel.IMPLEMENTATION == "cython" else 2)  # the short one: the full path
+            await client.release(entry.nodeid, fh)
+            # and a WRITE by root (a non-root one would have to drop suid here)
+            fh = (await client.open(entry.nodeid, os.O_RDWR)).fh
+            os.chmod(os.path.join(share, "f"), 0o4755)
+            assert await client.write(entry.nodeid, fh, 1, b"AB") == 2
+            assert await client.write(entry.nodeid, fh, 3, b"C", ctx=USER) == 1
+            with open(os.path.join(share, "f"), "rb") as f:
+                assert f.read() == b"1ABC5\0\0"
+            assert stat.S_IMODE(os.stat(os.path.join(share, "f")).st_mode) == 0o755
+            writes = seen[before:].count(int(abi.Opcode.WRITE))
+            assert writes == (1 if _accel.IMPLEMENTATION == "cython" else 2)
             await client.release(entry.nodeid, fh)
             before = len(seen)
             caplog.set_level(logging.DEBUG, logger="virtiofs_async.session")

@@ -787,7 +787,7 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
         d = await step("mkdir", fs.mkdir(ROOT_INODE, b"d", 0o777, U))
         info, f = await step("create", fs.create(ROOT_INODE, b"f", 0o666, os.O_RDWR, U))
         await step("write 4 KiB", fs.write(info.fh, 0, [memoryview(b"w" * 4096)], U))
-        await step("write 256 KiB", fs.write(info.fh, 4096, [memoryview(b"W" * 4096)] * 64, U))
+        await step("write 2 MiB", fs.write(info.fh, 4096, [memoryview(b"W" * 4096)] * 512, U))
         await fs.release(info.fh)
         await step("symlink", fs.symlink(d.st_ino, b"s", b"../f", U))
         await step("mknod", fs.mknod(d.st_ino, b"p", stat.S_IFIFO | 0o666, 0, U))
@@ -834,12 +834,12 @@ def test_namespace_calls_and_small_writes_inline_on_a_block_device(
         assert os.umask(0o022) == 0o022  # the process umask came back (or never moved)
     finally:
         os.umask(old)
-    pool_only = {"write 256 KiB", "open O_TRUNC", "write O_SYNC", "unlink big"}
+    pool_only = {"write 2 MiB", "open O_TRUNC", "write O_SYNC", "unlink big"}
     if not own_umask:
         pool_only |= {"mkdir", "create", "mknod"}
     assert steps == [(name, not block_device or name in pool_only) for name, _ in steps]
     assert [name for name, _ in steps] == [
-        "mkdir", "create", "write 4 KiB", "write 256 KiB", "symlink", "mknod", "link", "rename", "open",
+        "mkdir", "create", "write 4 KiB", "write 2 MiB", "symlink", "mknod", "link", "rename", "open",
         "open O_TRUNC", "open O_SYNC", "write O_SYNC", "opendir", "readdirplus", "unlink small", "unlink big",
         "unlink big held", "rmdir",
     ]

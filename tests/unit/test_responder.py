@@ -51,9 +51,10 @@ def _twins() -> list[type]:
 
 
 def request(opcode: int, nodeid: int, body: bytes, unique: int = 7, *, extlen: int = 0, len_delta: int = 0,
-            trailing: bytes = b"") -> bytes:
+            trailing: bytes = b"", uid: int = 0) -> bytes:
     length = IN.size + len(body) + 8 * extlen + len_delta
-    return IN.pack(length & 0xFFFFFFFF, opcode, unique, nodeid, 0, 0, 1, extlen, 0) + body + b"\0" * 8 * extlen + trailing
+    return (IN.pack(length & 0xFFFFFFFF, opcode, unique, nodeid, uid, uid, 1, extlen, 0) + body + b"\0" * 8 * extlen
+            + trailing)
 
 
 def getattr_req(nodeid: int, **kw: Any) -> bytes:
@@ -406,11 +407,19 @@ class ReadRig:
         assert n == 32, reply
         return abi.fuse_open_out.unpack_from(reply, 16)[0]
 
-    def offer(self, req: bytes, writable: list[int]) -> tuple[bool, int, bytes]:
+    def offer(self, req: bytes, writable: list[int], readable: list[int] | None = None) -> tuple[bool, int, bytes]:
         """pop_serving one chain (in an indirect table when it has many
-        buffers); returns (served, reply length, reply bytes), the unserved
-        chain being answered by the full path on its own views."""
-        head = self.rig.drv.add_chain([req[:40], req[40:]], writable, indirect=len(writable) > 32)
+        buffers), ``req`` cut into buffers of ``readable`` bytes (default:
+        the header, then the rest); returns (served, reply length, reply
+        bytes), the unserved chain being answered by the full path on its
+        own views."""
+        cuts = readable or [40, len(req) - 40]
+        assert sum(cuts) == len(req)
+        pieces, pos = [], 0
+        for n in cuts:
+            pieces.append(req[pos:pos + n])
+            pos += n
+        head = self.rig.drv.add_chain(pieces, writable, indirect=len(writable) + len(pieces) > 32)
         self.rig.drv.publish()
         chains, served = self.rig.vq.pop_serving(self.rig.memory, 4, self.responder)
         if not served:
@@ -423,7 +432,8 @@ class ReadRig:
 
     def check(self, req: bytes, writable: list[int], **kw: Any) -> bool:
         """Offer ``req``; assert the guest got what the full path answers
-        into a buffer of the same layout. Returns whether it was served."""
+        into a buffer of the same layout (for a WRITE: when it writes the
+        same bytes again). Returns whether it was served."""
         served, n, reply = self.offer(req, writable, **kw)
         full_n, full_reply = self.mount.full(req, sum(writable))
         assert (n, reply) == (full_n, full_reply)
@@ -538,7 +548,11 @@ def test_reads_the_responder_leaves_to_the_full_path(reads: ReadRig, tmp_path: A
     assert reads.offer(*cases["short at end of file"])[1] == 16 + 100
 
 
-def test_uncached_reads_go_to_the_full_path(reads: ReadRig) -> None:
+def test_evicted_reads_are_answered_right_either_way(reads: ReadRig) -> None:
+    """A READ of pages the page cache dropped: RWF_NOWAIT fails with EAGAIN
+    (then the full path reads) or, when the readahead it starts completes
+    at once (a fast disk), reads them; the guest gets the right bytes
+    either way, and once cached the READ is served."""
     path = os.path.join(reads.mount.root, "big")
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -546,11 +560,9 @@ def test_uncached_reads_go_to_the_full_path(reads: ReadRig) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    cached = _resident_pages(path, 200 * 1024, 64 * 1024) == 16
-    assert not cached, "POSIX_FADV_DONTNEED kept the pages: this filesystem cannot test the uncached case"
-    assert reads.check(read_req(reads.fh, 200 * 1024, 64 * 1024), linux_layout(64 * 1024)) is cached
+    assert _resident_pages(path, 200 * 1024, 64 * 1024) < 16, "POSIX_FADV_DONTNEED kept the pages"
+    reads.check(read_req(reads.fh, 200 * 1024, 64 * 1024), linux_layout(64 * 1024))
     assert _resident_pages(path, 200 * 1024, 64 * 1024) == 16
-    # the full path read it: now it is cached and served here
     assert reads.check(read_req(reads.fh, 200 * 1024, 64 * 1024), linux_layout(64 * 1024)) is True
 
 
@@ -592,3 +604,150 @@ def test_random_reads_agree_with_the_full_path(reads: ReadRig, offset: int, size
     layout = [b - a for a, b in zip([0] + points, points + [room])]
     served = reads.check(read_req(reads.fh, offset, size), layout)
     assert served == (size > 0 and offset + size <= len(DATA))
+
+
+# -- WRITE answered at the queue (compiled twins only) -----------------------------------------
+
+WRITE = int(abi.Opcode.WRITE)
+
+
+def write_req(fh: int, offset: int, data: bytes, unique: int = 7, *, size: int | None = None, **kw: Any) -> bytes:
+    body = abi.fuse_write_in.pack(fh, offset, len(data) if size is None else size, 0, 0, 0, 0) + data
+    return request(WRITE, 0, body, unique, **kw)
+
+
+def linux_write_cuts(size: int) -> list[int]:
+    """How the guest driver lays out a WRITE: header, fuse_write_in, pages."""
+    return [40, 40] + [4096] * (size // 4096) + ([size % 4096] if size % 4096 else [])
+
+
+class WriteRig(ReadRig):
+    """A ReadRig with file ``w`` (300 KiB of zeros) open read-write."""
+
+    def __init__(self, root: str, **options: Any) -> None:
+        with open(os.path.join(root, "w"), "wb") as f:
+            f.write(bytes(300 * 1024))
+        super().__init__(root, **options)
+        self.w = self.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"w")
+        self.wfh = self.open(self.w, os.O_RDWR)
+        self.path = os.path.join(root, "w")
+
+    def content(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+@pytest.fixture
+def writes(tmp_path: Any) -> Iterator[WriteRig]:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    r = WriteRig(str(tmp_path), inline_write_max=128 * 1024)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("offset, size, cuts", [
+    (0, 4096, None),
+    (1000, 128 * 1024, None),  # the fixture's inline_write_max
+    (5, 777, [80 + 777]),  # one buffer
+    (299 * 1024, 4096, [7, 33, 50, 4000, 86]),  # header split, data starting inside a buffer; grows the file
+])
+def test_writes_are_served_like_the_backends_write(writes: WriteRig, offset: int, size: int,
+                                                   cuts: list[int] | None) -> None:
+    data = os.urandom(size)
+    before = writes.content()
+    req = write_req(writes.wfh, offset, data, unique=99)
+    served, n, reply = writes.offer(req, [16, 8], cuts or linux_write_cuts(size))
+    assert served is True
+    assert (n, reply) == (24, abi.fuse_out_header.pack(24, 0, 99) + abi.fuse_write_out.pack(size, 0))
+    expected = bytearray(before)
+    expected[offset:offset + size] = data
+    assert writes.content() == bytes(expected)
+    assert writes.mount.full(req, 24) == (n, reply)  # the full path, writing the same again
+
+
+def test_writes_the_responder_leaves_to_the_full_path(writes: WriteRig) -> None:
+    ro = writes.open(writes.w, os.O_RDONLY)
+    released = writes.open(writes.w, os.O_RDWR)
+    n, _ = writes.mount.full(request(int(abi.Opcode.RELEASE), writes.w, abi.fuse_release_in.pack(released, 0, 0, 0)))
+    assert n == 16
+    fh, data = writes.wfh, b"x" * 4096
+    big = b"y" * (128 * 1024 + 4096)
+    cases = {
+        "over inline_write_max": (write_req(fh, 0, big), linux_write_cuts(len(big))),
+        "zero bytes": (write_req(fh, 0, b""), [80]),
+        "size says more": (write_req(fh, 0, data, size=4097), linux_write_cuts(4096)),
+        "size says less": (write_req(fh, 0, data, size=4095), linux_write_cuts(4096)),
+        "len beyond the bytes": (write_req(fh, 0, data, len_delta=8), linux_write_cuts(4096)),
+        "extension": (write_req(fh, 0, data, extlen=1) , [40, 40, 4096 + 8]),
+        "read-only handle": (write_req(ro, 0, data), linux_write_cuts(4096)),
+        "unknown fh": (write_req(424242, 0, data), linux_write_cuts(4096)),
+        "released handle": (write_req(released, 0, data), linux_write_cuts(4096)),
+        "offset beyond off_t": (write_req(fh, 1 << 63, data), linux_write_cuts(4096)),
+        "pwritev fails (EFBIG)": (write_req(fh, (1 << 63) - 100, data), linux_write_cuts(4096)),
+    }
+    for case, (req, cuts) in cases.items():
+        before = writes.content()
+        served, n, reply = writes.offer(req, [16, 8], cuts)
+        assert served is False, case
+        assert writes.mount.full(req, 24) == (n, reply), case
+        if case == "zero bytes":
+            assert reply == abi.fuse_out_header.pack(24, 0, 7) + abi.fuse_write_out.pack(0, 0)
+        elif case != "over inline_write_max":
+            assert abi.fuse_out_header.unpack_from(reply)[1] < 0, case  # the full path refused it too
+            assert writes.content() == before, case
+    assert writes.content()[:len(big)] == big  # the one the full path wrote
+
+
+def test_a_non_root_write_is_served_unless_it_must_drop_suid(writes: WriteRig) -> None:
+    data = b"u" * 4096
+    os.chmod(writes.path, 0o4755)
+    served, _, reply = writes.offer(write_req(writes.wfh, 0, data, uid=1000), [24], linux_write_cuts(4096))
+    assert served is False and reply[16:20] == (4096).to_bytes(4, "little")
+    assert os.stat(writes.path).st_mode & 0o7777 == 0o755  # the full path dropped it
+    assert writes.check(write_req(writes.wfh, 0, data, uid=1000), [24], readable=linux_write_cuts(4096)) is True
+    os.chmod(writes.path, 0o2740)  # sgid without group-exec stays: nothing to drop
+    assert writes.check(write_req(writes.wfh, 0, data, uid=1000), [24], readable=linux_write_cuts(4096)) is True
+    assert os.stat(writes.path).st_mode & 0o7777 == 0o2740
+    os.chmod(writes.path, 0o2770)
+    assert writes.check(write_req(writes.wfh, 0, data, uid=1000), [24], readable=linux_write_cuts(4096)) is False
+    assert os.stat(writes.path).st_mode & 0o7777 == 0o770
+    os.chmod(writes.path, 0o4755)
+    assert writes.check(write_req(writes.wfh, 0, data), [24], readable=linux_write_cuts(4096)) is True  # root
+    assert os.stat(writes.path).st_mode & 0o7777 == 0o4755
+
+
+def test_a_1mib_write_at_the_default_inline_write_max(tmp_path: Any) -> None:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    r = WriteRig(str(tmp_path))
+    try:
+        data = os.urandom(1 << 20)
+        assert r.check(write_req(r.wfh, 4096, data), [24], readable=linux_write_cuts(1 << 20)) is True
+        assert r.content()[4096:4096 + len(data)] == data
+    finally:
+        r.close()
+
+
+def test_write_room_short_of_a_reply(writes: WriteRig) -> None:
+    assert writes.offer(write_req(writes.wfh, 0, b"abc"), [23], [40, 43])[0] is False
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    offset=st.integers(0, 400_000),
+    data=st.binary(min_size=0, max_size=20_000),
+    cuts=st.lists(st.integers(1, 20_080), max_size=5),
+)
+def test_random_writes_land_where_the_full_path_puts_them(writes: WriteRig, offset: int, data: bytes,
+                                                          cuts: list[int]) -> None:
+    req = write_req(writes.wfh, offset, data)
+    points = sorted({c for c in cuts if c < len(req)})
+    layout = [b - a for a, b in zip([0] + points, points + [len(req)])]
+    before = writes.content()
+    served = writes.check(req, [16, 8], readable=layout)
+    assert served == bool(data)
+    expected = bytearray(before)
+    if data:
+        if len(expected) < offset:
+            expected.extend(bytes(offset - len(expected)))
+        expected[offset:offset + len(data)] = data
+    assert writes.content() == bytes(expected)

@@ -821,10 +821,10 @@ def test_pop_serving_limit_counts_both_kinds(rig: Rig) -> None:
     assert [rig.drv.pop_used()[:2] for _ in range(3)] == [(h, 1) for h in heads[1::2]]
 
 
-@pytest.mark.parametrize("budget, per_call", [(0, [5]), (1, [1] * 5), (6, [2, 2, 1]), (7, [3, 2])])
-def test_pop_serving_reply_budget_stops_after_that_many_bytes(rig: Rig, budget: int, per_call: list[int]) -> None:
-    """Replies of 3 bytes each: a call stops at the first reply that brings
-    the bytes answered to ``budget`` (0: no bound)."""
+@pytest.mark.parametrize("budget, per_call", [(0, [5]), (1, [1] * 5), (14, [2, 2, 1]), (15, [3, 2])])
+def test_pop_serving_byte_budget_stops_after_that_many_bytes(rig: Rig, budget: int, per_call: list[int]) -> None:
+    """Chains of a 4-byte request and a 3-byte reply: a call stops at the
+    first one that brings the bytes carried to ``budget`` (0: no bound)."""
     heads = [rig.drv.add_chain([b"Exyz"], [8]) for _ in range(5)]
     rig.drv.publish()
     responder = EchoResponder()
