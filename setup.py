@@ -33,7 +33,7 @@ if os.environ.get("VIRTIOFS_ASYNC_NO_EXT", "") in ("", "0"):
                 "virtiofs_async._cy_responder",
                 ["cyext/responder.pyx"],
                 include_dirs=["cyext/include"],
-                depends=[*shared, "cyext/responder.pyx"],
+                depends=[*shared, "cyext/include/vfa_split_read.h", "cyext/responder.pyx"],
             ),
             Extension(
                 "virtiofs_async._cy_vring",

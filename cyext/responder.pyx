@@ -19,7 +19,7 @@ from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport ENOENT, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, memmove
 from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fstat, fstatat, struct_stat
 
 from posix.types cimport off_t
@@ -49,6 +49,10 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
+cdef extern from "vfa_split_read.h" nogil:
+    ssize_t vfa_split_preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags, int split,
+                              size_t head_bytes)
+
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int major(unsigned long long dev)
     unsigned int minor(unsigned long long dev)
@@ -60,6 +64,7 @@ cdef enum:
     READ_LEN = 80        # header + fuse_read_in
     WRITE_LEN = 80       # header + fuse_write_in
     WRITE_REPLY = 24     # header + fuse_write_out
+    SPLIT_READ_MIN = 256 * 1024  # READs this large are copied by two threads (vfa_split_read.h)
     ATTR_REPLY = 120     # header + fuse_attr_out
     ENTRY_REPLY = 144    # header + fuse_entry_out
     NAME_MAX = 255
@@ -128,6 +133,33 @@ cdef int _slice_iov(const iovec *src, int count, Py_ssize_t skip, Py_ssize_t wan
         want -= out[k].iov_len
         k += 1
     return k
+
+
+cdef int _split_point(iovec *iov, int *count, size_t at) noexcept:
+    """The index of the first of the buffers ``iov`` (``*count`` of them)
+    that starts ``at`` bytes in, cutting the one that holds that byte in
+    two if needed (``*count`` grows by one; there must be room for it,
+    VFA_RESPONDER_IOV_MAX entries). 0 (no split) when ``at`` is 0 or past
+    the end or there is no room."""
+    cdef int i, n = count[0]
+    cdef size_t pos = 0, into
+    if at == 0:
+        return 0
+    for i in range(n):
+        if pos == at:
+            return i
+        if pos + iov[i].iov_len > at:
+            if n == VFA_RESPONDER_IOV_MAX:
+                return 0
+            into = at - pos
+            memmove(&iov[i + 2], &iov[i + 1], (n - i - 1) * sizeof(iovec))
+            iov[i + 1].iov_base = <unsigned char *>iov[i].iov_base + into
+            iov[i + 1].iov_len = iov[i].iov_len - into
+            iov[i].iov_len = into
+            count[0] = n + 1
+            return i + 1
+        pos += iov[i].iov_len
+    return 0
 
 
 cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error, uint64_t unique) noexcept:
@@ -295,7 +327,7 @@ cdef class PassthroughResponder:
         cdef uint32_t length = vfa_ld32(request), size
         cdef uint64_t unique, fh, offset
         cdef Py_ssize_t got
-        cdef int k, fd
+        cdef int k, fd, split
         if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
             return -1
         unique = vfa_ld64(request + 8)
@@ -308,8 +340,9 @@ cdef class PassthroughResponder:
         if fd < 0:
             return -1
         k = _slice_iov(reply, count, OUT_HEADER, size, data)  # after the header
+        split = _split_point(data, &k, size // 2 & ~(<uint32_t>4095)) if size >= SPLIT_READ_MIN else 0
         with nogil:
-            got = preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT)
+            got = vfa_split_preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT, split, size // 2 & ~(<uint32_t>4095))
         if got != size:
             return -1
         _store_out_header(header, OUT_HEADER + size, 0, unique)

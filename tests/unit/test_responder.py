@@ -10,6 +10,7 @@ cython (then it fails).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -506,6 +507,36 @@ def test_cached_reads_are_served_with_the_full_paths_bytes(reads: ReadRig, offse
     _, _, reply = reads.offer(read_req(reads.fh, offset, size, unique=4242), layout)
     assert reply[:16] == abi.fuse_out_header.pack(16 + size, 0, 4242)
     assert reply[16:] == DATA[offset:offset + size]
+
+
+@pytest.mark.parametrize("offset, size, layout", [
+    (0, 256 * 1024, None),  # two threads copy from 256 KiB on: halves at a page boundary
+    (3, 256 * 1024 + 7, None),
+    (4096, 280 * 1024, [16 + 140 * 1024 - 5, 10, 140 * 1024 - 5]),  # the half falls inside a buffer
+    (10, 256 * 1024, [16 + 128 * 1024 - 10, 128 * 1024 + 10]),  # ... at a buffer's start
+])
+def test_large_reads_split_across_two_threads_read_the_same_bytes(reads: ReadRig, offset: int, size: int,
+                                                                  layout: list[int] | None) -> None:
+    layout = layout or linux_layout(size)
+    assert reads.check(read_req(reads.fh, offset, size), layout) is True
+    _, _, reply = reads.offer(read_req(reads.fh, offset, size), layout)
+    assert reply[16:] == DATA[offset:offset + size]
+    assert "vfa-split-read" in _thread_names()  # the helper did its half
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return names
+
+
+def test_a_large_read_over_the_end_of_file_goes_to_the_full_path(reads: ReadRig) -> None:
+    end = len(DATA)
+    for offset in (end - 200 * 1024, end - 10 * 1024):  # short in the second half, in the first
+        assert reads.check(read_req(reads.fh, offset, 256 * 1024), linux_layout(256 * 1024)) is False
+        assert reads.offer(read_req(reads.fh, offset, 256 * 1024), linux_layout(256 * 1024))[1] == 16 + end - offset
 
 
 def test_a_1mib_read_in_an_indirect_table(tmp_path: Any) -> None:
