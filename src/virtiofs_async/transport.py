@@ -178,6 +178,8 @@ class _QueueWorker:
         #: slot; a driver whose request suspended leaves with its task.
         self._done = _Done()
         self._driver: Generator[Any, Any, None] | None = None
+        #: The leader waits for a kick with nothing popped (see _serve_kick).
+        self._parked = False
 
     async def run(self, group: TaskGroup) -> None:
         """Serve the queue until ``stop``: this task is the first leader;
@@ -185,7 +187,7 @@ class _QueueWorker:
         if self.stopping:
             return
         self._group = group
-        self._waiter = self.conn.runtime.eventfd_waiter(self.kick_fd)
+        self._waiter = self.conn.runtime.eventfd_waiter(self.kick_fd, self._serve_kick)
         await self._lead()
 
     def stop(self) -> None:
@@ -243,6 +245,7 @@ class _QueueWorker:
             self._signal(memory)
             served = 0
             assert self._waiter is not None
+            self._parked = True
             try:
                 await self._waiter.wait()
             except ClosedResourceError:
@@ -251,6 +254,32 @@ class _QueueWorker:
                 log.error("queue %d: kick fd unusable (%s); queue stopped", self.index, exc)
                 self.stop()
                 return
+            finally:
+                self._parked = False
+
+    def _serve_kick(self) -> bool:
+        """A kick while the leader waits (called from the runtime's wake-up
+        path, before any task runs): when the handler has an inline
+        responder, pop here what it answers, as the leader would, and
+        return True if nothing else came (the leader sleeps on, saving a
+        task switch per kick). Anything else (chains for the full path,
+        more than a turn, an error) wakes the leader, which carries on from
+        the queue's state."""
+        if not self._parked or self.stopping or self._backlog:
+            return False
+        if getattr(self.conn.handler, "inline_responder", None) is None:
+            return False
+        memory = self.conn.backend.memory
+        queue = self.queue
+        try:
+            queue.disable_notification(memory)
+            taken = self._pop_batch(memory, _TURN_BUDGET)
+            if self._backlog or self.stopping or taken >= _TURN_BUDGET or queue.enable_notification(memory):
+                return False
+        except VringError:
+            return False  # the leader meets it again and reports it
+        self._signal(memory)
+        return True
 
     def _broken(self) -> None:
         log.error("queue %d is broken; it stops until the frontend resets it", self.index)

@@ -155,6 +155,41 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
     run(body)
 
 
+def test_kicks_the_responder_answers_leave_the_leader_asleep(run, sock_path, share, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One request at a time: a kick whose chains the inline responder
+    answers is served from the runtime's wake-up path (the queue's leader
+    task is not woken); one that needs the full path wakes it, and the
+    replies are right either way."""
+    from virtiofs_async import transport
+
+    outcomes: list[bool] = []
+    real = transport._QueueWorker._serve_kick
+
+    def recording(self):  # type: ignore[no-untyped-def]
+        handled = real(self)
+        outcomes.append(handled)
+        return handled
+
+    monkeypatch.setattr(transport._QueueWorker, "_serve_kick", recording)
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        with open(os.path.join(share, "f"), "wb") as f:
+            f.write(b"12345")
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            entry = await client.lookup(ROOT, b"f")
+            outcomes.clear()
+            for _ in range(50):
+                assert (await client.getattr(entry.nodeid)).attr.size == 5
+            assert outcomes.count(True) >= 45, outcomes  # a kick may come before the leader parks
+            outcomes.clear()
+            await client.mkdir(ROOT, b"d", 0o755)  # the full path
+            assert os.path.isdir(os.path.join(share, "d"))
+            assert outcomes == [False]
+            assert (await client.getattr(entry.nodeid)).attr.size == 5
+
+    run(body)
+
+
 def test_create_write_read_readdir_rename(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
     async def body(rt):  # type: ignore[no-untyped-def]
         async with passthrough_client(rt, sock_path, share) as (fs, client):

@@ -10,7 +10,7 @@ import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from ..iopool import PREADV, PWRITEV  # the operation codes of both IoPool twins
-from .base import ClosedResourceError, preload_unwinder
+from .base import ClosedResourceError, preload_unwinder, signal_handled
 
 T = TypeVar("T")
 
@@ -57,9 +57,10 @@ class _EventfdWaiter:
     the level-triggered registration never spins, and a kick that arrives
     while nobody waits is remembered as one pending wake-up."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_signal: Callable[[], bool] | None) -> None:
         self._loop = loop
         self._fd = fd
+        self._on_signal = on_signal
         self._signalled = False
         self._closed = False
         self._error: OSError | None = None
@@ -79,6 +80,10 @@ class _EventfdWaiter:
         except OSError as exc:
             self._error = exc
             self._unregister()
+        else:
+            future = self._future
+            if future is not None and self._on_signal is not None and signal_handled(self._on_signal):
+                return  # dealt with here: the waiter sleeps on
         self._signalled = True
         future = self._future
         if future is not None and not future.done():
@@ -320,8 +325,8 @@ class AsyncioRuntime:
         with contextlib.suppress(OSError, ValueError):
             loop.remove_writer(fd)
 
-    def eventfd_waiter(self, fd: int) -> _EventfdWaiter:
-        return _EventfdWaiter(asyncio.get_running_loop(), fd)
+    def eventfd_waiter(self, fd: int, on_signal: Callable[[], bool] | None = None) -> _EventfdWaiter:
+        return _EventfdWaiter(asyncio.get_running_loop(), fd, on_signal)
 
     @contextlib.asynccontextmanager
     async def task_group(self) -> AsyncIterator[_TaskGroup]:

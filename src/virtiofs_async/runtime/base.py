@@ -70,11 +70,17 @@ class Runtime(Protocol):
     def notify_closing(self, fd: int) -> None:
         """Wake every waiter of ``fd`` with ClosedResourceError; call before close."""
 
-    def eventfd_waiter(self, fd: int) -> EventfdWaiter:
+    def eventfd_waiter(self, fd: int, on_signal: Callable[[], bool] | None = None) -> EventfdWaiter:
         """Start watching the eventfd ``fd`` (call from inside the running
         loop). Cheaper than ``read_eventfd`` per wait: asyncio keeps one
         reader registered (its callback consumes the counter, so a fd that
-        nobody waits on never makes the loop spin)."""
+        nobody waits on never makes the loop spin). ``on_signal``, when
+        given, is called (synchronously, from the runtime's own wake-up
+        path) for each signal a waiting task would wake for (asyncio: one
+        that arrives during a wait; trio, which reads the counter only in
+        a wait: also one pending when it starts); when it returns True it
+        has dealt with the signal and the task keeps waiting. It should
+        not raise; if it does, that is logged and the task is woken."""
 
     def task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
 
@@ -135,3 +141,13 @@ def preload_unwinder() -> bool:
         )
         return False
     return True
+
+
+def signal_handled(on_signal: Callable[[], bool]) -> bool:
+    """Run an ``eventfd_waiter`` signal handler: whether it dealt with the
+    signal (a handler that raises is logged and has not)."""
+    try:
+        return on_signal() is True
+    except Exception:
+        logging.getLogger(__name__).exception("eventfd signal handler failed; waking the waiter")
+        return False

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-from .base import ClosedResourceError, preload_unwinder
+from .base import ClosedResourceError, preload_unwinder, signal_handled
 
 T = TypeVar("T")
 
@@ -29,8 +29,9 @@ class _EventfdWaiter:
     no persistent-callback API). ``close`` wakes a waiter through
     ``notify_closing``, which also drops trio's registration at once."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_signal: Callable[[], bool] | None) -> None:
         self._fd = fd
+        self._on_signal = on_signal
         self._closed = False
         self._waiting = False
 
@@ -48,9 +49,11 @@ class _EventfdWaiter:
                 self._waiting = False
             try:
                 os.eventfd_read(fd)
-                return
             except BlockingIOError:
                 continue
+            if self._on_signal is not None and not self._closed and signal_handled(self._on_signal):
+                continue  # dealt with: wait on
+            return
 
     def close(self) -> None:
         if self._closed:
@@ -83,8 +86,8 @@ class TrioRuntime:
     def notify_closing(self, fd: int) -> None:
         trio.lowlevel.notify_closing(fd)
 
-    def eventfd_waiter(self, fd: int) -> _EventfdWaiter:
-        return _EventfdWaiter(fd)
+    def eventfd_waiter(self, fd: int, on_signal: Callable[[], bool] | None = None) -> _EventfdWaiter:
+        return _EventfdWaiter(fd, on_signal)
 
     @contextlib.asynccontextmanager
     async def task_group(self) -> AsyncIterator[_TaskGroup]:
