@@ -327,7 +327,8 @@ cdef class PassthroughResponder:
         cdef uint32_t length = vfa_ld32(request), size
         cdef uint64_t unique, fh, offset
         cdef Py_ssize_t got
-        cdef int k, fd, split
+        cdef int k, fd, split = 0
+        cdef size_t half
         if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
             return -1
         unique = vfa_ld64(request + 8)
@@ -340,9 +341,11 @@ cdef class PassthroughResponder:
         if fd < 0:
             return -1
         k = _slice_iov(reply, count, OUT_HEADER, size, data)  # after the header
-        split = _split_point(data, &k, size // 2 & ~(<uint32_t>4095)) if size >= SPLIT_READ_MIN else 0
+        half = (size // 2) & ~(<size_t>4095)  # a page boundary
+        if size >= SPLIT_READ_MIN:
+            split = _split_point(data, &k, half)
         with nogil:
-            got = vfa_split_preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT, split, size // 2 & ~(<uint32_t>4095))
+            got = vfa_split_preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT, split, half)
         if got != size:
             return -1
         _store_out_header(header, OUT_HEADER + size, 0, unique)

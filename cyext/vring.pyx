@@ -694,15 +694,15 @@ cdef class VirtQueue:
 
     def pop_serving(self, memory, limit, responder, byte_budget=0):
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
-        small one to ``responder`` first (see the pure twin). The chain walk
+        one to ``responder`` first (see the pure twin). The chain walk
         and the responder's C function (``c_responder``) run without Python
         objects; that function gets the guest's buffers themselves (up to
         VFA_RESPONDER_IOV_MAX each way) besides the request's first bytes,
         so it is offered every chain and may also answer requests with
         large payloads, such as READ and WRITE, which the pure twin leaves
-        to the full path. Chains it does not answer, or that this
-        fast walk does not take (buffers crossing regions, more pieces,
-        malformed), are walked again by the full path."""
+        to the full path. Chains it does not answer, or that this fast walk
+        does not take (buffers crossing regions, more pieces, malformed),
+        are walked again by the full path."""
         cdef list chains = []
         cdef long long n = operator.index(limit)
         cdef long long served = 0
@@ -741,9 +741,11 @@ cdef class VirtQueue:
         """Walk chain ``head_idx`` the way _read_chain does, without building
         views; if it is well formed, every buffer lies in one region (and a
         Python ``respond`` is offered only readable parts that fit
-        VFA_RESPONDER_REQUEST_MAX) and the responder answers, write the reply, return the chain to the used ring and
-        return the reply's length. -1 (nothing consumed but the ring
-        entry): let _read_chain walk it and raise what is wrong."""
+        VFA_RESPONDER_REQUEST_MAX) and the responder answers, write the
+        reply, return the chain to the used ring and return the bytes the
+        chain carried (request and reply, for pop_serving's byte budget).
+        -1 (nothing consumed but the ring entry): let _read_chain walk it
+        and raise what is wrong."""
         cdef unsigned char request[VFA_RESPONDER_REQUEST_MAX]
         cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
         cdef iovec wiov[VFA_RESPONDER_IOV_MAX]

@@ -249,8 +249,8 @@ class Operations:
         negotiated READ limit: larger READs are the session's to refuse.
         The session asks once per mount, after ``init()``. The default,
         None, sends every request through the session; the passthrough
-        backend answers GETATTR and LOOKUP of known inodes and cached READs
-        (see :mod:`virtiofs_async.responder`)."""
+        backend answers GETATTR and LOOKUP of known inodes, and (compiled)
+        cached READs and WRITEs (see :mod:`virtiofs_async.responder`)."""
         return None
 
     # -- lifecycle -------------------------------------------------------

@@ -460,8 +460,8 @@ class VirtQueue:
         Returns the chains it did not answer and how many it answered;
         ``limit`` counts both. With ``byte_budget`` > 0 it also stops once
         the chains answered carried that many bytes (requests and replies),
-        so that a caller can signal large transfers sooner. A responder that raises has not
-        answered."""
+        so that a caller can signal large transfers sooner. A responder
+        that raises has not answered."""
         chains: list[DescriptorChain] = []
         served = 0
         moved = 0

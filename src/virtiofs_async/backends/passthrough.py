@@ -283,8 +283,9 @@ def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> N
     _close_lookup_result(result[1])
 
 
-#: The methods a GETATTR or LOOKUP goes through; the inline responder
-#: answers those requests without them (see PassthroughFS.inline_responder).
+#: The methods a GETATTR, LOOKUP, READ or WRITE goes through; the inline
+#: responder answers those requests without them (see
+#: PassthroughFS.inline_responder).
 _RESPONDER_BYPASSES = (
     "lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node", "read_into", "_file_handle",
     "_handle", "write", "_check_writable_fs",
@@ -779,9 +780,9 @@ class PassthroughFS(Operations):
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
         guest's buffers, and WRITEs of up to ``inline_write_max`` bytes to
-        handles that write inline (``pwritev`` from the guest's buffers). None when a
-        subclass or the instance replaces a method those answers go
-        through, since the responder would bypass it."""
+        handles that write inline (``pwritev`` from the guest's buffers).
+        None when a subclass or the instance replaces a method those
+        answers go through, since the responder would bypass it."""
         if not self.inline_metadata:
             return None
         cls = type(self)
