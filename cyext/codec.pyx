@@ -2,8 +2,8 @@
 """Compiled twin of the hot functions of :mod:`virtiofs_async.codec`.
 
 Built as ``virtiofs_async._cy_codec``: :func:`decode_request`,
-:func:`encode_out_header`, :func:`pack_dirent`, :func:`pack_direntplus` and
-:func:`parse_linux_dirents64`,
+:func:`encode_out_header`, :func:`pack_dirent`, :func:`pack_direntplus`,
+:func:`parse_linux_dirents64` and :func:`pack_host_dirents`,
 with the pure module's signatures, results (the same request and header
 classes, imported from it) and errors. The pure docstrings are the contract;
 ``tests/unit/test_twins.py`` compares the two on random and malformed input.
@@ -42,9 +42,11 @@ from cpython.buffer cimport (
 from cpython.bytearray cimport PyByteArray_CheckExact
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.dict cimport PyDict_CheckExact
+from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.long cimport PyLong_CheckExact
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject, descrgetfunc, descrsetfunc
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
@@ -94,7 +96,7 @@ from virtiofs_async.codec import (
 
 __all__ = [
     "decode_request", "encode_out_header", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus",
-    "pack_entry_out", "record_factory", "write_reply",
+    "pack_entry_out", "pack_host_dirents", "record_factory", "write_reply",
 ]
 
 _pure_decode_request = _pure.decode_request
@@ -812,6 +814,83 @@ def parse_linux_dirents64(data, Py_ssize_t length, cls):
     finally:
         PyBuffer_Release(&view)
     return out
+
+
+_pure_pack_host_dirents = _pure.pack_host_dirents
+
+
+def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, dot, dotdot):
+    """As :func:`virtiofs_async.codec.pack_host_dirents` (the contract):
+    the packed ``fuse_dirent`` records of ``entries[start:]`` that fit in
+    ``room`` bytes, inode numbers mapped through ``known``, and the index
+    after the last one. Exact lists, dicts and ints here; anything else
+    goes to the pure twin."""
+    cdef Py_ssize_t count, i, n, need, used = 0, cap = 8192
+    cdef object rec, name, node
+    cdef dict table
+    cdef const char *cname
+    cdef unsigned char *buf
+    cdef unsigned char *grown
+    cdef unsigned char *p
+    cdef uint64_t ino = 0, off = 0, c_dot = 0, c_dotdot = 0
+    cdef uint32_t typ = 0
+    if not (PyList_CheckExact(entries) and PyDict_CheckExact(known) and 0 <= start
+            and _as_u64(dot, &c_dot) and _as_u64(dotdot, &c_dotdot)):
+        return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
+    table = <dict>known
+    count = PyList_GET_SIZE(entries)
+    buf = <unsigned char *>PyMem_Malloc(cap)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        # One pass, in the pure twin's order: the room, the name, the
+        # inode number, then the record (anything the C side cannot pack
+        # as is goes to the pure twin, which raises what it raises).
+        i = start
+        while i < count:
+            rec = <object>PyList_GET_ITEM(entries, i)
+            if not PyTuple_Check(rec) or PyTuple_GET_SIZE(rec) != 4:
+                return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
+            name = <object>PyTuple_GET_ITEM(rec, 3)
+            if not PyBytes_CheckExact(name):
+                return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
+            n = PyBytes_GET_SIZE(name)
+            need = (24 + n + 7) & ~7
+            if used + need > room:
+                break
+            cname = PyBytes_AS_STRING(name)
+            if n == 0 or n > 1024 or memchr(cname, 0x2F, n) != NULL or memchr(cname, 0, n) != NULL:
+                raise ValueError(f"invalid directory entry name {name[:64]!r}")
+            if c_dot and n == 1 and cname[0] == 0x2E:
+                ino = c_dot
+            elif c_dotdot and n == 2 and cname[0] == 0x2E and cname[1] == 0x2E:
+                ino = c_dotdot
+            else:
+                node = table.get((dev, <object>PyTuple_GET_ITEM(rec, 0)))
+                if not _as_u64(<object>PyTuple_GET_ITEM(rec, 0) if node is None else node.nodeid, &ino):
+                    return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
+            if not (_as_u64(<object>PyTuple_GET_ITEM(rec, 1), &off)
+                    and _as_u32(<object>PyTuple_GET_ITEM(rec, 2), &typ)):
+                return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
+            if used + need > cap:
+                while used + need > cap:
+                    cap *= 2
+                grown = <unsigned char *>PyMem_Realloc(buf, cap)
+                if grown == NULL:
+                    raise MemoryError()
+                buf = grown
+            p = buf + used
+            vfa_st64(p, ino)
+            vfa_st64(p + 8, off)
+            vfa_st32(p + 16, <uint32_t>n)
+            vfa_st32(p + 20, typ)
+            memcpy(p + 24, cname, n)
+            memset(p + 24 + n, 0, need - 24 - n)
+            used += need
+            i += 1
+        return PyBytes_FromStringAndSize(<const char *>buf, used), i
+    finally:
+        PyMem_Free(buf)
 
 
 cdef inline bint _put_namelen(unsigned char *p, Py_ssize_t n) noexcept:

@@ -37,13 +37,23 @@ from vfa_hotpath cimport (
     vfa_st64,
 )
 
+import logging as _logging
 import os as _os
 
 from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
 
+cdef object _log = _logging.getLogger("virtiofs_async.responder")
+
 cdef extern from "<fcntl.h>" nogil:
     enum: AT_SYMLINK_NOFOLLOW
+    enum: O_PATH
+    enum: O_NOFOLLOW
+    enum: O_CLOEXEC
+    int openat(int dirfd, const char *path, int flags, ...)
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
@@ -70,9 +80,11 @@ cdef enum:
     NAME_MAX = 255
     S_IFMT_BITS = 0o170000
     S_IFDIR_BITS = 0o040000
+    ROOT_ID = 1
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
+cdef uint32_t OP_FORGET = int(_abi.Opcode.FORGET)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
@@ -179,9 +191,12 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
+    cdef object _adopt, _drop
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
-                 dict handles=None, read_max=0, write_max=0):
+                 dict handles=None, read_max=0, write_max=0, adopt=None, drop=None):
+        self._adopt = adopt
+        self._drop = drop
         self._inodes = inodes
         self._by_key = by_key
         self._handles = handles if handles is not None else {}
@@ -227,7 +242,31 @@ cdef class PassthroughResponder:
             return self._getattr(unique, nodeid, length, reply, room)
         if opcode == OP_LOOKUP and self._lookups:
             return self._lookup(unique, nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
+        if opcode == OP_FORGET and self._drop is not None:
+            return self._forget(nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER)
         return -1
+
+    cdef Py_ssize_t _forget(self, uint64_t nodeid, const unsigned char *body, Py_ssize_t blen) except? -2:
+        cdef PyObject *found
+        cdef uint64_t n
+        if blen < 8 or nodeid == ROOT_ID:
+            return -1
+        n = vfa_ld64(body)
+        found = PyDict_GetItem(self._inodes, nodeid)
+        if found == NULL or n == 0:
+            return 0  # the full path ignores it too
+        node = <object>found
+        if node.lookups <= n:
+            node.lookups = 0
+            try:
+                self._drop(node)
+            except Exception:
+                # Answered all the same: the count is already down, and the
+                # full path must not take it down again.
+                _log.exception("dropping inode %d after FORGET failed", nodeid)
+        else:
+            node.lookups -= n
+        return 0
 
     cdef Py_ssize_t _getattr(self, uint64_t unique, uint64_t nodeid, uint32_t length, unsigned char *reply,
                              Py_ssize_t room) except? -2:
@@ -284,8 +323,13 @@ cdef class PassthroughResponder:
             return -1
         found = PyDict_GetItem(self._by_key, (<unsigned long long>st.st_dev, <unsigned long long>st.st_ino))
         if found == NULL:
-            return -1
-        node = <object>found
+            if self._adopt is None:
+                return -1
+            node = self._open_new(pfd, name, &st)
+            if node is None:
+                return -1
+        else:
+            node = <object>found
         if self._announce_submounts and S_ISDIR(st.st_mode):
             parent_dev = parent.key[0]
             if <uint64_t>st.st_dev != parent_dev:
@@ -302,6 +346,25 @@ cdef class PassthroughResponder:
         vfa_st32(reply + 52, self._attr_nsec)
         node.lookups += 1
         return ENTRY_REPLY
+
+    cdef object _open_new(self, int pfd, const char *name, struct_stat *st):
+        """The inode of ``name`` in ``pfd`` that the tables do not have yet:
+        an O_PATH fd of it (a single component, nothing followed: the full
+        path's open_beneath), its ``fstat`` in ``st`` and the backend's
+        ``adopt(fd, dev, ino, mode)``, which takes the fd into a new table
+        entry (or finds the entry that has its key now). None, with nothing
+        left open or changed, when a call fails."""
+        cdef int fd = openat(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0:
+            return None
+        if fstat(fd, st) != 0:
+            close(fd)
+            return None
+        try:
+            return self._adopt(fd, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino, st.st_mode)
+        except BaseException:
+            close(fd)
+            raise
 
     cdef int _handle_fd(self, uint64_t fh, bint write) except? -2:
         """The fd of open handle ``fh`` if it reads without waiting (or,

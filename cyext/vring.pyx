@@ -810,8 +810,6 @@ cdef class VirtQueue:
                 return -1
             if not (flags & F_NEXT):
                 break
-        if room == 0:
-            return -1
         if fn != NULL:
             r = fn(responder, request, req_len, riov, rpieces, readable_len, wiov, pieces, room)
             if r < 0 or r > room:

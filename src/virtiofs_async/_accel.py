@@ -42,6 +42,7 @@ pack_attr_out = _codec.pack_attr_out
 pack_dirent = _codec.pack_dirent
 pack_direntplus = _codec.pack_direntplus
 pack_entry_out = _codec.pack_entry_out
+pack_host_dirents = _codec.pack_host_dirents
 parse_linux_dirents64 = _codec.parse_linux_dirents64
 record_factory = _codec.record_factory
 write_reply = _codec.write_reply
@@ -49,5 +50,5 @@ write_reply = _codec.write_reply
 __all__ = [
     "IMPLEMENTATION", "DescriptorChain", "IoPool", "PassthroughResponder", "VirtQueue", "decode_request",
     "encode_out_header", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out",
-    "parse_linux_dirents64", "record_factory", "scatter", "write_reply",
+    "pack_host_dirents", "parse_linux_dirents64", "record_factory", "scatter", "write_reply",
 ]

@@ -7,8 +7,9 @@ Two directions:
   ``AttrOut`` ...) and :func:`encode_out_header`, :func:`pack_dirent`,
   :func:`pack_direntplus` build the answer.
 * Host side of a directory listing: :func:`parse_linux_dirents64` splits a
-  ``getdents64(2)`` result into records (the one host format a backend
-  parses in bulk, here so that it has a compiled twin too).
+  ``getdents64(2)`` result into records, and :func:`pack_host_dirents` turns
+  those records into READDIR reply bytes (the one host format a backend
+  handles in bulk, here so that it has a compiled twin too).
 * Frontend side (tests, the built-in FUSE client): ``Request.encode()`` turns
   a request record into buffers, :func:`decode_reply` and the ``decode``
   class methods parse the daemon's answer.
@@ -50,7 +51,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import struct
-from typing import Callable, ClassVar, Iterator, NoReturn, Protocol, Sequence, TypeVar, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Protocol, Sequence, TypeVar, Union
 
 import attrs
 
@@ -62,7 +63,8 @@ from .errors import FuseProtocolError
 __all__ = [
     "InHeader", "OutHeader", "Request", "FileLockStruct",
     "decode_request", "encode_out_header", "decode_out_header", "decode_reply",
-    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus", "parse_linux_dirents64",
+    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus", "pack_host_dirents",
+    "parse_linux_dirents64",
     "AttributeSource", "split_timeout", "pack_attr", "pack_attr_out", "pack_entry_out", "write_reply", "record_factory",
     "iter_dirents", "iter_direntplus", "iter_extensions", "supp_groups",
     "Attr", "EntryOut", "AttrOut", "OpenOut", "CreateOut", "WriteOut", "StatfsOut",
@@ -1911,6 +1913,45 @@ def parse_linux_dirents64(data: Buffer, length: int, cls: type[T]) -> list[T]:
         append(_tuple_new(cls, (ino, off, dtype, raw[name_start:end])))
         pos += reclen
     return out
+
+
+def pack_host_dirents(
+    entries: Sequence[tuple[int, int, int, bytes]], start: int, room: int,
+    known: Mapping[tuple[int, int], Any], dev: int, dot: int, dotdot: int,
+) -> tuple[bytes, int]:
+    """READDIR reply records for host directory entries ``entries[start:]``
+    (``(d_ino, d_off, d_type, name)`` records such as
+    :func:`parse_linux_dirents64` gives), as many as fit whole in ``room``
+    bytes; returns the packed ``fuse_dirent`` records and the index after
+    the last one packed (``start`` when none fits).
+
+    Each record's inode number is ``known[(dev, d_ino)].nodeid`` when
+    ``known`` (an inode table keyed by the host's ``(st_dev, st_ino)``)
+    holds that key, else ``d_ino``; the entry ``.`` takes ``dot`` and ``..``
+    takes ``dotdot`` when they are not 0. ValueError on a name that is
+    empty, longer than FUSE_NAME_MAX or holds '/' or NUL."""
+    parts: list[bytes] = []
+    used = 0
+    i, count = start, len(entries)
+    while i < count:
+        d_ino, d_off, d_type, name = entries[i]
+        n = len(name)
+        need = (24 + n + 7) & ~7
+        if used + need > room:
+            break
+        if not n or n > abi.FUSE_NAME_MAX or b"/" in name or b"\0" in name:
+            raise ValueError(f"invalid directory entry name {name[:64]!r}")
+        if dot and name == b".":
+            ino = dot
+        elif dotdot and name == b"..":
+            ino = dotdot
+        else:
+            node = known.get((dev, d_ino))
+            ino = d_ino if node is None else node.nodeid
+        parts.append(_dirent_pack(ino, d_off, n, d_type) + name + _PAD[: (-n) & 7])
+        used += need
+        i += 1
+    return b"".join(parts), i
 
 
 def pack_direntplus(entry: EntryOut, ino: int, off: int, type: int, name: bytes) -> bytes:

@@ -11,24 +11,33 @@ leaving the event loop:
 * GETATTR of a known inode that holds an O_PATH fd (``fstat``);
 * LOOKUP of a valid component (not ``.`` or ``..``) in a known directory
   that holds an fd, when the name is an inode the table already has
-  (``fstatat`` without following), or ENOENT.
+  (``fstatat`` without following), or ENOENT; with an ``adopt`` callback,
+  also a name the table does not have yet (an O_PATH fd of it, opened
+  without following, goes to ``adopt``);
+* with a ``drop`` callback, FORGET of any inode but the root (no reply).
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
 
 Contract: the responder holds the backend's ``inodes`` (nodeid -> inode)
-and ``by_key`` ((st_dev, st_ino) -> inode) dicts by reference and never
-changes them; an inode object has ``nodeid``, ``key``, ``kind`` (S_IFMT
-bits), ``fd`` (-1: none) and ``lookups``. Each LOOKUP reply it gives counts
-one lookup on the inode, as the backend's own LOOKUP does. The timeouts are
-fixed when it is built.
+and ``by_key`` ((st_dev, st_ino) -> inode) dicts by reference; an inode
+object has ``nodeid``, ``key``, ``kind`` (S_IFMT bits), ``fd`` (-1: none)
+and ``lookups``. It changes the tables only through the callbacks:
+``adopt(fd, st_dev, st_ino, st_mode)`` takes the O_PATH ``fd`` into a new
+entry with no lookups counted (or closes it and returns the entry that
+already has that key) and returns the inode; ``drop(inode)`` is called when
+a FORGET takes an inode's count to 0 (the backend frees it if nothing else
+holds it). Each LOOKUP reply it gives counts one lookup on the inode, and
+each FORGET takes its count down (not below 0), as the backend's own
+LOOKUP and FORGET do. The timeouts are fixed when it is built.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
-from typing import Any
+from typing import Any, Callable
 
 from .abi import fuse as abi
 from .codec import host_rdev_to_guest, split_timeout, wire_seconds
@@ -47,6 +56,10 @@ _ENTRY_REPLY = _OUT_HEADER + abi.fuse_entry_out.size  # 144
 _U32 = 0xFFFFFFFF
 _OP_GETATTR = int(abi.Opcode.GETATTR)
 _OP_LOOKUP = int(abi.Opcode.LOOKUP)
+_OP_FORGET = int(abi.Opcode.FORGET)
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+log = logging.getLogger(__name__)
 
 _in_header_unpack_from = abi.fuse_in_header.unpack_from
 _out_header_pack = abi.fuse_out_header.pack
@@ -76,7 +89,8 @@ class PassthroughResponder:
     contract on the tables. ``announce_submounts`` sets FUSE_ATTR_SUBMOUNT
     on a LOOKUP of a directory on another device than its parent."""
 
-    __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups")
+    __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
+                 "_adopt", "_drop")
 
     def __init__(
         self,
@@ -89,6 +103,8 @@ class PassthroughResponder:
         handles: dict[int, Any] | None = None,
         read_max: int = 0,
         write_max: int = 0,
+        adopt: Callable[[int, int, int, int], Any] | None = None,
+        drop: Callable[[Any], None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -101,6 +117,8 @@ class PassthroughResponder:
         self._attr_valid = split_timeout(attr_timeout)
         self._announce_submounts = bool(announce_submounts)
         self._lookups = bool(lookups)
+        self._adopt = adopt
+        self._drop = drop
 
     def respond(self, request: bytes, room: int) -> bytes | None:
         """The reply to ``request`` (one whole request's readable bytes) if
@@ -114,7 +132,48 @@ class PassthroughResponder:
             return self._getattr(unique, nodeid, length, room)
         if opcode == _OP_LOOKUP and self._lookups:
             return self._lookup(unique, nodeid, request[_IN_HEADER:length], room)
+        if opcode == _OP_FORGET and self._drop is not None:
+            return self._forget(nodeid, request[_IN_HEADER:length])
         return None
+
+    def _forget(self, nodeid: int, body: bytes) -> bytes | None:
+        if len(body) < 8 or nodeid == abi.FUSE_ROOT_ID:
+            return None
+        n = int.from_bytes(body[:8], "little")
+        node = self._inodes.get(nodeid)
+        if node is None or n == 0:
+            return b""  # the full path ignores it too
+        if node.lookups <= n:
+            node.lookups = 0
+            try:
+                self._drop(node)  # type: ignore[misc]
+            except Exception:
+                # Answered all the same: the count is already down, and the
+                # full path must not take it down again.
+                log.exception("dropping inode %d after FORGET failed", nodeid)
+        else:
+            node.lookups -= n
+        return b""
+
+    def _open_new(self, dirfd: int, name: bytes) -> tuple[Any, os.stat_result] | None:
+        """The inode of ``name`` in ``dirfd`` that the tables do not have
+        yet, and its stat: an O_PATH fd of it (a single component, nothing
+        followed), ``fstat`` and ``adopt``. None, with nothing left open or
+        changed, when a call fails."""
+        try:
+            fd = os.open(name, _O_PATH_NOFOLLOW, dir_fd=dirfd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            return self._adopt(fd, st.st_dev, st.st_ino, st.st_mode), st  # type: ignore[misc]
+        except BaseException:
+            os.close(fd)  # adopt takes the fd only when it returns
+            raise
 
     def _getattr(self, unique: int, nodeid: int, length: int, room: int) -> bytes | None:
         if length < _GETATTR_LEN or room < _ATTR_REPLY:
@@ -152,7 +211,12 @@ class PassthroughResponder:
             return None
         node = self._by_key.get((st.st_dev, st.st_ino))
         if node is None:
-            return None
+            if self._adopt is None:
+                return None
+            found = self._open_new(parent.fd, name)
+            if found is None:
+                return None
+            node, st = found
         flags = 0
         if self._announce_submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != parent.key[0]:
             flags = abi.FUSE_ATTR_SUBMOUNT

@@ -154,6 +154,15 @@ class _DirectoryReply(DirectoryReply):
         self._used = used
         return count
 
+    def add_dirents(self, records: bytes, count: int) -> int:
+        if self.plus:
+            raise ValueError("fuse_dirent records in a READDIRPLUS reply")
+        if self._used + len(records) > self._size:
+            return super().add_dirents(records, count)  # what fits, one by one
+        self.parts.append(records)
+        self._used += len(records)
+        return count
+
     def entry_size(self, name_len: int) -> int:
         return codec.direntplus_size(name_len) if self.plus else codec.dirent_size(name_len)
 

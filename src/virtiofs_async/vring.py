@@ -86,9 +86,10 @@ class InlineResponder(Protocol):
 
     ``respond(request, room)`` gets the chain's device-readable bytes
     (at most ``RESPONDER_REQUEST_MAX``) and the room for a reply (the
-    chain's device-writable length, at most ``RESPONDER_REPLY_MAX``, never
-    0); it returns the reply (at most ``room`` bytes) or None when the
-    request is not one it answers. It must give exactly the reply the full
+    chain's device-writable length, at most ``RESPONDER_REPLY_MAX``; 0 for a
+    chain with no device-writable part, such as a FORGET's); it returns the
+    reply (at most ``room`` bytes; ``b""`` answers a request that gets no
+    reply) or None when the request is not one it answers. It must give exactly the reply the full
     request path would give, because which of the two serves a request is
     the queue's choice. A compiled responder may also export its C function
     as a capsule (``c_responder``, see cyext/include/vfa_hotpath.h), which
@@ -478,7 +479,7 @@ class VirtQueue:
                 break
             reply = None
             room = min(chain.writable_len, RESPONDER_REPLY_MAX)
-            if room and chain.readable_len <= RESPONDER_REQUEST_MAX:
+            if chain.readable_len <= RESPONDER_REQUEST_MAX:
                 try:
                     reply = respond(b"".join(chain.readable), room)
                     if reply is not None and memoryview(reply).nbytes > room:

@@ -80,8 +80,8 @@ def test_init_flags_follow_the_options(run, sock_path, share) -> None:  # type: 
 
 
 def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    """Known inodes' GETATTR and LOOKUP (and ENOENT) never reach the session:
-    the backend's inline responder answers them from the ring walk, with
+    """GETATTR, LOOKUP (of known and new inodes, and ENOENT) and FORGET never
+    reach the session: the backend's inline responder answers them from the ring walk, with
     the replies and lookup counts of the full path; so are cached READs
     and WRITEs with the compiled twins. Not at DEBUG logging, and not for a subclass
     that overrides getattr."""
@@ -102,9 +102,9 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
         with open(os.path.join(share, "f"), "wb") as f:
             f.write(b"12345")
         async with passthrough_client(rt, sock_path, share) as (fs, client):
-            entry = await client.lookup(ROOT, b"f")  # a new inode: the full path
-            assert int(abi.Opcode.LOOKUP) in seen
             before = len(seen)
+            entry = await client.lookup(ROOT, b"f")  # a new inode: installed at the queue too
+            assert fs.lookup_count(entry.nodeid) == 1
             for _ in range(5):
                 attr = await client.getattr(entry.nodeid)
                 assert attr.attr.size == 5 and attr.attr.ino == entry.nodeid
@@ -139,6 +139,19 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
             assert (await client.getattr(entry.nodeid)).attr.size == 7
             assert seen[before:] == [int(abi.Opcode.GETATTR)]
             caplog.set_level(logging.WARNING, logger="virtiofs_async.session")
+            # FORGET at the queue too: the count goes down; at 0 the inode goes
+            count = fs.lookup_count(entry.nodeid)
+            assert count == 6  # the first LOOKUP and five more
+            before = len(seen)
+            await client.forget(entry.nodeid, count - 1)
+            assert fs.lookup_count(entry.nodeid) == 1
+            held = fs.held_fds()
+            await client.forget(entry.nodeid, 5)  # more than it has: down to 0
+            assert entry.nodeid not in fs._inodes and fs.held_fds() == held - 1
+            await client.forget(entry.nodeid, 1)  # unknown now: ignored
+            assert seen[before:] == []
+            again = await client.lookup(ROOT, b"f")  # installed afresh
+            assert fs.lookup_count(again.nodeid) == 1 and again.attr.size == 7
         seen.clear()
         fs = Tagged(share)
         fs.run_blocking = rt.run_in_thread  # type: ignore[method-assign]

@@ -290,6 +290,121 @@ def test_file_handle_mode_answers_no_lookup(tmp_path: Any) -> None:
         m.close()
 
 
+def _installing(fs: PassthroughFS, cls: type) -> Any:
+    """A responder of twin ``cls`` wired as PassthroughFS.inline_responder
+    wires it: new names installed with ``_adopt``, FORGETs dropping with
+    ``_maybe_drop``."""
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, fs.announce_submounts, True,
+               adopt=fs._adopt, drop=fs._maybe_drop)
+
+
+def forget_req(nodeid: int, n: int, **kw: Any) -> bytes:
+    return request(int(abi.Opcode.FORGET), nodeid, struct.pack("<Q", n), **kw)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("name", [b"newfile", b"newdir", b"newlink", b"newfifo"])
+def test_lookup_of_a_new_name_installs_it_as_the_full_path_does(tmp_path: Any, name: bytes) -> None:
+    """A name the tables do not have: each twin installs it (an O_PATH fd,
+    nothing followed) and answers with the bytes the full path gives for the
+    same inode afterwards; one lookup counted per reply; one fd held."""
+    m = Mount(str(tmp_path))
+    try:
+        path = os.path.join(m.root, name.decode())
+        {b"newfile": lambda: open(path, "wb").close(), b"newdir": lambda: os.mkdir(path),
+         b"newlink": lambda: os.symlink("d", path), b"newfifo": lambda: os.mkfifo(path)}[name]()
+        fs = m.fs
+        req = lookup_req(abi.FUSE_ROOT_ID, name)
+        for cls in _twins():
+            fds = _open_fds()
+            answer = _installing(fs, cls).respond(req, 512)
+            assert answer is not None and len(answer) == 144
+            nodeid = abi.fuse_entry_out.unpack_from(answer, 16)[0]
+            node = fs._inodes[nodeid]
+            assert fs._by_key[node.key] is node and node.lookups == 1 and node.fd >= 0
+            assert _open_fds() == fds + 1
+            assert stat.S_IFMT(os.fstat(node.fd).st_mode) == node.kind == stat.S_IFMT(os.lstat(path).st_mode)
+            n, full = m.full(req, 512)
+            assert full == answer and node.lookups == 2 and _open_fds() == fds + 1
+            # forget both: the inode goes, its fd with it
+            assert _installing(fs, cls).respond(forget_req(nodeid, 2), 0) == b""
+            assert nodeid not in fs._inodes and node.key not in fs._by_key and _open_fds() == fds
+    finally:
+        m.close()
+
+
+def test_a_failing_adopt_leaves_nothing_open(mount: Mount) -> None:
+    path = os.path.join(mount.root, "adopt-fails")
+    open(path, "wb").close()
+    fs = mount.fs
+
+    def adopt(fd: int, dev: int, ino: int, mode: int) -> Any:
+        raise RuntimeError("no room in the table")
+
+    try:
+        for cls in _twins():
+            r = cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, adopt=adopt)
+            fds, before = _open_fds(), dict(fs._inodes)
+            with pytest.raises(RuntimeError):
+                r.respond(lookup_req(abi.FUSE_ROOT_ID, b"adopt-fails"), 512)
+            assert _open_fds() == fds and fs._inodes == before
+    finally:
+        os.unlink(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["lookup", "forget", "getattr"]), st.sampled_from([b"f", b"d", b"g"]),
+                              st.sampled_from([0, 1, 2, 5, 2**64 - 1])), max_size=12))
+def test_lookups_and_forgets_count_as_the_full_path_counts(tmp_path_factory: Any, ops: list) -> None:
+    """The same sequence of LOOKUPs, FORGETs and GETATTRs through each twin
+    (what it leaves goes to the full path, as at the queue) and through the
+    full path alone, on mounts of copies of one tree: the same kind of
+    reply, lookup count and fds held at every step."""
+    mounts = [Mount(str(tmp_path_factory.mktemp("counting"))) for _ in range(1 + len(_twins()))]
+    try:
+        responders = [None] + [_installing(m.fs, cls) for m, cls in zip(mounts[1:], _twins())]
+        for op, name, n in ops:
+            results = []
+            for m, r in zip(mounts, responders):
+                ids = m.nodeids
+                parent = ids[b"d"] if name == b"g" else abi.FUSE_ROOT_ID
+                nodeid = ids[b"d/g" if name == b"g" else name]
+                req = {"lookup": lookup_req(parent, name), "forget": forget_req(nodeid, n),
+                       "getattr": getattr_req(nodeid)}[op]
+                if r is None:
+                    out, reply = m.full(req, 0 if op == "forget" else 512)
+                    answer = reply if out or op == "forget" else None
+                else:
+                    answer = r.respond(req, 0 if op == "forget" else 512)
+                    if answer is None:  # left to the full path, as the queue would
+                        answer = m.full(req, 512)[1]
+                node = m.fs._inodes.get(nodeid)
+                # the trees differ in inode numbers and times: compare the
+                # reply's length and error
+                shape = None if answer is None else (len(answer), answer[4:8] if answer else b"")
+                results.append((shape, None if node is None else node.lookups, m.fs.held_fds()))
+            assert all(x == results[0] for x in results), (op, name, n, results)
+    finally:
+        for m in mounts:
+            m.close()
+
+
+def test_forget_of_the_root_and_of_malformed_requests_is_left_to_the_full_path(mount: Mount) -> None:
+    fs = mount.fs
+    for cls in _twins():
+        r = _installing(fs, cls)
+        assert r.respond(forget_req(abi.FUSE_ROOT_ID, 1), 0) is None
+        assert r.respond(request(int(abi.Opcode.FORGET), mount.nodeids[b"f"], b"\1" * 7), 0) is None
+        assert r.respond(forget_req(mount.nodeids[b"f"], 1, extlen=1), 0) is None
+        assert r.respond(forget_req(987654321, 3), 0) == b""  # unknown: ignored, as the full path does
+    # without a drop callback, no FORGET is answered
+    r = pure.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+    assert r.respond(forget_req(mount.nodeids[b"f"], 1), 0) is None
+
+
 def test_timeouts_split_as_the_codec_does(tmp_path: Any) -> None:
     m = Mount(str(tmp_path), entry_timeout=2.75, attr_timeout=0.5)
     try:

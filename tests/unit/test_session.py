@@ -10,8 +10,8 @@ import pytest
 from virtiofs_async import codec
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.errors import FuseError
-from virtiofs_async.operations import EntryAttributes, Operations
-from virtiofs_async.session import FuseSession, OLDEST_MINOR, OUR_MINOR
+from virtiofs_async.operations import DirectoryReply, EntryAttributes, Operations
+from virtiofs_async.session import OLDEST_MINOR, OUR_MINOR, FuseSession, _DirectoryReply
 
 LINUX_61_FLAGS = (
     abi.FUSE_ASYNC_READ | abi.FUSE_POSIX_LOCKS | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES
@@ -314,3 +314,49 @@ def test_default_read_into_copies_what_read_returns() -> None:
     assert n == 18 and out[16:] == b"bc"
     n, out = read_with(s, 61, 0, 2, [16, 1, 1])
     assert n == 18 and out[16:] == b"ab"
+
+
+# -- DirectoryReply.add_dirents: packed fuse_dirent records --------------------------------
+
+
+def _records(names: list[bytes], first_ino: int = 100) -> bytes:
+    return b"".join(codec.pack_dirent(first_ino + i, i + 1, 8, n) for i, n in enumerate(names))
+
+
+def test_add_dirents_takes_records_that_fit_whole() -> None:
+    names = [b"a", b"bb", b"c" * 20]
+    records = _records(names)
+    reply = _DirectoryReply(4096, False)
+    assert reply.add_dirents(records, 3) == 3
+    assert reply.remaining == 4096 - len(records)
+    got = list(codec.iter_dirents(b"".join(reply.parts)))
+    assert [(d.name, d.ino, d.off, d.type) for d in got] == [(n, 100 + i, i + 1, 8) for i, n in enumerate(names)]
+
+
+def test_add_dirents_that_overflow_adds_what_fits_one_by_one() -> None:
+    names = [b"f%03d" % i for i in range(10)]  # 32 bytes each
+    reply = _DirectoryReply(100, False)
+    assert reply.add_dirents(_records(names), 10) == 3
+    assert [d.name for d in codec.iter_dirents(b"".join(reply.parts))] == names[:3]
+    assert reply.remaining == 100 - 96
+
+
+def test_add_dirents_in_a_readdirplus_reply_is_a_backend_bug() -> None:
+    with pytest.raises(ValueError):
+        _DirectoryReply(4096, True).add_dirents(_records([b"a"]), 1)
+
+
+def test_add_dirents_default_goes_through_add() -> None:
+    """The base class's add_dirents (for replies that only implement add)
+    parses the records and stops at the first one add refuses."""
+    got: list[tuple[bytes, int, int, int]] = []
+
+    class Two(DirectoryReply):
+        def add(self, name, attributes, next_offset) -> bool:
+            if len(got) == 2:
+                return False
+            got.append((name, attributes.st_ino, attributes.st_mode, next_offset))
+            return True
+
+    assert Two().add_dirents(_records([b"x", b"y", b"z"]), 3) == 2
+    assert got == [(b"x", 100, 8 << 12, 1), (b"y", 101, 8 << 12, 2)]

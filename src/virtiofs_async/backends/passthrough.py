@@ -175,6 +175,7 @@ INLINE_WRITE_MAX_DEFAULT = 1024 * 1024
 
 NAME_MAX = 255
 _DOTS = (b".", b"..")
+_pack_host_dirents = _accel.pack_host_dirents
 _O_PATH = os.O_PATH | os.O_CLOEXEC
 _OPEN_ALLOWED = (
     os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | getattr(os, "O_LARGEFILE", 0)
@@ -234,6 +235,9 @@ class _Handle:
     dir_pos: int = -1
     dir_read: list[_hostfs.Dirent] = attrs.Factory(list)
     dir_read_from: int = -1
+    #: where in ``dir_read`` the last READDIR reply stopped (a hint: the
+    #: next request usually resumes there; checked against its offset)
+    dir_next: int = 0
 
 
 class _Box:
@@ -283,12 +287,13 @@ def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> N
     _close_lookup_result(result[1])
 
 
-#: The methods a GETATTR, LOOKUP, READ or WRITE goes through; the inline
+#: The methods a GETATTR, LOOKUP, FORGET, READ or WRITE goes through; the inline
 #: responder answers those requests without them (see
 #: PassthroughFS.inline_responder).
 _RESPONDER_BYPASSES = (
     "lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node", "read_into", "_file_handle",
-    "_handle", "write", "_check_writable_fs",
+    "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
+    "_lookup_at", "_alloc_nodeid",
 )
 
 
@@ -637,9 +642,27 @@ class PassthroughFS(Operations):
         self._next_synthetic += 1
         return nodeid
 
+    def _adopt(self, fd: int, dev: int, ino: int, mode: int) -> _Inode:
+        """The table's inode for a fresh O_PATH ``fd`` of host inode
+        ``(dev, ino)`` (fd is consumed): the known one (fd closed), else a
+        new one that keeps fd, with no lookups counted. Also the inline
+        responder's ``adopt``."""
+        key = (dev, ino)
+        node = self._by_key.get(key)
+        if node is not None:
+            os.close(fd)
+            return node
+        nodeid = self._alloc_nodeid(ino)
+        node = _Inode(nodeid, key, stat.S_IFMT(mode), fd, None, -1)
+        self._inodes[nodeid] = node
+        self._by_key[key] = node
+        return node
+
     def _install(self, fd: int, st: os.stat_result, info: Any) -> _Inode:
         """The table's inode for a fresh lookup result (fd is consumed);
         a new one is added with no lookups counted."""
+        if info is None:
+            return self._adopt(fd, st.st_dev, st.st_ino, st.st_mode)
         key = (st.st_dev, st.st_ino)
         handle: FileHandle | None = None
         mount_fd = -1
@@ -774,8 +797,10 @@ class PassthroughFS(Operations):
     # lifecycle
     def inline_responder(self, max_read: int) -> Any | None:
         """With ``inline_metadata``: a responder that answers GETATTR and
-        LOOKUP of known inodes from this backend's tables at the queue
-        (:mod:`virtiofs_async.responder`; LOOKUP only without file handles),
+        LOOKUP from this backend's tables at the queue
+        (:mod:`virtiofs_async.responder`; LOOKUP only without file handles,
+        and then also of names new to the tables, which it installs with
+        ``_adopt``), and FORGET (``_maybe_drop`` frees what drops to 0),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -792,9 +817,11 @@ class PassthroughFS(Operations):
                 return None
         read_max = max(0, min(max_read, self.inline_read_max))
         write_max = 0 if self.readonly else max(0, self.inline_write_max)
+        lookups = self.file_handles == "never"
         return _accel.PassthroughResponder(
             self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts,
-            self.file_handles == "never", self._handles, read_max, write_max,
+            lookups, self._handles, read_max, write_max,
+            adopt=self._adopt if lookups else None, drop=self._maybe_drop,
         )
 
     async def destroy(self) -> None:
@@ -1332,13 +1359,13 @@ class PassthroughFS(Operations):
             # READDIRPLUS reads about what fits (each entry is looked up).
             room = reply.remaining
             bufsize = max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
-            batch = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
-            if not batch:
+            batch, start = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
+            if start >= len(batch):
                 return
             if plus:
-                done = await self._readdirplus_batch(h, batch, reply)
+                done = await self._readdirplus_batch(h, batch[start:], reply)
             else:
-                done = self._readdir_batch(node, batch, reply)
+                done = self._readdir_batch(h, batch, start, reply)
             if done:
                 return
             pos = batch[-1].off
@@ -1351,32 +1378,24 @@ class PassthroughFS(Operations):
         known = self._by_key.get((node.dev, d.ino))
         return known.nodeid if known is not None else d.ino
 
-    def _readdir_batch(self, node: _Inode, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
-        """Add ``batch`` to ``reply``; True when the reply is full. Entries
-        are prepared about ``reply.remaining`` bytes at a time (a read-ahead
-        batch holds several replies' worth; ``remaining`` is a hint, the
-        reply's ``add_names`` decides)."""
-        # Inline _dirent_ino: a READDIR reply carries a hundred entries.
-        by_key, dev = self._by_key, node.dev
-        entry_size = reply.entry_size
-        i, count = 0, len(batch)
-        while i < count:
-            room = reply.remaining
-            entries = []
-            while i < count:
-                d = batch[i]
-                name = d.name
-                room -= entry_size(len(name))
-                if room < 0 and entries:
-                    break
-                if name in _DOTS:
-                    ino = self._dirent_ino(node, d)
-                else:
-                    known = by_key.get((dev, d.ino))
-                    ino = known.nodeid if known is not None else d.ino
-                entries.append((ino, d.off, d.type, name))
-                i += 1
-            if reply.add_names(entries) < len(entries):
+    def _readdir_batch(self, h: _Handle, batch: list[_hostfs.Dirent], start: int, reply: DirectoryReply) -> bool:
+        """Add ``batch[start:]`` to ``reply`` (compiled packing: a READDIR
+        reply carries a hundred entries); True when the reply is full. A
+        known inode's entry carries its node id, any other the host's
+        inode number."""
+        node = h.node
+        dotdot = ROOT_INODE if node is self._root else 0
+        total = len(batch)
+        while start < total:
+            # ``remaining`` is a hint: what does not fit now is packed again
+            # against the room left after it (none: the reply is full).
+            records, end = _pack_host_dirents(batch, start, reply.remaining, self._by_key, node.dev,
+                                              node.nodeid, dotdot)
+            count = end - start
+            added = reply.add_dirents(records, count) if count else 0
+            start += added
+            h.dir_next = start
+            if added < count or not count:
                 return True
         return False
 
@@ -1709,26 +1728,30 @@ _GETDENTS_MIN = 2048
 _READDIR_AHEAD = 4
 
 
-def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> list[_hostfs.Dirent]:
-    """Entries of directory handle ``h`` after host cookie ``offset``: the
-    rest of the previous batch when ``offset`` falls inside it (what a
-    stream's readdir buffer gives), else one getdents64 call, without a
-    seek when the fd is already there. Offset 0 always reads afresh
-    (rewinddir shows the directory as it is now)."""
+def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[list[_hostfs.Dirent], int]:
+    """Entries of directory handle ``h`` after host cookie ``offset``, as
+    ``(entries, start)`` (the ones wanted are ``entries[start:]``): the rest
+    of the previous batch when ``offset`` falls inside it (what a stream's
+    readdir buffer gives), else one getdents64 call, without a seek when
+    the fd is already there. Offset 0 always reads afresh (rewinddir shows
+    the directory as it is now)."""
     with h.lock:
         read = h.dir_read
         if offset and read:
             if offset == h.dir_read_from:
-                return read
+                return read, 0
+            i = h.dir_next
+            if 0 < i < len(read) and read[i - 1].off == offset:
+                return read, i  # where the last reply stopped
             for i, d in enumerate(read):
                 if d.off == offset:
                     if i + 1 < len(read):
-                        return read[i + 1:]
+                        return read, i + 1
                     break
         batch = _hostfs.getdents(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
-        h.dir_read, h.dir_read_from = batch, offset
+        h.dir_read, h.dir_read_from, h.dir_next = batch, offset, 0
         h.dir_pos = batch[-1].off if batch else offset
-        return batch
+        return batch, 0
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
