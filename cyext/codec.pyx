@@ -773,6 +773,24 @@ def pack_dirent(ino, off, type, name):
 _pure_parse_linux_dirents64 = _pure.parse_linux_dirents64
 cdef object _tuple_new = tuple.__new__
 
+cdef extern from *:
+    """
+    /* tuple.__new__(t, (a, b, c, d)) for a tuple subclass t, as CPython's
+       tuple_subtype_new builds it: tp_alloc, then the items. */
+    static PyObject *vfa_tuple4_of(PyTypeObject *t, PyObject *a, PyObject *b, PyObject *c, PyObject *d)
+    {
+        PyObject *r = t->tp_alloc(t, 4);
+        if (r == NULL)
+            return NULL;
+        Py_INCREF(a); PyTuple_SET_ITEM(r, 0, a);
+        Py_INCREF(b); PyTuple_SET_ITEM(r, 1, b);
+        Py_INCREF(c); PyTuple_SET_ITEM(r, 2, c);
+        Py_INCREF(d); PyTuple_SET_ITEM(r, 3, d);
+        return r;
+    }
+    """
+    object vfa_tuple4_of(PyTypeObject *t, object a, object b, object c, object d)
+
 
 def parse_linux_dirents64(data, Py_ssize_t length, cls):
     """The records in the first ``length`` bytes of ``data``, a
@@ -787,7 +805,11 @@ def parse_linux_dirents64(data, Py_ssize_t length, cls):
     cdef uint64_t ino
     cdef int64_t off
     cdef uint16_t rec16
+    cdef object name
     cdef list out = []
+    # A tuple subclass (a NamedTuple) is built directly; anything else goes
+    # through tuple.__new__, which raises what it raises.
+    cdef bint direct = isinstance(cls, type) and issubclass(cls, tuple) and cls is not tuple
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         if length < 0 or length > view.len:
@@ -806,10 +828,11 @@ def parse_linux_dirents64(data, Py_ssize_t length, cls):
             nul = <const unsigned char *>memchr(p + name_start, 0, reclen - 19)
             if nul == NULL:
                 raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name")
-            out.append(_tuple_new(cls, (
-                ino, off, p[pos + 18],
-                PyBytes_FromStringAndSize(<const char *>(p + name_start), nul - (p + name_start)),
-            )))
+            name = PyBytes_FromStringAndSize(<const char *>(p + name_start), nul - (p + name_start))
+            if direct:
+                out.append(vfa_tuple4_of(<PyTypeObject *>cls, ino, off, p[pos + 18], name))
+            else:
+                out.append(_tuple_new(cls, (ino, off, p[pos + 18], name)))
             pos += reclen
     finally:
         PyBuffer_Release(&view)
