@@ -13,13 +13,17 @@ cached READ one ``preadv2`` into the guest's reply buffers, a WRITE one
 ``pwritev`` from its request buffers.
 """
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_SetFromErrno
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport ENOENT, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove, memset
 from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fstat, fstatat, struct_stat
 
 from posix.types cimport off_t
@@ -346,6 +350,115 @@ cdef class PassthroughResponder:
         vfa_st32(reply + 52, self._attr_nsec)
         node.lookups += 1
         return ENTRY_REPLY
+
+    def pack_readdirplus(self, int dirfd, parent, list batch, Py_ssize_t start, Py_ssize_t room, dot, dotdot,
+                         list counted):
+        """See the pure twin's :meth:`pack_readdirplus` (the contract)."""
+        cdef Py_ssize_t count = PyList_GET_SIZE(batch), i, n, need, used = 0, cap = 16384
+        cdef uint64_t c_dot = dot, c_dotdot = dotdot, d_ino, nid, pdev = parent.key[0]
+        cdef uint32_t flags
+        cdef struct_stat st
+        cdef int fd
+        cdef const char *cname
+        cdef char cbuf[NAME_MAX + 1]
+        cdef unsigned char *buf
+        cdef unsigned char *grown
+        cdef unsigned char *p
+        cdef PyObject *found
+        if self._adopt is None:
+            raise ValueError("pack_readdirplus needs an adopt callback")
+        buf = <unsigned char *>PyMem_Malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            i = start
+            while i < count:
+                rec = <object>PyList_GET_ITEM(batch, i)
+                if not PyTuple_Check(rec) or PyTuple_GET_SIZE(rec) != 4:
+                    raise TypeError("host directory records are (d_ino, d_off, d_type, name) tuples")
+                name = <object>PyTuple_GET_ITEM(rec, 3)
+                if not PyBytes_CheckExact(name):
+                    raise TypeError("a host directory record's name is bytes")
+                n = PyBytes_GET_SIZE(name)
+                need = (152 + n + 7) & ~7
+                if used + need > room:
+                    break
+                cname = PyBytes_AS_STRING(name)
+                if n == 0 or n > NAME_MAX or memchr(cname, 0x2F, n) != NULL or memchr(cname, 0, n) != NULL:
+                    raise ValueError(f"invalid directory entry name {name[:64]!r}")
+                d_ino = <object>PyTuple_GET_ITEM(rec, 0)
+                if used + need > cap:
+                    while used + need > cap:
+                        cap *= 2
+                    grown = <unsigned char *>PyMem_Realloc(buf, cap)
+                    if grown == NULL:
+                        raise MemoryError()
+                    buf = grown
+                p = buf + used
+                memset(p, 0, need)
+                if cname[0] == 0x2E and (n == 1 or (n == 2 and cname[1] == 0x2E)):
+                    # Not counted (nodeid 0): the dirent's ino, a directory.
+                    if n == 1:
+                        nid = c_dot
+                    elif c_dotdot:
+                        nid = c_dotdot
+                    else:
+                        known = self._by_key.get((pdev, d_ino))
+                        nid = d_ino if known is None else known.nodeid
+                    vfa_st64(p + 40, nid)
+                    vfa_st32(p + 40 + 60, S_IFDIR_BITS)
+                    vfa_st32(p + 40 + 64, 1)      # nlink
+                    vfa_st32(p + 40 + 80, 4096)   # blksize
+                    counted.append(None)
+                    flags = S_IFDIR_BITS >> 12
+                else:
+                    memcpy(cbuf, cname, n)
+                    cbuf[n] = 0
+                    fd = openat(dirfd, cbuf, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                    if fd < 0:
+                        if errno == ENOENT:
+                            i += 1  # gone since getdents
+                            continue
+                        PyErr_SetFromErrno(OSError)
+                    if fstat(fd, &st) != 0:
+                        close(fd)
+                        PyErr_SetFromErrno(OSError)
+                    found = PyDict_GetItem(self._by_key, (<unsigned long long>st.st_dev,
+                                                          <unsigned long long>st.st_ino))
+                    if found != NULL:
+                        close(fd)
+                        node = <object>found
+                    else:
+                        try:
+                            node = self._adopt(fd, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino,
+                                               st.st_mode)
+                        except BaseException:
+                            close(fd)
+                            raise
+                    nid = node.nodeid
+                    flags = 0
+                    if self._announce_submounts and S_ISDIR(st.st_mode) and <uint64_t>st.st_dev != pdev:
+                        flags = ATTR_SUBMOUNT
+                    if not _store_attr(p + 40, nid, &st, flags):
+                        raise ValueError(f"attributes of {name[:64]!r} do not fit fuse_attr")
+                    vfa_st64(p, nid)
+                    vfa_st64(p + 16, self._entry_valid)
+                    vfa_st64(p + 24, self._attr_valid)
+                    vfa_st32(p + 32, self._entry_nsec)
+                    vfa_st32(p + 36, self._attr_nsec)
+                    node.lookups += 1
+                    counted.append(node)
+                    flags = (st.st_mode & S_IFMT_BITS) >> 12
+                vfa_st64(p + 128, nid)
+                vfa_st64(p + 136, <uint64_t>(<object>PyTuple_GET_ITEM(rec, 1)))
+                vfa_st32(p + 144, <uint32_t>n)
+                vfa_st32(p + 148, flags)
+                memcpy(p + 152, cname, n)
+                used += need
+                i += 1
+            return PyBytes_FromStringAndSize(<const char *>buf, used), i
+        finally:
+            PyMem_Free(buf)
 
     cdef object _open_new(self, int pfd, const char *name, struct_stat *st):
         """The inode of ``name`` in ``pfd`` that the tables do not have yet:

@@ -179,17 +179,32 @@ class DirectoryReply:
         return count
 
     def add_dirents(self, records: bytes, count: int) -> int:
-        """READDIR's fastest form: ``records``, ``count`` whole
-        ``fuse_dirent`` records (:func:`~virtiofs_async.codec.pack_host_dirents`
-        packs them from a host listing, sized to ``remaining``), added in
-        order while they fit; returns how many were added. In a READDIRPLUS
-        reply use ``add``."""
-        count = 0
+        """The fastest form of ``add``: ``records``, ``count`` whole records
+        of this reply's kind, ``fuse_dirent`` in READDIR
+        (:func:`~virtiofs_async.codec.pack_host_dirents` packs them from a
+        host listing) or ``fuse_direntplus`` in READDIRPLUS (whose lookups
+        the backend has counted, nodeid 0 for uncounted ``.``/``..``),
+        sized to ``remaining``, added in order while they fit; returns how
+        many were added (a backend gives back the lookups of the rest)."""
+        added = 0
+        if self.plus:
+            for d in codec.iter_direntplus(records):
+                e, a = d.entry, d.entry.attr
+                attributes = EntryAttributes(
+                    d.dirent.ino, e.generation, e.entry_valid + e.entry_valid_nsec / 1e9,
+                    e.attr_valid + e.attr_valid_nsec / 1e9, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size,
+                    a.blksize, a.blocks, codec.wire_time_ns(a.atime, a.atimensec), codec.wire_time_ns(a.mtime, a.mtimensec),
+                    codec.wire_time_ns(a.ctime, a.ctimensec), a.flags,
+                )
+                if not self.add(d.dirent.name, attributes, d.dirent.off):
+                    break
+                added += 1
+            return added
         for d in codec.iter_dirents(records):
             if not self.add(d.name, EntryAttributes(st_ino=d.ino, st_mode=d.type << 12), d.off):
                 break
-            count += 1
-        return count
+            added += 1
+        return added
 
     @property
     def remaining(self) -> int:

@@ -65,6 +65,8 @@ _in_header_unpack_from = abi.fuse_in_header.unpack_from
 _out_header_pack = abi.fuse_out_header.pack
 _attr_out_pack = abi.fuse_attr_out.pack
 _entry_out_pack = abi.fuse_entry_out.pack
+_attr_pack = abi.fuse_attr.pack
+_dirent_pack = abi.fuse_dirent.pack
 
 
 def _attr_fields(nodeid: int, st: os.stat_result, flags: int) -> tuple[int, ...] | None:
@@ -154,6 +156,87 @@ class PassthroughResponder:
         else:
             node.lookups -= n
         return b""
+
+    def pack_readdirplus(
+        self, dirfd: int, parent: Any, batch: list[tuple[int, int, int, bytes]], start: int, room: int,
+        dot: int, dotdot: int, counted: list[Any],
+    ) -> tuple[bytes, int]:
+        """READDIRPLUS records (``fuse_direntplus``, the full path's bytes)
+        for host entries ``batch[start:]`` (``(d_ino, d_off, d_type, name)``)
+        of directory ``parent``, open as ``dirfd``, as many as fit whole in
+        ``room`` bytes; returns them and the index after the last entry
+        used. Each name but ``.``/``..`` is looked up as LOOKUP does (an
+        O_PATH fd, nothing followed; a new inode goes to ``adopt``) and
+        counts one lookup; ``counted`` gets one item per record, in order:
+        the inode whose count went up, or None for ``.``/``..`` (uncounted:
+        nodeid 0, the dirent's inode number ``dot``, ``dotdot``, or when 0
+        the table's node id of the host's, a directory). A name gone since
+        getdents is skipped; OSError on another failing call, ValueError on
+        a bad name (the records counted so far are in ``counted``)."""
+        if self._adopt is None:
+            raise ValueError("pack_readdirplus needs an adopt callback")
+        parts: list[bytes] = []
+        used = 0
+        pdev = parent.key[0]
+        entry_valid, entry_nsec = self._entry_valid
+        attr_valid, attr_nsec = self._attr_valid
+        i, count = start, len(batch)
+        while i < count:
+            d_ino, d_off, _d_type, name = batch[i]
+            if not isinstance(name, bytes):
+                raise TypeError("a host directory record's name is bytes")
+            n = len(name)
+            need = (152 + n + 7) & ~7
+            if used + need > room:
+                break
+            if not n or n > NAME_MAX or b"/" in name or b"\0" in name:
+                raise ValueError(f"invalid directory entry name {name[:64]!r}")
+            if name == b"." or name == b"..":
+                if name == b".":
+                    nid = dot
+                elif dotdot:
+                    nid = dotdot
+                else:
+                    known = self._by_key.get((pdev, d_ino))
+                    nid = d_ino if known is None else known.nodeid
+                head = bytes(40) + _attr_pack(nid, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR, 1, 0, 0, 0, 4096, 0)
+                counted.append(None)
+                dtype = stat.S_IFDIR >> 12
+            else:
+                try:
+                    fd = os.open(name, _O_PATH_NOFOLLOW, dir_fd=dirfd)
+                except FileNotFoundError:
+                    i += 1  # gone since getdents
+                    continue
+                try:
+                    st = os.fstat(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                node = self._by_key.get((st.st_dev, st.st_ino))
+                if node is not None:
+                    os.close(fd)
+                else:
+                    try:
+                        node = self._adopt(fd, st.st_dev, st.st_ino, st.st_mode)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                nid = node.nodeid
+                flags = 0
+                if self._announce_submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != pdev:
+                    flags = abi.FUSE_ATTR_SUBMOUNT
+                fields = _attr_fields(nid, st, flags)
+                if fields is None:
+                    raise ValueError(f"attributes of {name[:64]!r} do not fit fuse_attr")
+                head = _entry_out_pack(nid, 0, entry_valid, attr_valid, entry_nsec, attr_nsec, *fields)
+                node.lookups += 1
+                counted.append(node)
+                dtype = stat.S_IFMT(st.st_mode) >> 12
+            parts.append(head + _dirent_pack(nid, d_off, n, dtype) + name + bytes((-n) & 7))
+            used += need
+            i += 1
+        return b"".join(parts), i
 
     def _open_new(self, dirfd: int, name: bytes) -> tuple[Any, os.stat_result] | None:
         """The inode of ``name`` in ``dirfd`` that the tables do not have

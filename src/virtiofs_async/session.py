@@ -155,8 +155,6 @@ class _DirectoryReply(DirectoryReply):
         return count
 
     def add_dirents(self, records: bytes, count: int) -> int:
-        if self.plus:
-            raise ValueError("fuse_dirent records in a READDIRPLUS reply")
         if self._used + len(records) > self._size:
             return super().add_dirents(records, count)  # what fits, one by one
         self.parts.append(records)

@@ -405,6 +405,94 @@ def test_forget_of_the_root_and_of_malformed_requests_is_left_to_the_full_path(m
     assert r.respond(forget_req(mount.nodeids[b"f"], 1), 0) is None
 
 
+def _hdr(opcode: int, nodeid: int, unique: int) -> codec.InHeader:
+    return codec.InHeader(len=0, opcode=opcode, unique=unique, nodeid=nodeid, uid=0, gid=0, pid=1)
+
+
+def _listing_plus(m: Mount, nodeid: int, size: int) -> tuple[list[bytes], dict[int, int]]:
+    """Every READDIRPLUS reply of directory ``nodeid`` (replies of ``size``
+    bytes) through the session, and the lookup counts after."""
+    n, reply = m.full(codec.OpendirRequest(_hdr(int(abi.Opcode.OPENDIR), nodeid, 2), os.O_RDONLY, 0).encode())
+    fh = abi.fuse_open_out.unpack_from(reply, 16)[0]
+    replies, offset = [], 0
+    while True:
+        req = codec.ReaddirplusRequest(_hdr(int(abi.Opcode.READDIRPLUS), nodeid, 3), fh, offset, size, 0, 0, 0)
+        n, reply = m.full(req.encode(), 16 + size)
+        assert n >= 16 and abi.fuse_out_header.unpack_from(reply)[1] == 0, reply[:16]
+        if n == 16:
+            break
+        replies.append(reply[16:])
+        offset = list(codec.iter_direntplus(reply[16:]))[-1].dirent.off
+    m.full(codec.ReleasedirRequest(_hdr(int(abi.Opcode.RELEASEDIR), nodeid, 4), fh, 0, 0, 0).encode())
+    return replies, m.counts()
+
+
+@pytest.mark.parametrize("size", [4096, 300, 1 << 16])
+def test_readdirplus_packed_in_one_call_gives_the_python_loops_bytes(tmp_path: Any, size: int) -> None:
+    """The same tree listed by two mounts, one with the compiled (or pure)
+    ``pack_readdirplus`` and one with the backend's own per-entry loop:
+    the same replies byte for byte and the same lookup counts, at the root
+    (``..`` is the root) and in a subdirectory (``..`` looked up by key)."""
+    root = str(tmp_path / "t")
+    os.makedirs(root + "/sub/deep")
+    for i in range(40):
+        with open(f"{root}/sub/file-{i:03d}", "wb") as f:
+            f.write(b"x" * i)
+    os.symlink("nowhere", root + "/sub/link")
+    os.mkfifo(root + "/sub/fifo")
+    os.utime(root + "/sub/file-000", ns=(-5_000_000_123, 1_000_000_007))
+    packed, loop = Mount(root), Mount(root)
+    try:
+        loop.fs._plus_packer = lambda: None  # type: ignore[method-assign]
+        assert packed.fs._plus_packer() is not None
+        for name in (b"", b"d"):
+            nodeid = packed.nodeids[name]
+            a, b = _listing_plus(packed, nodeid, size), _listing_plus(loop, nodeid, size)
+            assert a == b
+        sub = packed.lookup_via_session(abi.FUSE_ROOT_ID, b"sub")
+        assert loop.lookup_via_session(abi.FUSE_ROOT_ID, b"sub") == sub
+        a, b = _listing_plus(packed, sub, size), _listing_plus(loop, sub, size)
+        assert a == b
+        names = {d.dirent.name for r in a[0] for d in codec.iter_direntplus(r)}
+        assert {b".", b"..", b"deep", b"link", b"fifo", b"file-000", b"file-039"} <= names
+        assert packed.fs.held_fds() == loop.fs.held_fds()
+    finally:
+        packed.close()
+        loop.close()
+
+
+def test_pack_readdirplus_twins_agree(tmp_path: Any) -> None:
+    """Both twins' pack_readdirplus over one host listing: the same bytes,
+    index and counted inodes; a name gone since getdents is skipped."""
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        fd = os.open(m.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            from virtiofs_async.backends import _hostfs
+            batch = _hostfs.getdents(fd, 0)
+            batch.insert(2, _hostfs.Dirent(424242, batch[1].off, 8, b"vanished"))
+            results = []
+            for cls in _twins():
+                counted: list[Any] = []
+                records, end = _installing(fs, cls).pack_readdirplus(fd, fs._root, batch, 0, 1 << 16, 1, 1, counted)
+                results.append((records, end, [None if c is None else c.nodeid for c in counted]))
+                for c in counted:
+                    if c is not None:
+                        c.lookups -= 1
+            assert all(r == results[0] for r in results)
+            records, end, counted = results[0]
+            assert end == len(batch) and len(counted) == len(batch) - 1
+            names = [d.dirent.name for d in codec.iter_direntplus(records)]
+            assert b"vanished" not in names and len(names) == len(batch) - 1
+            # room for none
+            assert _installing(fs, _twins()[0]).pack_readdirplus(fd, fs._root, batch, 0, 100, 1, 1, []) == (b"", 0)
+        finally:
+            os.close(fd)
+    finally:
+        m.close()
+
+
 def test_timeouts_split_as_the_codec_does(tmp_path: Any) -> None:
     m = Mount(str(tmp_path), entry_timeout=2.75, attr_timeout=0.5)
     try:

@@ -808,13 +808,8 @@ class PassthroughFS(Operations):
         handles that write inline (``pwritev`` from the guest's buffers).
         None when a subclass or the instance replaces a method those
         answers go through, since the responder would bypass it."""
-        if not self.inline_metadata:
+        if not self.inline_metadata or not self._bypasses_intact():
             return None
-        cls = type(self)
-        own = vars(self)
-        for name in _RESPONDER_BYPASSES:
-            if getattr(cls, name) is not getattr(PassthroughFS, name) or name in own:
-                return None
         read_max = max(0, min(max_read, self.inline_read_max))
         write_max = 0 if self.readonly else max(0, self.inline_write_max)
         lookups = self.file_handles == "never"
@@ -823,6 +818,33 @@ class PassthroughFS(Operations):
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
         )
+
+    def _bypasses_intact(self) -> bool:
+        """Whether neither a subclass nor the instance replaces a method the
+        inline responder's answers bypass."""
+        cls = type(self)
+        own = vars(self)
+        for name in _RESPONDER_BYPASSES:
+            if getattr(cls, name) is not getattr(PassthroughFS, name) or name in own:
+                return False
+        return True
+
+    def _plus_packer(self) -> Any | None:
+        """A responder whose ``pack_readdirplus`` builds READDIRPLUS records
+        (lookups included) in one call, or None where LOOKUP would not run
+        inline or a bypassed method is replaced. Rebuilt when the timeouts
+        change."""
+        if not self.inline_metadata or self.file_handles != "never" or not self._bypasses_intact():
+            return None
+        key = (self.entry_timeout, self.attr_timeout, self.announce_submounts)
+        cached = getattr(self, "_packer_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _accel.PassthroughResponder(
+                self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts, True,
+                adopt=self._adopt,
+            ))
+            self._packer_cache = cached
+        return cached[1]
 
     async def destroy(self) -> None:
         """Drop every lookup and handle; the root stays."""
@@ -1363,7 +1385,11 @@ class PassthroughFS(Operations):
             if start >= len(batch):
                 return
             if plus:
-                done = await self._readdirplus_batch(h, batch[start:], reply)
+                packer = self._plus_packer()
+                if packer is not None:
+                    done = self._readdirplus_packed(packer, h, batch, start, reply)
+                else:
+                    done = await self._readdirplus_batch(h, batch[start:], reply)
             else:
                 done = self._readdir_batch(h, batch, start, reply)
             if done:
@@ -1398,6 +1424,40 @@ class PassthroughFS(Operations):
             if added < count or not count:
                 return True
         return False
+
+    def _readdirplus_packed(self, packer: Any, h: _Handle, batch: list[_hostfs.Dirent], start: int,
+                            reply: DirectoryReply) -> bool:
+        """:meth:`_readdirplus_batch` in one compiled call per reply's worth:
+        the same records and lookup counts. The counts of records the reply
+        does not take (or of a call that fails) are given back."""
+        node = h.node
+        dotdot = ROOT_INODE if node is self._root else 0
+        total = len(batch)
+        while start < total:
+            counted: list[Any] = []
+            try:
+                records, end = packer.pack_readdirplus(h.fd, node, batch, start, reply.remaining, node.nodeid,
+                                                       dotdot, counted)
+            except OSError as exc:
+                self._give_back(counted)
+                raise FuseError(exc.errno or errno.EIO) from None
+            except BaseException:
+                self._give_back(counted)
+                raise
+            added = reply.add_dirents(records, len(counted)) if counted else 0
+            if added < len(counted):
+                self._give_back(counted[added:])
+                return True
+            if end == start:
+                return True  # the next one does not fit
+            start = end
+        return False
+
+    def _give_back(self, counted: list[Any]) -> None:
+        for child in counted:
+            if child is not None:
+                child.lookups -= 1
+                self._maybe_drop(child)
 
     async def _readdirplus_batch(self, h: _Handle, batch: list[_hostfs.Dirent], reply: DirectoryReply) -> bool:
         node = h.node
