@@ -46,13 +46,13 @@ from cpython.dict cimport PyDict_CheckExact
 from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.long cimport PyLong_CheckExact
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject, PyTypeObject, descrgetfunc, descrsetfunc
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove, memset
 
-from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_st32, vfa_st64
+from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_reserve, vfa_st32, vfa_st64
 
 import types
 
@@ -853,7 +853,6 @@ def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, do
     cdef dict table
     cdef const char *cname
     cdef unsigned char *buf
-    cdef unsigned char *grown
     cdef unsigned char *p
     cdef uint64_t ino = 0, off = 0, c_dot = 0, c_dotdot = 0
     cdef uint32_t typ = 0
@@ -895,14 +894,9 @@ def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, do
             if not (_as_u64(<object>PyTuple_GET_ITEM(rec, 1), &off)
                     and _as_u32(<object>PyTuple_GET_ITEM(rec, 2), &typ)):
                 return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
-            if used + need > cap:
-                while used + need > cap:
-                    cap *= 2
-                grown = <unsigned char *>PyMem_Realloc(buf, cap)
-                if grown == NULL:
-                    raise MemoryError()
-                buf = grown
-            p = buf + used
+            p = vfa_reserve(&buf, &cap, used, need)
+            if p == NULL:
+                raise MemoryError()
             vfa_st64(p, ino)
             vfa_st64(p + 8, off)
             vfa_st32(p + 16, <uint32_t>n)

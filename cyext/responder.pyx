@@ -16,7 +16,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
@@ -33,6 +33,7 @@ from vfa_hotpath cimport (
     VFA_RESPONDER_CAPSULE,
     VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
+    vfa_reserve,
     vfa_scatter,
     vfa_ld16,
     vfa_ld32,
@@ -362,7 +363,6 @@ cdef class PassthroughResponder:
         cdef const char *cname
         cdef char cbuf[NAME_MAX + 1]
         cdef unsigned char *buf
-        cdef unsigned char *grown
         cdef unsigned char *p
         cdef PyObject *found
         if self._adopt is None:
@@ -387,14 +387,9 @@ cdef class PassthroughResponder:
                 if n == 0 or n > NAME_MAX or memchr(cname, 0x2F, n) != NULL or memchr(cname, 0, n) != NULL:
                     raise ValueError(f"invalid directory entry name {name[:64]!r}")
                 d_ino = <object>PyTuple_GET_ITEM(rec, 0)
-                if used + need > cap:
-                    while used + need > cap:
-                        cap *= 2
-                    grown = <unsigned char *>PyMem_Realloc(buf, cap)
-                    if grown == NULL:
-                        raise MemoryError()
-                    buf = grown
-                p = buf + used
+                p = vfa_reserve(&buf, &cap, used, need)
+                if p == NULL:
+                    raise MemoryError()
                 memset(p, 0, need)
                 if cname[0] == 0x2E and (n == 1 or (n == 2 and cname[1] == 0x2E)):
                     # Not counted (nodeid 0): the dirent's ino, a directory.

@@ -27,3 +27,5 @@ cdef extern from "vfa_hotpath.h" nogil:
     enum: VFA_RESPONDER_IOV_MAX
     enum: VFA_RESPONDER_REPLY_MAX
     void vfa_scatter(const iovec *iov, int count, const unsigned char *src, Py_ssize_t n)
+    # room for ``need`` more bytes in a PyMem buffer (NULL: out of memory)
+    unsigned char *vfa_reserve(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t used, Py_ssize_t need)

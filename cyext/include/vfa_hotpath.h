@@ -109,4 +109,23 @@ static inline void vfa_scatter(const struct iovec *iov, int count, const unsigne
     }
 }
 
+/* -- growable byte buffers ------------------------------------------------------
+ * Make room for ``need`` more bytes after ``used`` in the PyMem buffer
+ * ``*buf`` of ``*cap`` bytes, doubling it as needed. Returns the address to
+ * write at, or NULL (buffer unchanged, no exception set) when out of memory. */
+static inline unsigned char *vfa_reserve(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t used, Py_ssize_t need)
+{
+    if (used + need > *cap) {
+        Py_ssize_t grown = *cap;
+        unsigned char *p;
+        while (used + need > grown)
+            grown *= 2;
+        p = (unsigned char *)PyMem_Realloc(*buf, (size_t)grown);
+        if (p == NULL)
+            return NULL;
+        *buf = p;
+        *cap = grown;
+    }
+    return *buf + used;
+}
 #endif /* VFA_HOTPATH_H */

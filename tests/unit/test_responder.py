@@ -435,7 +435,7 @@ def test_readdirplus_packed_in_one_call_gives_the_python_loops_bytes(tmp_path: A
     (``..`` is the root) and in a subdirectory (``..`` looked up by key)."""
     root = str(tmp_path / "t")
     os.makedirs(root + "/sub/deep")
-    for i in range(40):
+    for i in range(150):  # a 64 KiB reply's records outgrow the packer's first buffer
         with open(f"{root}/sub/file-{i:03d}", "wb") as f:
             f.write(b"x" * i)
     os.symlink("nowhere", root + "/sub/link")

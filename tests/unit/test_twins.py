@@ -1171,6 +1171,15 @@ def test_pack_host_dirents_agrees(case) -> None:
         assert len(packed) + codec.dirent_size(len(records[end][3])) > room  # stopped because it was full
 
 
+def test_pack_host_dirents_of_a_long_listing() -> None:
+    """Records past the compiled twin's first buffer (8 KiB) pack the same."""
+    records = [_HostDirent((i + 10, i + 1, 8, b"entry-%014d" % i)) for i in range(2000)]
+    known = {(3, 15): _Node(99)}
+    a = codec.pack_host_dirents(records, 5, 1 << 20, known, 3, 0, 0)
+    assert _cy_codec.pack_host_dirents(records, 5, 1 << 20, known, 3, 0, 0) == a
+    assert a[1] == 2000 and len(a[0]) == 1995 * 48
+
+
 def test_pack_host_dirents_of_a_real_directory(tmp_path) -> None:
     """A whole real listing, packed a page at a time, reads back as the
     directory's names with the table's node ids for known inodes."""
