@@ -86,10 +86,14 @@ cdef enum:
     S_IFMT_BITS = 0o170000
     S_IFDIR_BITS = 0o040000
     ROOT_ID = 1
+    CLOSE_IN = 24        # fuse_flush_in, fuse_release_in
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
 cdef uint32_t OP_FORGET = int(_abi.Opcode.FORGET)
+cdef uint32_t OP_FLUSH = int(_abi.Opcode.FLUSH)
+cdef uint32_t OP_RELEASE = int(_abi.Opcode.RELEASE)
+cdef uint32_t OP_RELEASEDIR = int(_abi.Opcode.RELEASEDIR)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
@@ -196,10 +200,12 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
-    cdef object _adopt, _drop
+    cdef object _adopt, _drop, _flush, _release
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
-                 dict handles=None, read_max=0, write_max=0, adopt=None, drop=None):
+                 dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None):
+        self._flush = flush
+        self._release = release
         self._adopt = adopt
         self._drop = drop
         self._inodes = inodes
@@ -249,7 +255,30 @@ cdef class PassthroughResponder:
             return self._lookup(unique, nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
         if opcode == OP_FORGET and self._drop is not None:
             return self._forget(nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER)
+        if opcode == OP_FLUSH or opcode == OP_RELEASE or opcode == OP_RELEASEDIR:
+            return self._close(opcode, unique, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
         return -1
+
+    cdef Py_ssize_t _close(self, uint32_t opcode, uint64_t unique, const unsigned char *body, Py_ssize_t blen,
+                           unsigned char *reply, Py_ssize_t room) except? -2:
+        """FLUSH (fuse_flush_in: fh, lock_owner at 16) and RELEASE(DIR)
+        (fuse_release_in: fh) through the backend's callbacks: a header
+        with their errno, or -1 when they decline."""
+        cdef object r
+        if blen < CLOSE_IN or room < OUT_HEADER:
+            return -1
+        if opcode == OP_FLUSH:
+            if self._flush is None:
+                return -1
+            r = self._flush(vfa_ld64(body), vfa_ld64(body + 16))
+        else:
+            if self._release is None:
+                return -1
+            r = self._release(vfa_ld64(body), opcode == OP_RELEASEDIR)
+        if r < 0:
+            return -1
+        _store_out_header(reply, OUT_HEADER, -<int>r, unique)
+        return OUT_HEADER
 
     cdef Py_ssize_t _forget(self, uint64_t nodeid, const unsigned char *body, Py_ssize_t blen) except? -2:
         cdef PyObject *found

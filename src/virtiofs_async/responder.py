@@ -14,7 +14,11 @@ leaving the event loop:
   (``fstatat`` without following), or ENOENT; with an ``adopt`` callback,
   also a name the table does not have yet (an O_PATH fd of it, opened
   without following, goes to ``adopt``);
-* with a ``drop`` callback, FORGET of any inode but the root (no reply).
+* with a ``drop`` callback, FORGET of any inode but the root (no reply);
+* with ``flush`` / ``release`` callbacks, FLUSH and RELEASE(DIR), which
+  they carry out (``flush(fh, lock_owner)``, ``release(fh, is_dir)``),
+  returning 0 or an errno for the reply, or -1 to leave the request to the
+  full path with nothing done.
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
@@ -57,6 +61,10 @@ _U32 = 0xFFFFFFFF
 _OP_GETATTR = int(abi.Opcode.GETATTR)
 _OP_LOOKUP = int(abi.Opcode.LOOKUP)
 _OP_FORGET = int(abi.Opcode.FORGET)
+_OP_FLUSH = int(abi.Opcode.FLUSH)
+_OP_RELEASE = int(abi.Opcode.RELEASE)
+_OP_RELEASEDIR = int(abi.Opcode.RELEASEDIR)
+_CLOSE_IN = 24  # fuse_flush_in, fuse_release_in
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
@@ -92,7 +100,7 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop")
+                 "_adopt", "_drop", "_flush", "_release")
 
     def __init__(
         self,
@@ -107,6 +115,8 @@ class PassthroughResponder:
         write_max: int = 0,
         adopt: Callable[[int, int, int, int], Any] | None = None,
         drop: Callable[[Any], None] | None = None,
+        flush: Callable[[int, int], int] | None = None,
+        release: Callable[[int, bool], int] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -121,6 +131,8 @@ class PassthroughResponder:
         self._lookups = bool(lookups)
         self._adopt = adopt
         self._drop = drop
+        self._flush = flush
+        self._release = release
 
     def respond(self, request: bytes, room: int) -> bytes | None:
         """The reply to ``request`` (one whole request's readable bytes) if
@@ -136,7 +148,25 @@ class PassthroughResponder:
             return self._lookup(unique, nodeid, request[_IN_HEADER:length], room)
         if opcode == _OP_FORGET and self._drop is not None:
             return self._forget(nodeid, request[_IN_HEADER:length])
+        if opcode in (_OP_FLUSH, _OP_RELEASE, _OP_RELEASEDIR):
+            return self._close(opcode, unique, request[_IN_HEADER:length], room)
         return None
+
+    def _close(self, opcode: int, unique: int, body: bytes, room: int) -> bytes | None:
+        if len(body) < _CLOSE_IN or room < _OUT_HEADER:
+            return None
+        fh = int.from_bytes(body[:8], "little")
+        if opcode == _OP_FLUSH:
+            if self._flush is None:
+                return None
+            r = self._flush(fh, int.from_bytes(body[16:24], "little"))
+        else:
+            if self._release is None:
+                return None
+            r = self._release(fh, opcode == _OP_RELEASEDIR)
+        if r < 0:
+            return None
+        return _out_header_pack(_OUT_HEADER, -r, unique)
 
     def _forget(self, nodeid: int, body: bytes) -> bytes | None:
         if len(body) < 8 or nodeid == abi.FUSE_ROOT_ID:

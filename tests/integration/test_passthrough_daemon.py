@@ -133,7 +133,12 @@ def test_getattr_and_lookup_are_answered_at_the_queue(run, sock_path, share, mon
             assert stat.S_IMODE(os.stat(os.path.join(share, "f")).st_mode) == 0o755
             writes = seen[before:].count(int(abi.Opcode.WRITE))
             assert writes == (1 if _accel.IMPLEMENTATION == "cython" else 2)
+            await client.flush(entry.nodeid, fh)
+            held = fs.held_fds()
             await client.release(entry.nodeid, fh)
+            assert fs.held_fds() == held - 1
+            for op in (abi.Opcode.FLUSH, abi.Opcode.RELEASE):  # both twins answer them at the queue
+                assert int(op) not in seen, op
             before = len(seen)
             caplog.set_level(logging.DEBUG, logger="virtiofs_async.session")
             assert (await client.getattr(entry.nodeid)).attr.size == 7

@@ -493,6 +493,77 @@ def test_pack_readdirplus_twins_agree(tmp_path: Any) -> None:
         m.close()
 
 
+def _closing(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
+               flush=fs._flush_inline, release=fs._release_inline)
+
+
+def _open_via_session(m: Mount, nodeid: int, directory: bool = False) -> int:
+    op = abi.Opcode.OPENDIR if directory else abi.Opcode.OPEN
+    cls = codec.OpendirRequest if directory else codec.OpenRequest
+    n, reply = m.full(cls(_hdr(int(op), nodeid, 5), os.O_RDONLY, 0).encode())
+    assert n == 32, reply
+    return abi.fuse_open_out.unpack_from(reply, 16)[0]
+
+
+def flush_req(fh: int, owner: int = 0, unique: int = 9) -> bytes:
+    return request(int(abi.Opcode.FLUSH), 0, struct.pack("<QIIQ", fh, 0, 0, owner), unique)
+
+
+def release_req(fh: int, directory: bool = False, unique: int = 9) -> bytes:
+    op = abi.Opcode.RELEASEDIR if directory else abi.Opcode.RELEASE
+    return request(int(op), 0, struct.pack("<QIIQ", fh, 0, 0, 0), unique)
+
+
+def test_flush_and_release_at_the_queue_do_what_the_full_path_does(mount: Mount) -> None:
+    """Each twin answers FLUSH, RELEASE and RELEASEDIR of handles that close
+    inline with the full path's reply bytes, and leaves the tables and fds
+    as the full path leaves them."""
+    fs = mount.fs
+    ok = abi.fuse_out_header.pack(16, 0, 9)
+    for cls in _twins():
+        r = _closing(fs, cls)
+        fds = fs.held_fds()
+        fh = _open_via_session(mount, mount.nodeids[b"f"])
+        assert fs.held_fds() == fds + 1
+        assert r.respond(flush_req(fh), 16) == ok == mount.full(flush_req(fh), 16)[1]
+        assert fs.held_fds() == fds + 1 and fh in fs._handles
+        assert r.respond(release_req(fh), 16) == ok
+        assert fh not in fs._handles and fs.held_fds() == fds
+        assert r.respond(release_req(fh), 16) == ok == mount.full(release_req(fh), 16)[1]  # unknown: nothing to do
+        assert r.respond(flush_req(fh), 16) is None  # unknown: the full path's EBADF
+        dh = _open_via_session(mount, mount.nodeids[b"d"], directory=True)
+        assert r.respond(release_req(dh, directory=True), 16) == ok
+        assert dh not in fs._handles and fs.held_fds() == fds
+
+
+def test_what_flush_and_release_leave_to_the_full_path(tmp_path: Any) -> None:
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        for cls in _twins():
+            r = _closing(fs, cls)
+            fh = _open_via_session(m, m.nodeids[b"f"])
+            assert r.respond(flush_req(fh)[:-1], 16) is None  # short body
+            assert r.respond(flush_req(fh), 15) is None  # no room for the reply
+            fs._handles[fh].node.plocks[77] = os.dup(fs._handles[fh].fd)  # owner 77 holds POSIX locks
+            assert r.respond(flush_req(fh, owner=77), 16) is None
+            assert r.respond(flush_req(fh, owner=78), 16) is not None
+            os.close(fs._handles[fh].node.plocks.pop(77))
+            # the last reference to an inode the guest forgot: its close goes to the pool
+            node = fs._handles[fh].node
+            saved, node.lookups = node.lookups, 0
+            assert r.respond(release_req(fh), 16) is None and fh in fs._handles
+            node.lookups = saved
+            assert r.respond(release_req(fh), 16) is not None and fh not in fs._handles
+        # without callbacks, none of them is answered
+        plain = pure.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+        fh = _open_via_session(m, m.nodeids[b"f"])
+        assert plain.respond(flush_req(fh), 16) is None and plain.respond(release_req(fh), 16) is None
+    finally:
+        m.close()
+
+
 def test_timeouts_split_as_the_codec_does(tmp_path: Any) -> None:
     m = Mount(str(tmp_path), entry_timeout=2.75, attr_timeout=0.5)
     try:

@@ -287,13 +287,14 @@ def _close_open_result(result: tuple[int, tuple[int, os.stat_result, Any]]) -> N
     _close_lookup_result(result[1])
 
 
-#: The methods a GETATTR, LOOKUP, FORGET, READ or WRITE goes through; the inline
+#: The methods a GETATTR, LOOKUP, FORGET, READ, WRITE, FLUSH or RELEASE(DIR) goes through; the inline
 #: responder answers those requests without them (see
 #: PassthroughFS.inline_responder).
 _RESPONDER_BYPASSES = (
     "lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node", "read_into", "_file_handle",
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
-    "_lookup_at", "_alloc_nodeid",
+    "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
+    "_close_handle_fd", "_flush_inline", "_release_inline",
 )
 
 
@@ -800,7 +801,9 @@ class PassthroughFS(Operations):
         LOOKUP from this backend's tables at the queue
         (:mod:`virtiofs_async.responder`; LOOKUP only without file handles,
         and then also of names new to the tables, which it installs with
-        ``_adopt``), and FORGET (``_maybe_drop`` frees what drops to 0),
+        ``_adopt``), FORGET (``_maybe_drop`` frees what drops to 0), and
+        FLUSH, RELEASE and RELEASEDIR where they close inline
+        (``_flush_inline``, ``_release_inline``),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -817,6 +820,7 @@ class PassthroughFS(Operations):
             self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts,
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
+            flush=self._flush_inline, release=self._release_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -1288,6 +1292,41 @@ class PassthroughFS(Operations):
                 _close_quietly(fd)
             else:
                 await self.run_blocking(_close_quietly, fd)  # a last close may free blocks
+
+    def _flush_inline(self, fh: int, lock_owner: int) -> int:
+        """FLUSH for the inline responder: 0, or the errno the full path
+        would answer, when :meth:`flush` would run inline and drop no
+        lock; -1, with nothing done, otherwise."""
+        h = self._handles.get(fh)
+        if h is None or lock_owner in h.node.plocks or lock_owner in h.node.lock_pids or not self._closes_fast(h):
+            return -1
+        try:
+            _flush_fd(h.fd)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    def _release_inline(self, fh: int, is_dir: bool) -> int:
+        """RELEASE / RELEASEDIR for the inline responder: 0 when done as
+        :meth:`release` / :meth:`releasedir` does it (an unknown handle:
+        nothing to do); -1, with nothing done, when the full path would
+        close the fd in the pool (a slow filesystem, or the last reference
+        to an inode that goes with this handle)."""
+        h = self._handles.get(fh)
+        if h is None:
+            return 0
+        if not is_dir and h.pins == 0 and h.fd >= 0:
+            node = h.node
+            last = node.opens == 1 and node.lookups <= 0 and node.pins <= 0 and node is not self._root
+            if last or not self._closes_fast(h):
+                return -1
+        self._handles.pop(fh)
+        h.closed = True
+        h.node.opens -= 1
+        self._maybe_drop(h.node)
+        if h.pins == 0:
+            self._close_handle_fd(h)
+        return 0
 
     def _closes_fast(self, h: _Handle) -> bool:
         """Whether closing an fd of ``h`` (or a dup of it) cannot wait, so
