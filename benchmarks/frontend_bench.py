@@ -98,6 +98,11 @@ class Config:
     span: int
     runs: int = 3
     variants: tuple[str, ...] = ORDER
+    #: workload names to run (prefix match, e.g. "READ"); empty: all
+    workloads: tuple[str, ...] = ()
+
+    def runs_workload(self, name: str) -> bool:
+        return not self.workloads or any(name.startswith(w) for w in self.workloads)
 
 
 QUICK = Config(duration=0.3, warmup=0.1, span=8 * MiB)
@@ -394,7 +399,8 @@ async def _session(variant: Variant, cfg: Config, workdir: Path, log: Callable[[
             s.read_fh = (await client.open(read.nodeid)).fh
             results: dict[str, Measurement] = {}
             for name, _unit, load in WORKLOADS:
-                results[name] = await load(s)
+                if cfg.runs_workload(name):
+                    results[name] = await load(s)
             rss = peak_rss_mib(proc.pid)
         try:
             proc.wait(timeout=10)
@@ -431,10 +437,10 @@ def measure(cfg: Config, log: Callable[[str], None] = print, *, keep_dir: Path |
     """Run ``cfg.runs`` interleaved rounds over ``cfg.variants``. A session
     that fails is logged and recorded in ``failures``; the others go on."""
     chosen = variants(cfg.variants)
-    rows = {name: Row("frontend", name, unit, True) for name, unit, _ in WORKLOADS}
+    rows = {name: Row("frontend", name, unit, True) for name, unit, _ in WORKLOADS if cfg.runs_workload(name)}
     rss = Row("frontend", "daemon peak RSS (VmHWM)", "MiB", False)
-    cpu = {name: Row("frontend", f"daemon CPU: {name}", "CPU s / 100k req", False) for name, _, _ in WORKLOADS}
-    load = {name: Row("frontend-load", f"frontend CPU: {name}", "% of a core", False) for name, _, _ in WORKLOADS}
+    cpu = {name: Row("frontend", f"daemon CPU: {name}", "CPU s / 100k req", False) for name, _, _ in WORKLOADS if cfg.runs_workload(name)}
+    load = {name: Row("frontend-load", f"frontend CPU: {name}", "% of a core", False) for name, _, _ in WORKLOADS if cfg.runs_workload(name)}
     commands: dict[str, str] = {}
     sessions: list[SessionResult] = []
     failures: list[str] = []
@@ -492,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="interleaved runs (default 3 quick, 5 full)")
     parser.add_argument("--duration", type=float, help="seconds per measurement")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(ORDER)}")
+    parser.add_argument("--workloads", help="comma-separated workload name prefixes, e.g. 'READ 1,WRITE' (default: all)")
     args = parser.parse_args(argv)
     cfg = FULL if args.full else QUICK
     if args.runs:
@@ -500,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = attrs.evolve(cfg, duration=args.duration)
     if args.variants:
         cfg = attrs.evolve(cfg, variants=tuple(args.variants.split(",")))
+    if args.workloads:
+        cfg = attrs.evolve(cfg, workloads=tuple(args.workloads.split(",")))
     result = measure(cfg, lambda line: print(line, file=sys.stderr, flush=True))
     print(render_table(result.rows, list(cfg.variants)))
     print()

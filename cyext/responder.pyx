@@ -30,6 +30,12 @@ from posix.types cimport off_t
 from posix.uio cimport iovec
 
 from vfa_hotpath cimport (
+    VFA_BATCH_IOV,
+    VFA_BATCH_JOBS,
+    VFA_DEFER_MIN,
+    VFA_DEFERRED,
+    VFA_FLUSH_FIRST,
+    VFA_JOB_CUTS,
     VFA_RESPONDER_CAPSULE,
     VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
@@ -37,6 +43,8 @@ from vfa_hotpath cimport (
     vfa_scatter,
     vfa_ld16,
     vfa_ld32,
+    vfa_batch,
+    vfa_job,
     vfa_ld64,
     vfa_st32,
     vfa_st64,
@@ -64,10 +72,6 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
-cdef extern from "vfa_split_read.h" nogil:
-    ssize_t vfa_split_preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags, int split,
-                              size_t head_bytes)
-
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int major(unsigned long long dev)
     unsigned int minor(unsigned long long dev)
@@ -79,7 +83,6 @@ cdef enum:
     READ_LEN = 80        # header + fuse_read_in
     WRITE_LEN = 80       # header + fuse_write_in
     WRITE_REPLY = 24     # header + fuse_write_out
-    SPLIT_READ_MIN = 256 * 1024  # READs this large are copied by two threads (vfa_split_read.h)
     ATTR_REPLY = 120     # header + fuse_attr_out
     ENTRY_REPLY = 144    # header + fuse_entry_out
     NAME_MAX = 255
@@ -154,33 +157,6 @@ cdef int _slice_iov(const iovec *src, int count, Py_ssize_t skip, Py_ssize_t wan
         want -= out[k].iov_len
         k += 1
     return k
-
-
-cdef int _split_point(iovec *iov, int *count, size_t at) noexcept:
-    """The index of the first of the buffers ``iov`` (``*count`` of them)
-    that starts ``at`` bytes in, cutting the one that holds that byte in
-    two if needed (``*count`` grows by one; there must be room for it,
-    VFA_RESPONDER_IOV_MAX entries). 0 (no split) when ``at`` is 0 or past
-    the end or there is no room."""
-    cdef int i, n = count[0]
-    cdef size_t pos = 0, into
-    if at == 0:
-        return 0
-    for i in range(n):
-        if pos == at:
-            return i
-        if pos + iov[i].iov_len > at:
-            if n == VFA_RESPONDER_IOV_MAX:
-                return 0
-            into = at - pos
-            memmove(&iov[i + 2], &iov[i + 1], (n - i - 1) * sizeof(iovec))
-            iov[i + 1].iov_base = <unsigned char *>iov[i].iov_base + into
-            iov[i + 1].iov_len = iov[i].iov_len - into
-            iov[i].iov_len = into
-            count[0] = n + 1
-            return i + 1
-        pos += iov[i].iov_len
-    return 0
 
 
 cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error, uint64_t unique) noexcept:
@@ -517,18 +493,21 @@ cdef class PassthroughResponder:
         return h.fd if h.fd >= 0 else -1
 
     cdef Py_ssize_t _read(self, const unsigned char *request, Py_ssize_t n, const iovec *reply, int count,
-                          Py_ssize_t room) except? -2:
+                          Py_ssize_t room, vfa_batch *batch) except? -2:
         """READ of a handle that reads without waiting: the whole ``size``
         from the page cache (preadv2 RWF_NOWAIT) straight into the guest's
         buffers after the header, else -1 (short, not cached, an error: the
-        full path reads again and answers)."""
+        full path reads again and answers). Given a ``batch``, the copy of
+        a READ of VFA_DEFER_MIN bytes or more is left to the walk as its next job (VFA_DEFERRED; VFA_FLUSH_FIRST
+        when the batch is full), which reads it with the batch's other
+        READs at once and writes the header when it succeeds."""
         cdef iovec data[VFA_RESPONDER_IOV_MAX]
         cdef unsigned char header[OUT_HEADER]
         cdef uint32_t length = vfa_ld32(request), size
         cdef uint64_t unique, fh, offset
         cdef Py_ssize_t got
-        cdef int k, fd, split = 0
-        cdef size_t half
+        cdef int k, fd
+        cdef vfa_job *job
         if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
             return -1
         unique = vfa_ld64(request + 8)
@@ -540,12 +519,29 @@ cdef class PassthroughResponder:
         fd = self._handle_fd(fh, False)
         if fd < 0:
             return -1
+        if batch != NULL and size >= VFA_DEFER_MIN:
+            # header pieces (at most OUT_HEADER), data pieces and the spares
+            if batch.count == VFA_BATCH_JOBS or batch.iov_used + OUT_HEADER + count + VFA_JOB_CUTS > VFA_BATCH_IOV:
+                return VFA_FLUSH_FIRST if batch.count else -1
+            job = &batch.jobs[batch.count]
+            job.hdr_start = batch.iov_used
+            job.hdr_count = _slice_iov(reply, count, 0, OUT_HEADER, batch.iov + job.hdr_start)
+            job.iov_start = job.hdr_start + job.hdr_count
+            job.iov_count = _slice_iov(reply, count, OUT_HEADER, size, batch.iov + job.iov_start)
+            job.fd = fd
+            job.flags = RWF_NOWAIT
+            job.offset = <off_t>offset
+            job.expect = size
+            job.header_len = OUT_HEADER
+            _store_out_header(job.header, OUT_HEADER + size, 0, unique)
+            job.reply_len = OUT_HEADER + size
+            batch.iov_used = job.iov_start + job.iov_count + VFA_JOB_CUTS
+            batch.bytes += size
+            batch.count += 1
+            return VFA_DEFERRED
         k = _slice_iov(reply, count, OUT_HEADER, size, data)  # after the header
-        half = (size // 2) & ~(<size_t>4095)  # a page boundary
-        if size >= SPLIT_READ_MIN:
-            split = _split_point(data, &k, half)
         with nogil:
-            got = vfa_split_preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT, split, half)
+            got = preadv2(fd, data, k, <off_t>offset, RWF_NOWAIT)
         if got != size:
             return -1
         _store_out_header(header, OUT_HEADER + size, 0, unique)
@@ -599,7 +595,7 @@ cdef class PassthroughResponder:
 
 cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t n, const iovec *readable,
                            int rcount, Py_ssize_t readable_len, const iovec *reply, int count,
-                           Py_ssize_t room) noexcept:
+                           Py_ssize_t room, vfa_batch *batch) noexcept:
     cdef unsigned char small[VFA_RESPONDER_REPLY_MAX]
     cdef Py_ssize_t r
     cdef uint32_t opcode
@@ -608,7 +604,9 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
     try:
         opcode = vfa_ld32(request + 4) if n >= IN_HEADER else 0
         if opcode == OP_READ:
-            return (<PassthroughResponder>self)._read(request, n, reply, count, room)
+            return (<PassthroughResponder>self)._read(request, n, reply, count, room, batch)
+        if batch != NULL and batch.count:
+            return VFA_FLUSH_FIRST  # nothing runs before the batch's copies
         if opcode == OP_WRITE:
             return (<PassthroughResponder>self)._write(request, n, readable, rcount, readable_len, reply, count,
                                                        room)

@@ -1,5 +1,6 @@
 # C helpers shared by the Cython twins; implemented in include/vfa_hotpath.h.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from posix.types cimport off_t
 from posix.uio cimport iovec
 
 
@@ -18,10 +19,37 @@ cdef extern from "vfa_hotpath.h" nogil:
     void vfa_rmb()
     void vfa_wmb()
     void vfa_mb()
+    # deferred READ copies (run by VirtQueue.pop_serving, see vfa_copy_pool.h)
+    enum: VFA_DEFERRED
+    enum: VFA_FLUSH_FIRST
+    enum: VFA_BATCH_JOBS
+    enum: VFA_BATCH_IOV
+    enum: VFA_JOB_HEADER_MAX
+    enum: VFA_JOB_CUTS
+    enum: VFA_DEFER_MIN
+    enum: VFA_BATCH_BYTES
+    ctypedef struct vfa_job:
+        int fd, flags
+        off_t offset
+        int iov_start, iov_count
+        int hdr_start, hdr_count
+        size_t expect
+        int header_len
+        unsigned char header[VFA_JOB_HEADER_MAX]
+        uint32_t reply_len
+        uint16_t head
+        ssize_t result
+    ctypedef struct vfa_batch:
+        int count
+        int iov_used
+        size_t bytes
+        vfa_job jobs[VFA_BATCH_JOBS]
+        iovec iov[VFA_BATCH_IOV]
     # inline responders (VirtQueue.pop_serving)
     ctypedef Py_ssize_t (*vfa_respond_fn)(object self, const unsigned char *request, Py_ssize_t request_len,
                                           const iovec *readable, int readable_count, Py_ssize_t readable_len,
-                                          const iovec *reply, int reply_count, Py_ssize_t room)
+                                          const iovec *reply, int reply_count, Py_ssize_t room,
+                                          vfa_batch *batch)
     const char *VFA_RESPONDER_CAPSULE
     enum: VFA_RESPONDER_REQUEST_MAX
     enum: VFA_RESPONDER_IOV_MAX

@@ -41,6 +41,9 @@ from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.string cimport memcpy, memmove, strcmp
 
 from vfa_hotpath cimport (
+    VFA_BATCH_BYTES,
+    VFA_DEFERRED,
+    VFA_FLUSH_FIRST,
     VFA_RESPONDER_CAPSULE,
     VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
@@ -56,8 +59,13 @@ from vfa_hotpath cimport (
     vfa_scatter,
     vfa_st32,
     vfa_wmb,
+    vfa_batch,
+    vfa_job,
 )
 from posix.uio cimport iovec
+
+cdef extern from "vfa_copy_pool.h" nogil:
+    void vfa_batch_run(vfa_batch *b)
 
 import operator
 import struct
@@ -205,6 +213,10 @@ ctypedef struct Region:
     Py_buffer buf          # writable export of memory.view(gpa, size); buf.obj is that view
 
 
+cdef enum:
+    _FLUSH_AND_RETRY = -3  # _serve_inline: run the batch, then offer the chain again
+
+
 cdef class VirtQueue:
     """Device side of one split virtqueue.
 
@@ -242,8 +254,11 @@ cdef class VirtQueue:
     cdef unsigned char *_desc
     cdef unsigned char *_avail
     cdef unsigned char *_used
+    # deferred READ copies of the current pop_serving (allocated on first use)
+    cdef vfa_batch *_batch
 
     def __cinit__(self, *args, **kwargs):
+        self._batch = NULL
         self._regions = NULL
         self._nregions = 0
         self._desc = self._avail = self._used = NULL
@@ -251,6 +266,7 @@ cdef class VirtQueue:
 
     def __dealloc__(self):
         self._free_regions()
+        PyMem_Free(self._batch)
 
     def __init__(self, max_size=1024):
         if not is_valid_queue_size(max_size):
@@ -711,33 +727,78 @@ cdef class VirtQueue:
         cdef Py_ssize_t r
         cdef int head
         cdef vfa_respond_fn fn = NULL
+        cdef vfa_batch *batch = NULL
         cdef object capsule = getattr(responder, "c_responder", None)
         cdef object respond = None
         if capsule is not None:
             fn = <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
+            if self._batch == NULL:
+                self._batch = <vfa_batch *>PyMem_Malloc(sizeof(vfa_batch))
+            batch = self._batch  # NULL (out of memory): the responder copies at once
+            if batch != NULL:
+                batch.count = batch.iov_used = 0
+                batch.bytes = 0
         else:
             respond = responder.respond
-        while PyList_GET_SIZE(chains) + served < n and not (0 < budget <= moved):
+        while (PyList_GET_SIZE(chains) + served < n and not (0 < budget <= moved)
+               and not (batch != NULL and batch.bytes >= VFA_BATCH_BYTES)):
             try:
                 head = self._next_head(memory)
                 if head < 0:
                     break
-                r = self._serve_inline(<uint16_t>head, fn, responder, respond)
+                r = self._serve_inline(<uint16_t>head, fn, responder, respond, batch)
+                if r == _FLUSH_AND_RETRY:
+                    served -= self._run_batch(chains)
+                    r = self._serve_inline(<uint16_t>head, fn, responder, respond, batch)
                 if r >= 0:
                     served += 1
                     moved += r
                     continue
                 chain = self._read_chain(<uint16_t>head)
             except VringError as exc:
+                served -= self._run_batch(chains)
                 if not chains and not served:
                     raise
                 self._pending_error = exc
                 break
             chains.append(chain)
+        served -= self._run_batch(chains)
         return chains, served
 
+    cdef int _run_batch(self, list chains) except -1:
+        """Run the deferred READ copies (vfa_copy_pool.h) and finish their
+        chains: a job that read all it expected gets its header and goes to
+        the used ring; any other goes to ``chains`` for the full path, as a
+        declined request would (walked again; a chain that no longer walks
+        leaves its error for the next pop). Returns how many went to
+        ``chains``."""
+        cdef vfa_batch *b = self._batch
+        cdef vfa_job *job
+        cdef int i, count, declined = 0
+        if b == NULL or b.count == 0:
+            return 0
+        with nogil:
+            vfa_batch_run(b)
+        count = b.count
+        b.count = 0
+        for i in range(count):
+            job = &b.jobs[i]
+            if job.result >= 0 and <size_t>job.result == job.expect:
+                vfa_scatter(b.iov + job.hdr_start, job.hdr_count, job.header, job.header_len)
+                self._push_used(job.head, job.reply_len)
+                continue
+            declined += 1
+            try:
+                chains.append(self._read_chain(job.head))
+            except VringError as exc:
+                if self._pending_error is None:
+                    self._pending_error = exc
+        b.iov_used = 0
+        b.bytes = 0
+        return declined
+
     cdef Py_ssize_t _serve_inline(self, uint16_t head_idx, vfa_respond_fn fn, object responder,
-                                  object respond) except -2:
+                                  object respond, vfa_batch *batch) except -2:
         """Walk chain ``head_idx`` the way _read_chain does, without building
         views; if it is well formed, every buffer lies in one region (and a
         Python ``respond`` is offered only readable parts that fit
@@ -745,7 +806,10 @@ cdef class VirtQueue:
         reply, return the chain to the used ring and return the bytes the
         chain carried (request and reply, for pop_serving's byte budget).
         -1 (nothing consumed but the ring entry): let _read_chain walk it
-        and raise what is wrong."""
+        and raise what is wrong. A READ the responder left to ``batch``
+        counts as answered (reply length as it will be) and its head is
+        recorded in its job; _FLUSH_AND_RETRY when the responder asks for
+        the batch to run first (nothing consumed but the ring entry)."""
         cdef unsigned char request[VFA_RESPONDER_REQUEST_MAX]
         cdef unsigned char reply[VFA_RESPONDER_REPLY_MAX]
         cdef iovec wiov[VFA_RESPONDER_IOV_MAX]
@@ -811,7 +875,12 @@ cdef class VirtQueue:
             if not (flags & F_NEXT):
                 break
         if fn != NULL:
-            r = fn(responder, request, req_len, riov, rpieces, readable_len, wiov, pieces, room)
+            r = fn(responder, request, req_len, riov, rpieces, readable_len, wiov, pieces, room, batch)
+            if r == VFA_DEFERRED and batch != NULL and batch.count > 0:
+                batch.jobs[batch.count - 1].head = head_idx
+                return 0  # copied later: not counted against pop_serving's byte budget
+            if r == VFA_FLUSH_FIRST and batch != NULL and batch.count > 0:
+                return _FLUSH_AND_RETRY
             if r < 0 or r > room:
                 return -1
         else:

@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -70,6 +71,49 @@ static inline void vfa_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
  * read the driver's used_event / flags / avail->idx). */
 static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+/* -- deferred READ copies -----------------------------------------------------
+ * A compiled responder may leave the copy of a READ for later: it fills the
+ * next job of the walk's ``batch`` and returns VFA_DEFERRED. Before
+ * pop_serving returns, the walk runs the batch's copies together, on its own
+ * thread and helper threads at once (vfa_copy_pool.h): a job whose preadv2
+ * read ``expect`` bytes gets ``header`` written into its header buffers and
+ * its chain returned with ``reply_len``; any other result hands the chain to
+ * the full path, as a declined request (only reply buffers were written).
+ * While a batch holds jobs, a responder offered a request it would not defer
+ * returns VFA_FLUSH_FIRST with nothing done: the walk runs the batch, then
+ * offers the chain again, so no other request (a RELEASE closing the fd)
+ * runs before the copies. The fds stay open until the run: only the loop's
+ * thread, which runs pop_serving, closes them. */
+#define VFA_DEFERRED (-3)
+#define VFA_FLUSH_FIRST (-4)
+#define VFA_BATCH_JOBS 32
+#define VFA_BATCH_IOV 8192
+#define VFA_JOB_HEADER_MAX 32
+#define VFA_JOB_CUTS 3              /* spare iov entries after a job's data buffers */
+#define VFA_DEFER_MIN (64 * 1024)   /* smaller READs are copied at once */
+#define VFA_BATCH_BYTES (4 << 20)   /* the walk stops popping once its batch holds this much */
+
+typedef struct {
+    int fd, flags;                 /* preadv2(fd, iov, iov_count, offset, flags) */
+    off_t offset;
+    int iov_start, iov_count;      /* the data buffers: batch->iov[iov_start:][:iov_count], VFA_JOB_CUTS spare after */
+    int hdr_start, hdr_count;      /* the header's buffers: batch->iov[hdr_start:][:hdr_count] */
+    size_t expect;                 /* the bytes the copy must read */
+    int header_len;
+    unsigned char header[VFA_JOB_HEADER_MAX];
+    uint32_t reply_len;            /* the used length when it does */
+    uint16_t head;                 /* the chain (set by the walk) */
+    ssize_t result;                /* set by the run: expect when the job succeeded */
+} vfa_job;
+
+typedef struct {
+    int count;                     /* jobs[:count] are filled */
+    int iov_used;                  /* iov[:iov_used] belong to them */
+    size_t bytes;                  /* the jobs' expect, summed */
+    vfa_job jobs[VFA_BATCH_JOBS];
+    struct iovec iov[VFA_BATCH_IOV];
+} vfa_batch;
+
 /* -- inline responders --------------------------------------------------------
  * A responder answers a request in place, from the ring walk
  * (VirtQueue.pop_serving). It gets the chain's device-readable part twice:
@@ -81,14 +125,16 @@ static inline void vfa_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
  * reply's length (0 <= n <= room), or -1 when the request is not one it
  * answers (the full path then serves it; what it may have written into the
  * reply buffers is overwritten or ignored, as the used length says; it must
- * not have changed anything else). At most VFA_RESPONDER_IOV_MAX buffers
- * each way. It must not leave a Python exception set. The compiled
- * responder exports this function in a capsule named VFA_RESPONDER_CAPSULE
- * (its ``c_responder`` attribute); ``self`` is the responder object, kept
- * alive by the caller. */
+ * not have changed anything else), or, given a ``batch`` (may be NULL),
+ * VFA_DEFERRED / VFA_FLUSH_FIRST as described above. At most
+ * VFA_RESPONDER_IOV_MAX buffers each way. It must not leave a Python
+ * exception set. The compiled responder exports this function in a capsule
+ * named VFA_RESPONDER_CAPSULE (its ``c_responder`` attribute); ``self`` is
+ * the responder object, kept alive by the caller. */
 typedef Py_ssize_t (*vfa_respond_fn)(PyObject *self, const unsigned char *request, Py_ssize_t request_len,
                                      const struct iovec *readable, int readable_count, Py_ssize_t readable_len,
-                                     const struct iovec *reply, int reply_count, Py_ssize_t room);
+                                     const struct iovec *reply, int reply_count, Py_ssize_t room,
+                                     vfa_batch *batch);
 #define VFA_RESPONDER_CAPSULE "virtiofs_async.responder"
 /* The request prefix a responder gets (and the largest request a Python
  * ``respond`` is offered); the most buffers each way; the largest reply

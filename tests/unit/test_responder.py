@@ -658,7 +658,7 @@ class ReadRig:
     """A Mount whose file ``big`` is open through the session, and a compiled
     VirtQueue on a driver's rings."""
 
-    def __init__(self, root: str, **options: Any) -> None:
+    def __init__(self, root: str, mem_size: int = 8 << 20, **options: Any) -> None:
         from virtiofs_async import _cy_vring
 
         from .test_vring import Rig
@@ -668,7 +668,7 @@ class ReadRig:
         self.mount = Mount(root, **options)
         self.big = self.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"big")
         self.fh = self.open(self.big, os.O_RDONLY)
-        self.rig = Rig(size=64, mem_size=8 << 20, queue_type=_cy_vring.VirtQueue)
+        self.rig = Rig(size=64, mem_size=mem_size, queue_type=_cy_vring.VirtQueue)
         # the compiled twin, built by the backend as it would build it, in
         # the pure run too
         saved, _accel.PassthroughResponder = _accel.PassthroughResponder, _cy_responder.PassthroughResponder
@@ -704,6 +704,27 @@ class ReadRig:
         got_head, n, pieces = self.rig.drv.pop_used()
         assert got_head == head
         return bool(served), n, b"".join(pieces)
+
+    def offer_many(self, reqs: list[tuple[bytes, list[int]]], limit: int = 64,
+                   budget: int = 0) -> tuple[int, list[int], list[int], dict[int, tuple[int, bytes]]]:
+        """Publish every request (request, reply layout) at once and
+        pop_serving once; the chains it hands back are answered by the full
+        path, in order, after it. Returns (served, heads in request order,
+        heads in used-ring order, {head: (reply length, reply bytes)})."""
+        heads = []
+        for req, writable in reqs:
+            heads.append(self.rig.drv.add_chain([req[:40], req[40:]], writable, indirect=True))
+        self.rig.drv.publish()
+        chains, served = self.rig.vq.pop_serving(self.rig.memory, limit, self.responder, budget)
+        for chain in chains:
+            n = asyncio.run(self.mount.session.handle_request(chain.readable, chain.writable))
+            self.rig.vq.add_used(self.rig.memory, chain.head, n)
+        order, replies = [], {}
+        while (used := self.rig.drv.pop_used()) is not None:
+            head, n, pieces = used
+            order.append(head)
+            replies[head] = (n, b"".join(pieces))
+        return served, heads, order, replies
 
     def check(self, req: bytes, writable: list[int], **kw: Any) -> bool:
         """Offer ``req``; assert the guest got what the full path answers
@@ -795,7 +816,107 @@ def test_large_reads_split_across_two_threads_read_the_same_bytes(reads: ReadRig
     assert reads.check(read_req(reads.fh, offset, size), layout) is True
     _, _, reply = reads.offer(read_req(reads.fh, offset, size), layout)
     assert reply[16:] == DATA[offset:offset + size]
-    assert "vfa-split-read" in _thread_names()  # the helper did its half
+    assert "vfa-copy" in _thread_names()  # a helper did its half
+
+
+def _huge(r: ReadRig, size: int) -> tuple[int, bytes]:
+    """A file of ``size`` random bytes opened for reading: (fh, its bytes)."""
+    data = os.urandom(size)
+    with open(os.path.join(r.mount.root, "huge"), "wb") as f:
+        f.write(data)
+    return r.open(r.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"huge"), os.O_RDONLY), data
+
+
+@pytest.fixture
+def batch_reads(tmp_path: Any) -> Iterator[ReadRig]:
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    r = ReadRig(str(tmp_path), mem_size=16 << 20, inline_read_max=1 << 20)
+    yield r
+    r.close()
+
+
+def test_large_reads_of_one_kick_are_copied_together(batch_reads: ReadRig) -> None:
+    """READs of 64 KiB and more are left to the walk's batch and copied by
+    several threads at once; each reply has the full path's bytes."""
+    r = batch_reads
+    fh, data = _huge(r, 5 << 20)
+    spots = [(0, 1 << 20), (3 << 20, 1 << 20), (12345, 128 * 1024), (1 << 20, 64 * 1024), (7, 300 * 1024)]
+    reqs = [(read_req(fh, off, size, unique=100 + i), linux_layout(size)) for i, (off, size) in enumerate(spots)]
+    served, heads, _, replies = r.offer_many(reqs)
+    assert served == len(spots)
+    for i, (head, (off, size)) in enumerate(zip(heads, spots)):
+        assert replies[head][0] == 16 + size
+        assert replies[head][1][:16] == abi.fuse_out_header.pack(16 + size, 0, 100 + i)
+        assert replies[head][1][16:] == data[off:off + size]
+    assert "vfa-copy" in _thread_names()
+
+
+def test_a_batch_stops_the_pop_at_4_mib(batch_reads: ReadRig) -> None:
+    r = batch_reads
+    fh, data = _huge(r, 6 << 20)
+    reqs = [(read_req(fh, i << 20, 1 << 20, unique=i + 1), linux_layout(1 << 20)) for i in range(6)]
+    served, heads, order, replies = r.offer_many(reqs)
+    assert served == 4 and order == heads[:4]
+    chains, served = r.rig.vq.pop_serving(r.rig.memory, 64, r.responder)  # the rest stayed in the ring
+    assert (chains, served) == ([], 2)
+    for i, head in enumerate(heads[4:], 4):
+        got_head, n, pieces = r.rig.drv.pop_used()
+        assert (got_head, n) == (head, 16 + (1 << 20))
+        assert b"".join(pieces)[16:] == data[i << 20:(i + 1) << 20]
+
+
+def test_deferred_reads_do_not_count_against_the_byte_budget(reads: ReadRig) -> None:
+    small = [(read_req(reads.fh, i * 4096, 4096), linux_layout(4096)) for i in range(3)]
+    assert reads.offer_many(small, budget=4096)[0] == 1  # copied at once: one per call, as before
+    for _ in range(2):
+        assert reads.rig.vq.pop_serving(reads.rig.memory, 64, reads.responder, 4096)[1] == 1
+    while reads.rig.drv.pop_used() is not None:
+        pass
+    large = [(read_req(reads.fh, i * 65536, 65536), linux_layout(65536)) for i in range(3)]
+    assert reads.offer_many(large, budget=4096)[0] == 3
+
+
+def test_a_read_that_falls_short_in_a_batch_goes_to_the_full_path(batch_reads: ReadRig) -> None:
+    r = batch_reads
+    fh, data = _huge(r, 1 << 20)
+    end = len(data)
+    spots = [(0, 256 * 1024), (end - 100 * 1024, 256 * 1024), (512 * 1024, 256 * 1024)]
+    reqs = [(read_req(fh, off, size, unique=i + 1), linux_layout(size)) for i, (off, size) in enumerate(spots)]
+    served, heads, order, replies = r.offer_many(reqs)
+    assert served == 2
+    assert order == [heads[0], heads[2], heads[1]]  # the short one answered by the full path, after
+    assert replies[heads[1]] == (16 + 100 * 1024, abi.fuse_out_header.pack(16 + 100 * 1024, 0, 2) + data[-100 * 1024:])
+    assert replies[heads[0]][1][16:] == data[:256 * 1024]
+    assert replies[heads[2]][1][16:] == data[512 * 1024:768 * 1024]
+
+
+def test_nothing_else_is_answered_before_the_batch_is_copied(batch_reads: ReadRig) -> None:
+    """A GETATTR after deferred READs waits for their copies (its reply
+    comes after theirs); a RELEASE of the handle they read cannot close it
+    under them."""
+    r = batch_reads
+    fh, data = _huge(r, 1 << 20)
+    node = r.mount.lookup_via_session(abi.FUSE_ROOT_ID, b"huge")
+    reqs = [(read_req(fh, 0, 128 * 1024, unique=1), linux_layout(128 * 1024)),
+            (getattr_req(r.big, unique=2), [120]),
+            (read_req(fh, 128 * 1024, 128 * 1024, unique=3), linux_layout(128 * 1024)),
+            (request(int(abi.Opcode.RELEASE), node, abi.fuse_release_in.pack(fh, 0, 0, 0), unique=4), [16])]
+    served, heads, order, replies = r.offer_many(reqs)
+    assert order[:3] == heads[:3]
+    assert replies[heads[0]][1][16:] == data[:128 * 1024]
+    assert replies[heads[2]][1][16:] == data[128 * 1024:256 * 1024]
+    assert replies[heads[1]] == r.mount.full(getattr_req(r.big, unique=2), 120)
+    assert replies[heads[3]] == (16, abi.fuse_out_header.pack(16, 0, 4))
+    assert fh not in r.mount.fs._handles  # released after the copies
+
+
+def test_more_reads_than_a_batch_holds_run_in_several_batches(reads: ReadRig) -> None:
+    spots = [(i * 5000, 65536) for i in range(40)]  # 40 jobs: the 33rd waits for the first 32 to be copied
+    reqs = [(read_req(reads.fh, off, size, unique=i + 1), linux_layout(size)) for i, (off, size) in enumerate(spots)]
+    served, heads, order, replies = reads.offer_many(reqs)
+    assert served == 40 and order == heads
+    for i, (off, size) in enumerate(spots):
+        assert replies[heads[i]][1] == abi.fuse_out_header.pack(16 + size, 0, i + 1) + DATA[off:off + size]
 
 
 def _thread_names() -> list[str]:
