@@ -17,9 +17,37 @@ C and Rust daemons.
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import attrs
+
+CHECKOUT_SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def use_checkout() -> None:
+    """Measure the checkout the benchmark lives in, not an older installed
+    copy: put its ``src/`` first on sys.path (and so in the daemons'
+    PYTHONPATH) when it holds a built package (``python setup.py build_ext
+    --inplace``). Otherwise, or when virtiofs_async is already imported from
+    elsewhere, say on stderr which copy is measured."""
+    pkg = CHECKOUT_SRC / "virtiofs_async"
+    if not pkg.is_dir():
+        return  # benchmarks copied out of a checkout: the installed package it is
+    built = any(pkg.glob("_cy_vring*.so"))
+    loaded = sys.modules.get("virtiofs_async")
+    if loaded is None and built:
+        if str(CHECKOUT_SRC) not in sys.path:
+            sys.path.insert(0, str(CHECKOUT_SRC))
+        return
+    import virtiofs_async
+
+    where = Path(virtiofs_async.__file__).resolve().parent
+    if where != pkg:
+        why = "" if built else " (src/ has no compiled modules: python setup.py build_ext --inplace)"
+        print(f"benchmarks: measuring virtiofs_async from {where}, not this checkout's {pkg}{why}",
+              file=sys.stderr, flush=True)
 
 
 @attrs.define

@@ -46,8 +46,9 @@ from typing import Any, Awaitable, Callable, Sequence
 import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Row, render_table  # noqa: E402
+from _report import Row, render_table, use_checkout  # noqa: E402
 
+use_checkout()
 import virtiofs_async  # noqa: E402
 from virtiofs_async.testing import FuseClient  # noqa: E402
 from virtiofs_async.testing.loadgen import (  # noqa: E402

@@ -657,8 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    from _report import render_table
+    from _report import render_table, use_checkout
 
+    use_checkout()
     started = time.monotonic()
     rows, commands = run(args.full, args.runs, lambda line: print(line, flush=True))
     print(render_table(rows, list(DAEMONS)))

@@ -27,7 +27,9 @@ from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _report import Row, render_table  # noqa: E402
+from _report import Row, render_table, use_checkout  # noqa: E402
+
+use_checkout()
 
 LEVELS = {"frontend": "frontend_bench", "guest": "guest_bench"}
 

@@ -12,9 +12,10 @@
  * the caller takes pieces too and never waits for a helper that has not
  * started one, so a helper that wakes late costs nothing but its wake-up.
  * Batches under VFA_PARALLEL_MIN bytes run on the caller alone. Helpers
- * (online CPUs + 1, at most VFA_POOL_HELPERS_MAX: on 2 cores, 3 helpers
- * copied 1 MiB READs ~25% faster than 1 in benchmarks/frontend_bench.py,
- * the copies wait on memory, not on the CPU) start on
+ * (online CPUs - 1, at least 1, at most VFA_POOL_HELPERS_MAX; on 2 cores
+ * one helper copied 1 MiB READs as fast as three in
+ * benchmarks/frontend_bench.py, and leaves the other core to the guest)
+ * start on
  * first use, again in a forked child; when the pool is busy (another
  * thread's batch) or cannot start, the caller copies alone.
  */
@@ -88,7 +89,7 @@ static void vfa_pool_start(vfa_copy_pool *P, pid_t me)
     pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t work = PTHREAD_COND_INITIALIZER, idle = PTHREAD_COND_INITIALIZER;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    int want = cpus > 1 ? (int)(cpus + 1) : 1;
+    int want = cpus > 1 ? (int)(cpus - 1) : 1;
     pthread_attr_t attr;
     if (want > VFA_POOL_HELPERS_MAX)
         want = VFA_POOL_HELPERS_MAX;

@@ -83,3 +83,21 @@ def test_workloads_selects_the_rows_it_names(bench) -> None:  # type: ignore[no-
     assert measured == {"GETATTR qd1", "READ 4 KiB qd16"}
     names = {row.workload for row in result.rows}
     assert {"GETATTR qd1", "READ 4 KiB qd16"} <= names and "WRITE 4 KiB qd16" not in names
+
+
+def test_the_benchmarks_measure_this_checkout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Started without PYTHONPATH from any directory, a benchmark imports
+    the checkout's src/ (when it is built), not an installed copy."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _report; _report.use_checkout(); "
+            "import virtiofs_async; print(virtiofs_async.__file__)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    src = BENCHMARKS.parent / "src" / "virtiofs_async"
+    if any(src.glob("_cy_vring*.so")):
+        assert Path(out.stdout.strip()).resolve().parent == src
+    else:  # a clean clone tested on its installed build (scripts/test.sh): said, not silent
+        assert Path(out.stdout.strip()).resolve().parent != src
+        assert "not this checkout" in out.stderr and "build_ext --inplace" in out.stderr
