@@ -29,6 +29,7 @@ daemon per run.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:  # the host side imports these lazily: the guest has neither
     from _report import Row
@@ -490,15 +491,16 @@ def _tail(text: str, chars: int = 3000) -> str:
 
 
 def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
-              argv: DaemonArgv, base: Path, sizes: Sizes) -> BootOutcome:
-    """Boot one guest against ``daemon`` (serving a fresh ``base/shared``),
-    return its measurements.  Raises :class:`GuestBenchError` on any failure
+              argv: DaemonArgv, base: Path, sizes: Sizes, shared: Path | None = None) -> BootOutcome:
+    """Boot one guest against ``daemon`` (serving a fresh ``shared``,
+    default ``base/shared``), return its measurements.  Raises :class:`GuestBenchError` on any failure
     (the message carries the guest's transcript and the daemon's log)."""
     from virtiofs_async.testing.vm import (
         GuestVM, GuestVMError, VirtioFsDaemon, VirtioFsDevice,
     )
 
-    shared, ro = base / "shared", base / "ro"
+    shared = base / "shared" if shared is None else shared
+    ro = base / "ro"
     shared.mkdir(parents=True)
     shared.chmod(0o755)
     ro.mkdir()
@@ -537,6 +539,8 @@ def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, 
         "guest: host / read-only for the guest's chroot: "
         + shlex.join(rootfs_argv("<root.sock>", "<empty-dir>")),
     ]
+    lines.append(f"guest: each boot's shared directory: <fresh-shared-dir> = shared/ in a fresh ext4 "
+                 f"({shlex.join(MKFS_EXT4)} on a sparse {fresh_fs_mib(sizes)} MiB image, mount -o loop)")
     lines += [f"guest: daemon {name}: " + shlex.join(argv("<fs0.sock>", "<fresh-shared-dir>"))
               for name, argv in argvs.items()]
     lines.append("guest: init (busybox sh, root on /host, fs0 on /host/mnt): "
@@ -584,6 +588,48 @@ def check_host() -> None:
         raise GuestBenchError(f"missing {', '.join(missing)}: run scripts/setup-system.sh as root")
 
 
+def fresh_fs_mib(sizes: Sizes) -> int:
+    """Size of the sparse image of each boot's fresh filesystem."""
+    return max(1024, 4 * sizes.seq_mib + 512)
+
+
+#: mkfs.ext4 options of each boot's fresh filesystem: inode tables and
+#: journal written at once (no lazy initialisation running in the background
+#: during the measurements), inodes for the metadata and untar phases.
+MKFS_EXT4 = ("mkfs.ext4", "-q", "-F", "-N", "65536", "-E", "lazy_itable_init=0,lazy_journal_init=0")
+
+
+@contextlib.contextmanager
+def fresh_filesystem(directory: Path, sizes: Sizes, log: Callable[[str], None]) -> Iterator[Path]:
+    """A new ext4 filesystem mounted at ``directory`` for one boot (a sparse
+    image next to it, loop-mounted; unmounted and deleted at the end), so
+    that every daemon works on the same fresh filesystem whatever ran
+    before (ext4's create and unlink costs depend on its recent history).
+    Without root, mkfs.ext4 or a loop device: ``directory`` on the root
+    filesystem, said in the log."""
+    directory.mkdir(parents=True)
+    image = directory.with_name(directory.name + ".img")
+    mounted = False
+    try:
+        with open(image, "wb") as f:
+            f.truncate(fresh_fs_mib(sizes) * MIB)
+        subprocess.run([*MKFS_EXT4, str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=True, capture_output=True)
+        mounted = True
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        log(f"guest bench: no fresh filesystem ({detail}); sharing a directory of the root filesystem")
+    try:
+        yield directory
+    finally:
+        if mounted:
+            done = subprocess.run(["umount", str(directory)], check=False, capture_output=True)
+            if done.returncode:
+                log(f"guest bench: umount {directory}: {done.stderr.decode(errors='replace').strip()}")
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
+
+
 def _pick_workdir() -> Path:
     """A scratch directory on the root filesystem (the guest sees the
     tarball through a non-recursive bind of /)."""
@@ -629,14 +675,16 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
         for run_index in range(runs):
             for daemon in DAEMONS:
                 base = work / f"{daemon}-{run_index + 1}"
-                outcome = boot_once(daemon, run_index, kernel, initrd, argvs[daemon], base, sizes)
                 try:
-                    for key, value in outcome.values.items():
-                        rows[key].add(daemon, value)
-                    log(f"guest {daemon} run {run_index + 1}/{runs} ({outcome.duration:.0f} s): "
-                        + ", ".join(f"{w.key} {outcome.values[w.key]:.4g} {w.unit}" for w in table))
-                    if inspect is not None:
-                        inspect(outcome)
+                    with fresh_filesystem(base / "fs", sizes, log) as fs:
+                        outcome = boot_once(daemon, run_index, kernel, initrd, argvs[daemon], base, sizes,
+                                            shared=fs / "shared")
+                        for key, value in outcome.values.items():
+                            rows[key].add(daemon, value)
+                        log(f"guest {daemon} run {run_index + 1}/{runs} ({outcome.duration:.0f} s): "
+                            + ", ".join(f"{w.key} {outcome.values[w.key]:.4g} {w.unit}" for w in table))
+                        if inspect is not None:
+                            inspect(outcome)
                 finally:
                     shutil.rmtree(base, ignore_errors=True)
         commands = describe_commands(kernel, initrd, argvs, plan, tarball, sizes)

@@ -17,6 +17,8 @@
 #   fio                 benchmarks/guest_bench.py: the guest runs the host's fio (chroot into /)
 #   python3             the guest's chroot runs the host's /usr/bin/python3 (VM tests, guest
 #                       benchmark); its /usr/lib/python3.11 is also the untar workload's input
+#   e2fsprogs mount     benchmarks/guest_bench.py: a fresh ext4 (mkfs.ext4, mount -o loop)
+#                       for each boot's shared directory
 set -euo pipefail
 
 if [[ ${EUID} -ne 0 ]]; then
@@ -39,6 +41,8 @@ PACKAGES=(
     ca-certificates
     fio
     python3
+    e2fsprogs
+    mount
 )
 
 installed() {
@@ -74,7 +78,8 @@ fi
 
 # Sanity checks: fail loudly here rather than in the middle of a test run.
 for path in /usr/bin/qemu-system-x86_64 /usr/lib/qemu/virtiofsd /bin/busybox \
-            /usr/bin/setfattr /usr/bin/getfattr /usr/bin/lz4 /usr/bin/fio /usr/bin/python3; do
+            /usr/bin/setfattr /usr/bin/getfattr /usr/bin/lz4 /usr/bin/fio /usr/bin/python3 \
+            /usr/sbin/mkfs.ext4 /usr/bin/mount; do
     if [[ ! -x ${path} ]]; then
         echo "setup-system.sh: ${path} missing after install" >&2
         exit 1

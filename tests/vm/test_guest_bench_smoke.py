@@ -8,6 +8,7 @@ speed, only that each was measured.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -86,14 +87,20 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     problems: dict[str, list[str]] = {}
     booted: list[str] = []
 
+    fresh: dict[str, bool] = {}
+
     def inspect(outcome: Any) -> None:
         booted.append(outcome.daemon)
         problems[outcome.daemon] = host_side_problems(gb, outcome, expected_tree)
+        # each boot's share lives in a filesystem of its own, made for it
+        fresh[outcome.daemon] = (os.stat(outcome.shared_dir).st_dev != os.stat(tmp_path).st_dev
+                                 and sorted(os.listdir(outcome.shared_dir.parent)) == ["lost+found", "shared"])
 
     rows, commands = gb.run(False, 1, print, sizes=gb.TINY, workdir=tmp_path, inspect=inspect)
 
     assert booted == list(gb.DAEMONS) == ["c", "rust", "ours"]
     assert {d: p for d, p in problems.items() if p} == {}
+    assert fresh == {d: True for d in gb.DAEMONS}
     keys = [w.key for w in gb.workloads(gb.TINY, len(expected_tree))]
     assert len(rows) == len(keys) == 9
     for row in rows:
@@ -105,9 +112,10 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     text = "\n".join(commands)
     for needle in ("qemu-system-x86_64", "-accel tcg,thread=multi", "/usr/lib/qemu/virtiofsd",
                    "libexec/virtiofsd", "-m virtiofs_async", "fio --filename=/mnt/seq.dat",
-                   "tar -xf /tmp/stdlib.tar"):
+                   "tar -xf /tmp/stdlib.tar", "mkfs.ext4", "mount -o loop"):
         assert needle in text, needle
     for daemon in gb.DAEMONS:
         assert any(line.startswith(f"guest: daemon {daemon}: ") for line in commands), daemon
-    # Every boot removed its shared directory.
+    # Every boot removed its shared directory and its filesystem.
+    assert all(str(tmp_path) not in line for line in open("/proc/self/mounts"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.tar", "guest.cpio", "stdlib.tar"]
