@@ -67,6 +67,9 @@ from posix.uio cimport iovec
 cdef extern from "vfa_copy_pool.h" nogil:
     void vfa_batch_run(vfa_batch *b)
 
+cdef extern from "<unistd.h>" nogil:
+    ssize_t write(int fd, const void *buf, size_t count)
+
 import operator
 import struct
 
@@ -708,7 +711,7 @@ cdef class VirtQueue:
             chains.append(chain)
         return chains
 
-    def pop_serving(self, memory, limit, responder, byte_budget=0):
+    def pop_serving(self, memory, limit, responder, byte_budget=0, signal_every=0, notify_fd=-1):
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
         one to ``responder`` first (see the pure twin). The chain walk
         and the responder's C function (``c_responder``) run without Python
@@ -723,7 +726,10 @@ cdef class VirtQueue:
         cdef long long n = operator.index(limit)
         cdef long long served = 0
         cdef long long budget = operator.index(byte_budget)
-        cdef long long moved = 0
+        cdef long long every = operator.index(signal_every)
+        cdef int fd = operator.index(notify_fd)
+        cdef long long moved = 0, answered = 0
+        cdef uint64_t one = 1
         cdef Py_ssize_t r
         cdef int head
         cdef vfa_respond_fn fn = NULL
@@ -740,8 +746,16 @@ cdef class VirtQueue:
                 batch.bytes = 0
         else:
             respond = responder.respond
-        while (PyList_GET_SIZE(chains) + served < n and not (0 < budget <= moved)
-               and not (batch != NULL and batch.bytes >= VFA_BATCH_BYTES)):
+        while PyList_GET_SIZE(chains) + served < n:
+            if (0 < budget <= moved or 0 < every <= answered
+                    or (batch != NULL and batch.bytes >= VFA_BATCH_BYTES)):
+                if fd < 0:
+                    break
+                # a chunk is done: let the driver see it, then go on
+                served -= self._run_batch(chains)
+                if self._notify_due() and write(fd, &one, 8) < 0:
+                    pass  # EAGAIN: the counter is full, the driver wakes anyway
+                moved = answered = 0
             try:
                 head = self._next_head(memory)
                 if head < 0:
@@ -752,6 +766,7 @@ cdef class VirtQueue:
                     r = self._serve_inline(<uint16_t>head, fn, responder, respond, batch)
                 if r >= 0:
                     served += 1
+                    answered += 1
                     moved += r
                     continue
                 chain = self._read_chain(<uint16_t>head)
@@ -942,11 +957,15 @@ cdef class VirtQueue:
         more add_used. With EVENT_IDX: whether ``used_event`` was crossed since
         the previous decision (the first decision is always True); otherwise
         unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT."""
-        cdef uint16_t new, old, event
-        cdef bint valid
         if self._desc_gpa is None:
             return False
         self._check_memory(memory)
+        return self._notify_due()
+
+    cdef bint _notify_due(self) noexcept:
+        """needs_notification on a configured queue with current memory."""
+        cdef uint16_t new, old, event
+        cdef bint valid
         if self._event_idx:
             new = self._next_used
             old = self._signalled_used

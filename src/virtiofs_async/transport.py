@@ -300,12 +300,14 @@ class _QueueWorker:
                 if responder is None:
                     chains = queue.pop_many(memory, limit - taken)
                 else:
+                    # Every _SIGNAL_EVERY replies or _SIGNAL_BYTES the queue
+                    # itself decides and signals the call eventfd, and goes on;
+                    # the last replies' decision is ours.
                     chains, answered = queue.pop_serving(
-                        memory, min(limit - taken, _SIGNAL_EVERY), responder, _SIGNAL_BYTES
+                        memory, limit - taken, responder, _SIGNAL_BYTES, _SIGNAL_EVERY,
+                        -1 if self.call_fd is None else self.call_fd,
                     )
                     if answered:
-                        # Let the driver see these replies while the rest
-                        # of the batch is served.
                         self._unsignalled = True
                         self._signal(memory)
                         taken += answered

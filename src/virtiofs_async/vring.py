@@ -31,6 +31,9 @@ Python); that is sufficient on x86 (TSO). A native twin adds the fences.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Protocol
 
 import attrs
@@ -73,6 +76,9 @@ INDIRECT_CHAIN_LIMIT = 1024
 #: this many device-readable bytes, and at most this much reply room.
 RESPONDER_REQUEST_MAX = 512
 RESPONDER_REPLY_MAX = 512
+
+#: What an eventfd write adds: 1, as 8 native-endian bytes.
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
 
 
 def _error(message: str, head: int | None) -> VringError:
@@ -452,22 +458,34 @@ class VirtQueue:
         return chains
 
     def pop_serving(
-        self, memory: GuestMemory, limit: int, responder: InlineResponder, byte_budget: int = 0
+        self, memory: GuestMemory, limit: int, responder: InlineResponder, byte_budget: int = 0,
+        signal_every: int = 0, notify_fd: int = -1,
     ) -> tuple[list[DescriptorChain], int]:
         """Pop up to ``limit`` chains like :meth:`pop_many`, offering each
         small one (see :class:`InlineResponder`) to ``responder`` first: a
         chain it answers is written and returned to the used ring at once
         (call :meth:`needs_notification` afterwards, as after add_used).
         Returns the chains it did not answer and how many it answered;
-        ``limit`` counts both. With ``byte_budget`` > 0 it also stops once
-        the chains answered carried that many bytes (requests and replies),
-        so that a caller can signal large transfers sooner. A responder
-        that raises has not answered."""
+        ``limit`` counts both. A chunk ends once the chains answered since
+        the chunk began carried ``byte_budget`` bytes (requests and
+        replies) or numbered ``signal_every`` (when > 0), so that the driver
+        sees replies sooner: without ``notify_fd`` the call stops there;
+        with an eventfd ``notify_fd`` (>= 0; the call eventfd) it makes the
+        notification decision (:meth:`needs_notification`), signals
+        ``notify_fd`` if due, and goes on. A responder that raises has not
+        answered."""
         chains: list[DescriptorChain] = []
         served = 0
-        moved = 0
+        moved = answered = 0
         respond = responder.respond
-        while len(chains) + served < limit and not 0 < byte_budget <= moved:
+        while len(chains) + served < limit:
+            if 0 < byte_budget <= moved or 0 < signal_every <= answered:
+                if notify_fd < 0:
+                    break
+                if self.needs_notification(memory):
+                    with contextlib.suppress(BlockingIOError):  # a full counter wakes the driver anyway
+                        os.write(notify_fd, _EVENTFD_ONE)
+                moved = answered = 0
             try:
                 chain = self.pop(memory)
             except VringError as exc:
@@ -490,6 +508,7 @@ class VirtQueue:
                 n = scatter(chain.writable, (reply,))
                 self.add_used(memory, chain.head, n)
                 served += 1
+                answered += 1
                 moved += n + chain.readable_len
             else:
                 chains.append(chain)

@@ -839,6 +839,79 @@ def test_pop_serving_byte_budget_stops_after_that_many_bytes(rig: Rig, budget: i
     assert [rig.drv.pop_used()[:2] for _ in heads] == [(h, 3) for h in heads]
 
 
+def _eventfd_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+@pytest.mark.parametrize("no_interrupt, signals", [(False, 2), (True, 0)])
+def test_pop_serving_signals_each_chunk_itself_and_goes_on(no_interrupt: bool, signals: int) -> None:
+    """With a notify fd, a chunk of ``signal_every`` replies gets its
+    notification decision (and, if due, an eventfd write) in the call, which
+    goes on; the last chunk's decision is the caller's."""
+    r = Rig()
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        heads = [r.drv.add_chain([b"Exyz"], [8]) for _ in range(7)]
+        r.drv.set_no_interrupt(no_interrupt)
+        r.drv.publish()
+        chains, served = r.vq.pop_serving(r.memory, 16, EchoResponder(), 0, 3, efd)
+        assert (chains, served) == ([], 7)
+        assert _eventfd_count(efd) == signals  # after replies 3 and 6
+        assert r.vq.needs_notification(r.memory) is not no_interrupt
+        assert [r.drv.pop_used()[:2] for _ in heads] == [(h, 3) for h in heads]
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_pop_serving_chunks_without_a_notify_fd_end_the_call(rig: Rig) -> None:
+    for _ in range(7):
+        rig.drv.add_chain([b"Exyz"], [8])
+    rig.drv.publish()
+    calls = []
+    while served := rig.vq.pop_serving(rig.memory, 16, EchoResponder(), 0, 3)[1]:
+        calls.append(served)
+    assert calls == [3, 3, 1]
+
+
+def test_pop_serving_chunk_decisions_follow_used_event() -> None:
+    """EVENT_IDX: the driver wants a call once the 5th reply is used; of the
+    decisions after replies 2, 4, 6 and 8, the first (always) and the one
+    crossing used_event signal."""
+    r = Rig(size=32, event_idx=True)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        for _ in range(9):
+            r.drv.add_chain([b"Exyz"], [8])
+        r.drv.set_used_event(4)
+        r.drv.publish()
+        assert r.vq.pop_serving(r.memory, 16, EchoResponder(), 0, 2, efd) == ([], 9)
+        assert _eventfd_count(efd) == 2
+        assert r.vq.needs_notification(r.memory) is False  # reply 9: used_event 4 long passed
+    finally:
+        os.close(efd)
+        r.close()
+
+
+@pytest.mark.parametrize("budget, chunks", [(14, 3), (0, 1)])
+def test_pop_serving_byte_budget_chunks_with_a_notify_fd(budget: int, chunks: int) -> None:
+    """Each byte-budget chunk but the last is signalled in the call."""
+    r = Rig()
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        for _ in range(5):
+            r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert r.vq.pop_serving(r.memory, 16, EchoResponder(), budget, 0, efd) == ([], 5)
+        assert _eventfd_count(efd) == chunks - 1  # chunks of 2, 2, 1 (7 bytes each)
+    finally:
+        os.close(efd)
+        r.close()
+
+
 @pytest.mark.parametrize(
     "readable, writable, offered",
     [
