@@ -51,6 +51,8 @@ if TYPE_CHECKING:  # the host side imports these lazily: the guest has neither
 LEVEL = "guest"
 #: Daemons in the order each run boots them.
 DAEMONS: tuple[str, ...] = ("c", "rust", "ours")
+#: the guest's phases, in run order (``--phases`` picks some)
+PHASES: tuple[str, ...] = ("fio", "meta", "untar")
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 STDLIB = Path("/usr/lib/python3.11")
 GUEST_PYTHON = "/usr/bin/python3"
@@ -115,10 +117,10 @@ class Workload:
     higher_is_better: bool
 
 
-def workloads(sizes: Sizes, tar_entries: int) -> list[Workload]:
-    """The rows, in table order, titled with their sizes."""
+def workloads(sizes: Sizes, tar_entries: int, phases: Sequence[str] = PHASES) -> list[Workload]:
+    """The rows of ``phases``, in table order, titled with their sizes."""
     seq, rnd, n = sizes.seq_mib, sizes.random_seconds, sizes.files
-    return [
+    rows = [
         Workload("seq_write", f"seq write {seq} MiB, 1 MiB blocks (fio)", "MiB/s", True),
         Workload("seq_read", f"seq read {seq} MiB, 1 MiB blocks (fio)", "MiB/s", True),
         Workload("rand_read", f"rand read 4 KiB, psync direct, {rnd} s (fio)", "IOPS", True),
@@ -129,6 +131,14 @@ def workloads(sizes: Sizes, tar_entries: int) -> list[Workload]:
         Workload("unlink", f"unlink {n} files", "ops/s", True),
         Workload("untar", f"untar Python stdlib ({tar_entries} entries)", "s", False),
     ]
+    return [w for w in rows if phase_of(w.key) in phases]
+
+
+def phase_of(key: str) -> str:
+    """The guest phase that measures workload ``key``."""
+    if key in {name for name, *_ in FIO_JOBS}:
+        return "fio"
+    return "untar" if key == "untar" else "meta"
 
 
 # --------------------------------------------------------------------------
@@ -269,19 +279,20 @@ def fio_argv(sizes: Sizes) -> list[str]:
     return argv
 
 
-def make_plan(sizes: Sizes) -> list[dict[str, Any]]:
-    """The guest's phases, in order (JSON-serialisable)."""
+def make_plan(sizes: Sizes, phases: Sequence[str] = PHASES) -> list[dict[str, Any]]:
+    """The guest's ``phases`` (and the checksum), in order (JSON-serialisable)."""
     untar_dir = f"{GUEST_MOUNT}/{UNTAR_DIR}"
-    phases: list[dict[str, Any]] = [
+    plan: list[dict[str, Any]] = [
         {"kind": "fio", "key": "fio", "output": FIO_OUTPUT, "argv": fio_argv(sizes)},
         {"kind": "meta", "key": "meta", "dir": f"{GUEST_MOUNT}/{META_DIR}",
          "files": sizes.files, "readdir_passes": sizes.readdir_passes},
         {"kind": "untar", "key": "untar", "dir": untar_dir, "warmup": ["tar", "--version"],
          "argv": ["tar", "-xf", f"{GUEST_TMP}/stdlib.tar", "-C", untar_dir]},
     ]
-    if sizes.checksum:
-        phases.append({"kind": "sha256", "key": "sha256", "path": f"{GUEST_MOUNT}/{SEQ_FILE}"})
-    return phases
+    plan = [phase for phase in plan if phase["kind"] in phases]
+    if sizes.checksum and "fio" in phases:
+        plan.append({"kind": "sha256", "key": "sha256", "path": f"{GUEST_MOUNT}/{SEQ_FILE}"})
+    return plan
 
 
 @dataclass(frozen=True)
@@ -465,12 +476,13 @@ def fio_value(fio: Mapping[str, Any], job_name: str, unit: str) -> float:
     return section["bw_bytes"] / MIB if unit == "MiB/s" else float(section["iops"])
 
 
-def values_of(records: Mapping[str, Mapping[str, Any]], sizes: Sizes) -> dict[str, float]:
-    """Workload key -> value; raises :class:`GuestBenchError` on a missing
+def values_of(records: Mapping[str, Mapping[str, Any]], sizes: Sizes,
+              phases: Sequence[str] = PHASES) -> dict[str, float]:
+    """Workload key -> value, for the workloads of ``phases``; raises :class:`GuestBenchError` on a missing
     or non-positive measurement."""
     out: dict[str, float] = {}
     fio_jobs = {name for name, *_ in FIO_JOBS}
-    for w in workloads(sizes, 0):
+    for w in workloads(sizes, 0, phases):
         record = records.get("fio" if w.key in fio_jobs else w.key)
         if record is None:
             raise GuestBenchError(f"the guest reported no {w.key!r}")
@@ -491,7 +503,8 @@ def _tail(text: str, chars: int = 3000) -> str:
 
 
 def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
-              argv: DaemonArgv, base: Path, sizes: Sizes, shared: Path | None = None) -> BootOutcome:
+              argv: DaemonArgv, base: Path, sizes: Sizes, shared: Path | None = None,
+              phases: Sequence[str] = PHASES) -> BootOutcome:
     """Boot one guest against ``daemon`` (serving a fresh ``shared``,
     default ``base/shared``), return its measurements.  Raises :class:`GuestBenchError` on any failure
     (the message carries the guest's transcript and the daemon's log)."""
@@ -519,7 +532,7 @@ def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
                 test_d.wait(10)
             result.check()
             records = parse_records(result.transcript)
-            values = values_of(records, sizes)
+            values = values_of(records, sizes, phases)
         except (GuestVMError, GuestBenchError) as exc:
             raise GuestBenchError(f"{what}: {exc}\n--- {daemon} daemon log ---\n"
                                   f"{_tail(test_d.log())}") from None
@@ -641,7 +654,7 @@ def _pick_workdir() -> Path:
 
 
 def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | None = None,
-        workdir: Path | None = None,
+        workdir: Path | None = None, daemons: Sequence[str] = DAEMONS, phases: Sequence[str] = PHASES,
         inspect: Callable[[BootOutcome], None] | None = None) -> tuple[list["Row"], list[str]]:
     """The guest level: ``runs`` interleaved rounds of one boot per daemon
     (:data:`DAEMONS` order).  Returns the rows (level ``"guest"``, one value
@@ -651,13 +664,17 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
     root filesystem; default a fresh temporary directory, removed at the
     end) holds the tarball, the image and each boot's shared directory;
     ``inspect`` is called with each :class:`BootOutcome` before its shared
-    directory is removed.  Raises :class:`GuestBenchError` when a boot fails.
+    directory is removed; ``daemons`` and ``phases`` pick some of
+    :data:`DAEMONS` and :data:`PHASES`.  Raises :class:`GuestBenchError` when a boot fails.
     """
     from virtiofs_async.testing.vm import ensure_guest_kernel
 
     row_class = _row_class()
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    unknown = sorted(set(daemons) - set(DAEMONS)) + sorted(set(phases) - set(PHASES))
+    if unknown or not daemons or not phases:
+        raise ValueError(f"daemons must come from {DAEMONS} and phases from {PHASES}: got {unknown or 'none'}")
     sizes = sizes if sizes is not None else FULL if full else QUICK
     check_host()
     kernel = ensure_guest_kernel()
@@ -668,17 +685,17 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
         if os.stat(work).st_dev != os.stat("/").st_dev:
             raise GuestBenchError(f"workdir {work} is not on the root filesystem")
         tarball = build_tarball(work / "stdlib.tar", sizes)
-        plan = make_plan(sizes)
+        plan = make_plan(sizes, phases)
         initrd = build_guest_image(work / "guest.cpio", kernel, plan, tarball.path)
-        table = workloads(sizes, len(tarball.entries))
+        table = workloads(sizes, len(tarball.entries), phases)
         rows = {w.key: row_class(LEVEL, w.title, w.unit, w.higher_is_better) for w in table}
         for run_index in range(runs):
-            for daemon in DAEMONS:
+            for daemon in [d for d in DAEMONS if d in daemons]:
                 base = work / f"{daemon}-{run_index + 1}"
                 try:
                     with fresh_filesystem(base / "fs", sizes, log) as fs:
                         outcome = boot_once(daemon, run_index, kernel, initrd, argvs[daemon], base, sizes,
-                                            shared=fs / "shared")
+                                            shared=fs / "shared", phases=phases)
                         for key, value in outcome.values.items():
                             rows[key].add(daemon, value)
                         log(f"guest {daemon} run {run_index + 1}/{runs} ({outcome.duration:.0f} s): "
@@ -698,6 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="complete sizes (default: quick)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--daemons", default=",".join(DAEMONS),
+                        help=f"comma-separated, from {','.join(DAEMONS)} (default: all)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated guest phases, from {','.join(PHASES)} (default: all)")
     parser.add_argument("--guest-plan", help=argparse.SUPPRESS)  # the guest side
     args = parser.parse_args(argv)
     if args.guest_plan:
@@ -709,8 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     use_checkout()
     started = time.monotonic()
-    rows, commands = run(args.full, args.runs, lambda line: print(line, flush=True))
-    print(render_table(rows, list(DAEMONS)))
+    daemons = [d for d in args.daemons.split(",") if d]
+    phases = [p for p in args.phases.split(",") if p]
+    rows, commands = run(args.full, args.runs, lambda line: print(line, flush=True), daemons=daemons,
+                         phases=phases)
+    print(render_table(rows, [d for d in DAEMONS if d in daemons]))
     print("\n".join(commands))
     print(f"guest level: {time.monotonic() - started:.0f} s")
     return 0

@@ -119,3 +119,39 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     # Every boot removed its shared directory and its filesystem.
     assert all(str(tmp_path) not in line for line in open("/proc/self/mounts"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.tar", "guest.cpio", "stdlib.tar"]
+
+
+def test_phases_and_daemons_pick_plan_rows_and_boots(guest_bench: ModuleType) -> None:
+    gb = guest_bench
+    assert [p["kind"] for p in gb.make_plan(gb.TINY)] == ["fio", "meta", "untar", "sha256"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["meta"])] == ["meta"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["untar", "fio"])] == ["fio", "untar", "sha256"]
+    assert [w.key for w in gb.workloads(gb.TINY, 1, ["meta"])] == ["create", "stat", "readdir", "unlink"]
+    assert [w.key for w in gb.workloads(gb.TINY, 1, ["fio"])] == ["seq_write", "seq_read", "rand_read",
+                                                                    "rand_write"]
+    assert {gb.phase_of(w.key) for w in gb.workloads(gb.TINY, 1)} == set(gb.PHASES)
+    for daemons, phases in ((["ours", "nfs"], gb.PHASES), (gb.DAEMONS, ["meta", "dd"]), ([], gb.PHASES)):
+        with pytest.raises(ValueError, match="daemons must come from"):
+            gb.run(False, 1, print, sizes=gb.TINY, daemons=daemons, phases=phases)
+    # A record missing for a phase that ran is an error; one of a phase
+    # that did not run is not asked for.
+    meta = {"create": {"ops": 5, "seconds": 1.0}, "stat": {"ops": 5, "seconds": 0.5},
+            "readdir": {"ops": 10, "seconds": 0.1}, "unlink": {"ops": 5, "seconds": 2.0}}
+    assert gb.values_of(meta, gb.TINY, ["meta"]) == {"create": 5.0, "stat": 10.0, "readdir": 100.0,
+                                                      "unlink": 2.5}
+    with pytest.raises(gb.GuestBenchError, match="no 'untar'"):
+        gb.values_of(meta, gb.TINY, ["meta", "untar"])
+
+
+@pytest.mark.vm
+def test_guest_bench_one_phase_one_daemon(guest_kernel: KernelAssets, guest_bench: ModuleType,
+                                          tmp_path: Path) -> None:
+    gb = guest_bench
+    booted: list[str] = []
+    rows, commands = gb.run(False, 1, print, sizes=gb.TINY, workdir=tmp_path, daemons=["ours"],
+                            phases=["meta"], inspect=lambda outcome: booted.append(outcome.daemon))
+    assert booted == ["ours"]
+    assert [row.workload.split()[0] for row in rows] == ["create", "stat", "readdir", "unlink"]
+    for row in rows:
+        assert list(row.samples) == ["ours"] and row.samples["ours"][0] > 0
+    assert not any("fio --filename" in line or "tar -xf" in line for line in commands)
