@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from virtiofs_async import FuseError
+from virtiofs_async import FuseError, cli
 from virtiofs_async.abi import fuse as abi
 from virtiofs_async.runtime import get_runtime
 from virtiofs_async.testing import FuseClient
@@ -302,6 +302,8 @@ def check_confinement(daemon: Daemon, mode: str, share: Path) -> None:
     assert int(status_field(pid, "CapPrm"), 16) == DEFAULT_CAPS
     assert int(status_field(pid, "CapBnd"), 16) == DEFAULT_CAPS
     assert status_field(pid, "NoNewPrivs") == "1"
+    # The fd table was sized before serving, in the process that serves.
+    assert int(status_field(pid, "FDSize")) >= cli.FD_TABLE_RESERVE
 
 
 def log_lines(text: str) -> list[str]:

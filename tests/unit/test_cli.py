@@ -475,6 +475,29 @@ def test_rlimit_nofile(restore_nofile) -> None:  # type: ignore[no-untyped-def]
             cli.raise_nofile_limit(hard + 10)
 
 
+def test_reserve_fd_table_sizes_a_fresh_process_table_once() -> None:
+    # A fresh interpreter: its table is still small (64 or so), and grows
+    # to the next power of two that holds the reserved count.
+    code = (
+        "import resource; from virtiofs_async import cli\n"
+        "before = cli.fd_table_size()\n"
+        "limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "after = cli.reserve_fd_table(3000, limit)\n"
+        "capped = cli.reserve_fd_table(1 << 30, 40)\n"
+        "print(before, after, cli.fd_table_size(), capped)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
+                         capture_output=True, text=True, check=True).stdout.split()
+    before, after, now, capped = map(int, out)
+    assert before < 3000 <= after == now
+    assert after & (after - 1) == 0  # a power of two
+    assert capped == 0  # a limit under 64: nothing reserved, nothing opened
+    # No fd is left open by it (the probe and the high fd are closed).
+    open_before = sorted(os.listdir("/proc/self/fd"))
+    assert cli.reserve_fd_table(300, resource.getrlimit(resource.RLIMIT_NOFILE)[0]) >= 300
+    assert sorted(os.listdir("/proc/self/fd")) == open_before
+
+
 def test_threads_option() -> None:
     assert cli._threads(parse(*BASE)) == cli.DEFAULT_THREADS
     assert cli._threads(parse(*BASE, "--thread-pool-size=0")) == 1
