@@ -99,6 +99,7 @@ cdef uint32_t OP_RELEASE = int(_abi.Opcode.RELEASE)
 cdef uint32_t OP_RELEASEDIR = int(_abi.Opcode.RELEASEDIR)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
+cdef uint32_t OP_READDIR = int(_abi.Opcode.READDIR)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -176,10 +177,12 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
-    cdef object _adopt, _drop, _flush, _release
+    cdef object _adopt, _drop, _flush, _release, _readdir_cb
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
-                 dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None):
+                 dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
+                 readdir=None):
+        self._readdir_cb = readdir
         self._flush = flush
         self._release = release
         self._adopt = adopt
@@ -208,6 +211,12 @@ cdef class PassthroughResponder:
             room = VFA_RESPONDER_REPLY_MAX
         if room < 0 or req.shape[0] < IN_HEADER:
             return None
+        if vfa_ld32(&req[0] + 4) == OP_READDIR:
+            body = self._readdir_body(&req[0], req.shape[0], room)
+            if body is None:
+                return None
+            _store_out_header(reply, <uint32_t>(OUT_HEADER + PyBytes_GET_SIZE(body)), 0, vfa_ld64(&req[0] + 8))
+            return PyBytes_FromStringAndSize(<char *>reply, OUT_HEADER) + body
         n = self._answer(&req[0], req.shape[0], reply, room)
         if n < 0:
             return None
@@ -234,6 +243,41 @@ cdef class PassthroughResponder:
         if opcode == OP_FLUSH or opcode == OP_RELEASE or opcode == OP_RELEASEDIR:
             return self._close(opcode, unique, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
         return -1
+
+    cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):
+        """READDIR's reply body from the backend's ``readdir`` callback
+        (bytes of at most the request's size, which fits ``room`` after the
+        header), or None to decline."""
+        cdef uint32_t length, size
+        if self._readdir_cb is None or n < READ_LEN:
+            return None
+        length = vfa_ld32(request)
+        if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
+            return None
+        size = vfa_ld32(request + 56)
+        if size == 0 or size > self._read_max or room < OUT_HEADER + <Py_ssize_t>size:
+            return None
+        body = self._readdir_cb(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
+        if body is None or not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > <Py_ssize_t>size:
+            return None
+        return body
+
+    cdef Py_ssize_t _readdir(self, const unsigned char *request, Py_ssize_t n, const iovec *reply, int count,
+                             Py_ssize_t room) except? -2:
+        """READDIR answered into the guest's buffers (header, then the body)."""
+        cdef iovec data[VFA_RESPONDER_IOV_MAX]
+        cdef unsigned char header[OUT_HEADER]
+        cdef Py_ssize_t m
+        cdef int k
+        body = self._readdir_body(request, n, room)
+        if body is None:
+            return -1
+        m = PyBytes_GET_SIZE(body)
+        k = _slice_iov(reply, count, OUT_HEADER, m, data)
+        vfa_scatter(data, k, <const unsigned char *>PyBytes_AS_STRING(body), m)
+        _store_out_header(header, <uint32_t>(OUT_HEADER + m), 0, vfa_ld64(request + 8))
+        vfa_scatter(reply, count, header, OUT_HEADER)
+        return OUT_HEADER + m
 
     cdef Py_ssize_t _close(self, uint32_t opcode, uint64_t unique, const unsigned char *body, Py_ssize_t blen,
                            unsigned char *reply, Py_ssize_t room) except? -2:
@@ -610,6 +654,8 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
         if opcode == OP_WRITE:
             return (<PassthroughResponder>self)._write(request, n, readable, rcount, readable_len, reply, count,
                                                        room)
+        if opcode == OP_READDIR:
+            return (<PassthroughResponder>self)._readdir(request, n, reply, count, room)
         r = (<PassthroughResponder>self)._answer(request, n, small, room if room < VFA_RESPONDER_REPLY_MAX
                                                  else VFA_RESPONDER_REPLY_MAX)
     except Exception:

@@ -220,6 +220,32 @@ class DirectoryReply:
         return (24 + name_len + 7) // 8 * 8 + (128 if self.plus else 0)
 
 
+
+class SizedDirectoryReply(DirectoryReply):
+    """A reply that holds at most ``size`` bytes of records, kept in
+    ``parts`` (to be joined): ``add_dirents`` takes records whole when they
+    fit, else one by one through ``add``, which subclasses implement."""
+
+    __slots__ = ("plus", "_size", "_used", "parts")
+
+    def __init__(self, size: int, plus: bool = False) -> None:
+        self.plus = plus
+        self._size = size
+        self._used = 0
+        self.parts: list[bytes] = []
+
+    @property
+    def remaining(self) -> int:
+        return self._size - self._used
+
+    def add_dirents(self, records: bytes, count: int) -> int:
+        if self._used + len(records) > self._size:
+            return super().add_dirents(records, count)  # what fits, one by one
+        self.parts.append(records)
+        self._used += len(records)
+        return count
+
+
 def _enosys() -> FuseError:
     return FuseError(errno.ENOSYS)
 

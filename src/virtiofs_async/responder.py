@@ -18,7 +18,11 @@ leaving the event loop:
 * with ``flush`` / ``release`` callbacks, FLUSH and RELEASE(DIR), which
   they carry out (``flush(fh, lock_owner)``, ``release(fh, is_dir)``),
   returning 0 or an errno for the reply, or -1 to leave the request to the
-  full path with nothing done.
+  full path with nothing done;
+* with a ``readdir`` callback, READDIR of up to ``read_max`` bytes that
+  fits the reply room: ``readdir(fh, offset, size)`` returns the reply's
+  body (at most ``size`` bytes), or None to leave the request to the full
+  path (the callback must leave the handle as the full path expects it).
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
@@ -65,12 +69,15 @@ _OP_FLUSH = int(abi.Opcode.FLUSH)
 _OP_RELEASE = int(abi.Opcode.RELEASE)
 _OP_RELEASEDIR = int(abi.Opcode.RELEASEDIR)
 _CLOSE_IN = 24  # fuse_flush_in, fuse_release_in
+_OP_READDIR = int(abi.Opcode.READDIR)
+_READ_IN = abi.fuse_read_in.size  # 40
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
 
 _in_header_unpack_from = abi.fuse_in_header.unpack_from
 _out_header_pack = abi.fuse_out_header.pack
+_read_in_unpack_from = abi.fuse_read_in.unpack_from
 _attr_out_pack = abi.fuse_attr_out.pack
 _entry_out_pack = abi.fuse_entry_out.pack
 _attr_pack = abi.fuse_attr.pack
@@ -100,7 +107,7 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop", "_flush", "_release")
+                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max")
 
     def __init__(
         self,
@@ -117,12 +124,13 @@ class PassthroughResponder:
         drop: Callable[[Any], None] | None = None,
         flush: Callable[[int, int], int] | None = None,
         release: Callable[[int, bool], int] | None = None,
+        readdir: Callable[[int, int, int], bytes | None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
         # which use the guest's buffers themselves through its C entry
         # point; ``respond`` returns bytes and answers neither, in both
-        # twins.
+        # twins. read_max also bounds READDIR's size.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)
@@ -133,6 +141,8 @@ class PassthroughResponder:
         self._drop = drop
         self._flush = flush
         self._release = release
+        self._readdir = readdir
+        self._read_max = min(max(read_max, 0), _U32)
 
     def respond(self, request: bytes, room: int) -> bytes | None:
         """The reply to ``request`` (one whole request's readable bytes) if
@@ -150,7 +160,20 @@ class PassthroughResponder:
             return self._forget(nodeid, request[_IN_HEADER:length])
         if opcode in (_OP_FLUSH, _OP_RELEASE, _OP_RELEASEDIR):
             return self._close(opcode, unique, request[_IN_HEADER:length], room)
+        if opcode == _OP_READDIR and self._readdir is not None:
+            return self._readdir_reply(unique, request[_IN_HEADER:length], room)
         return None
+
+    def _readdir_reply(self, unique: int, body: bytes, room: int) -> bytes | None:
+        if len(body) < _READ_IN:
+            return None
+        fh, offset, size = _read_in_unpack_from(body)[:3]
+        if size == 0 or size > self._read_max or room < _OUT_HEADER + size:
+            return None
+        records = self._readdir(fh, offset, size)
+        if records is None or len(records) > size:
+            return None
+        return _out_header_pack(_OUT_HEADER + len(records), 0, unique) + records
 
     def _close(self, opcode: int, unique: int, body: bytes, room: int) -> bytes | None:
         if len(body) < _CLOSE_IN or room < _OUT_HEADER:

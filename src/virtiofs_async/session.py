@@ -27,13 +27,13 @@ from .abi import fuse as abi
 from . import codec
 from .errors import FuseError, FuseProtocolError
 from .operations import (
-    DirectoryReply,
     EntryAttributes,
     FileInfo,
     FileLock,
     Operations,
     RequestContext,
     SetattrFields,
+    SizedDirectoryReply,
 )
 
 log = logging.getLogger("virtiofs_async.session")
@@ -122,20 +122,10 @@ def pack_open_out(fi: FileInfo) -> bytes:
     return _open_out_pack(fi.fh, flags, 0)
 
 
-class _DirectoryReply(DirectoryReply):
+class _DirectoryReply(SizedDirectoryReply):
     """Packs entries into one READDIR(PLUS) reply of at most ``size`` bytes."""
 
-    __slots__ = ("plus", "_size", "_used", "parts")
-
-    def __init__(self, size: int, plus: bool) -> None:
-        self.plus = plus
-        self._size = size
-        self._used = 0
-        self.parts: list[bytes] = []
-
-    @property
-    def remaining(self) -> int:
-        return self._size - self._used
+    __slots__ = ()
 
     def add_names(self, entries: Sequence[tuple[int, int, int, bytes]]) -> int:
         if self.plus:
@@ -152,13 +142,6 @@ class _DirectoryReply(DirectoryReply):
             used += need
             count += 1
         self._used = used
-        return count
-
-    def add_dirents(self, records: bytes, count: int) -> int:
-        if self._used + len(records) > self._size:
-            return super().add_dirents(records, count)  # what fits, one by one
-        self.parts.append(records)
-        self._used += len(records)
         return count
 
     def entry_size(self, name_len: int) -> int:

@@ -1177,3 +1177,136 @@ def test_random_writes_land_where_the_full_path_puts_them(writes: WriteRig, offs
             expected.extend(bytes(offset - len(expected)))
         expected[offset:offset + len(data)] = data
     assert writes.content() == bytes(expected)
+
+
+# -- READDIR at the queue -------------------------------------------------------------
+
+READDIR = int(abi.Opcode.READDIR)
+
+
+def readdir_req(fh: int, offset: int, size: int, unique: int = 11, **kw: Any) -> bytes:
+    return request(READDIR, 0, abi.fuse_read_in.pack(fh, offset, size, 0, 0, 0, 0), unique, **kw)
+
+
+def _listing_dir(m: Mount, name: str, count: int) -> int:
+    path = os.path.join(m.root, name)
+    os.mkdir(path)
+    for i in range(count):
+        open(os.path.join(path, f"entry-{i:04d}-{'x' * (i % 13)}"), "w").close()
+    return m.lookup_via_session(abi.FUSE_ROOT_ID, name.encode())
+
+
+def _reading(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, read_max=1 << 20,
+               readdir=fs._readdir_inline)
+
+
+def _next_offset(reply: bytes) -> int | None:
+    entries = list(codec.iter_dirents(reply[16:]))
+    return entries[-1].off if entries else None
+
+
+def test_readdir_at_the_queue_lists_what_the_full_path_lists(tmp_path: Any) -> None:
+    """Each twin walks a directory in small replies on one handle while the
+    full path walks it on another: every reply has the same bytes, and the
+    walk ends with the same (empty) reply after every entry."""
+    m = Mount(str(tmp_path))
+    try:
+        d = _listing_dir(m, "many", 150)
+        for cls in _twins():
+            r = _reading(m.fs, cls)
+            mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
+            offset, names, replies = 0, [], 0
+            while True:
+                size = 200 + 37 * (replies % 5)  # room left over at different places
+                answer = r.respond(readdir_req(mine, offset, size), 512)
+                n, full = m.full(readdir_req(theirs, offset, size), 512)
+                assert answer is not None and answer == full
+                replies += 1
+                nxt = _next_offset(answer)
+                if nxt is None:
+                    break
+                names += [e.name for e in codec.iter_dirents(answer[16:])]
+                offset = nxt
+            assert sorted(names) == sorted([b".", b".."] + [n.encode() for n in os.listdir(os.path.join(m.root, "many"))])
+            assert replies > 20
+            # rewinding reads the directory as it is now
+            os.unlink(os.path.join(m.root, "many", "entry-0000-"))
+            answer = r.respond(readdir_req(mine, 0, 480), 512)
+            assert answer == m.full(readdir_req(theirs, 0, 480), 512)[1]
+            open(os.path.join(m.root, "many", "entry-0000-"), "w").close()
+    finally:
+        m.close()
+
+
+def test_what_readdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import _hostfs, passthrough
+
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        d = _listing_dir(m, "few", 5)
+        for cls in _twins():
+            r = _reading(fs, cls)
+            dh = _open_via_session(m, d, directory=True)
+            fh = _open_via_session(m, m.nodeids[b"f"])
+            assert r.respond(readdir_req(dh, 0, 300), 512) is not None
+            assert r.respond(readdir_req(dh + 1000, 0, 300), 512) is None  # unknown handle: EBADF there
+            assert r.respond(readdir_req(fh, 0, 300), 512) is None  # not a directory: ENOTDIR there
+            assert r.respond(readdir_req(dh, 1 << 63, 300), 512) is None  # no off_t: EINVAL there
+            assert r.respond(readdir_req(dh, 0, 0), 512) is None
+            assert r.respond(readdir_req(dh, 0, 497), 512) is None  # the reply could take 513 bytes
+            assert r.respond(readdir_req(dh, 0, 300)[:-1], 512) is None  # short body
+            assert r.respond(readdir_req(dh, 0, 300, extlen=1), 512) is None
+            small = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True, read_max=256, readdir=fs._readdir_inline)
+            assert small.respond(readdir_req(dh, 0, 257), 512) is None
+            assert small.respond(readdir_req(dh, 0, 256), 512) is not None
+            without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True, read_max=1 << 20)
+            assert without.respond(readdir_req(dh, 0, 300), 512) is None
+            # a filesystem whose namespace calls go to the pool
+            with monkeypatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)
+                assert r.respond(readdir_req(dh, 0, 300), 512) is None
+            # a failing getdents64: nothing answered, and the full path,
+            # which meets the same error, answers it
+            first = r.respond(readdir_req(dh, 0, 120), 512)
+            offset = _next_offset(first)
+            with monkeypatch.context() as p:
+                def failing(*args: Any) -> Any:
+                    raise OSError(errno.EIO, "injected")
+                p.setattr(_hostfs, "getdents", failing)
+                p.setattr(fs._handles[dh], "dir_read", [])  # nothing buffered: the host is asked
+                assert r.respond(readdir_req(dh, offset, 300), 512) is None
+                assert fs._handles[dh].dir_pos == -1
+                n, reply = m.full(readdir_req(dh, offset, 300), 512)
+                assert abi.fuse_out_header.unpack_from(reply)[1] == -errno.EIO
+            # and then the listing goes on from there, as the full path's would
+            other = _open_via_session(m, d, directory=True)
+            m.full(readdir_req(other, 0, 120), 512)
+            assert r.respond(readdir_req(dh, offset, 300), 512) == m.full(readdir_req(other, offset, 300), 512)[1]
+    finally:
+        m.close()
+
+
+def test_readdir_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
+    """The compiled entry point: a page-sized READDIR scattered over the
+    guest's buffers as the driver laid them out (header, then a page; or
+    smaller pieces), with the full path's bytes."""
+    m = reads.mount
+    d = _listing_dir(m, "paged", 400)
+    for layout in ([16, 4096], [16, 100, 3996], [5, 4107]):
+        mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
+        offset, pages = 0, 0
+        while True:
+            served, n, reply = reads.offer(readdir_req(mine, offset, 4096), layout)
+            assert served
+            full_n, full = m.full(readdir_req(theirs, offset, 4096), 4112)
+            assert (n, reply[:n]) == (full_n, full)
+            nxt = _next_offset(full)
+            if nxt is None:
+                break
+            offset, pages = nxt, pages + 1
+        assert pages >= 4
+    # no room for the page it could fill: the full path answers it
+    served, n, reply = reads.offer(readdir_req(_open_via_session(m, d, directory=True), 0, 4096), [16, 4000])
+    assert not served

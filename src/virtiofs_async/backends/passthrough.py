@@ -122,6 +122,7 @@ from ..operations import (
     Operations,
     RequestContext,
     SetattrFields,
+    SizedDirectoryReply,
     StatvfsData,
 )
 from . import _hostfs
@@ -294,7 +295,8 @@ _RESPONDER_BYPASSES = (
     "lookup", "getattr", "_attrs", "_entry", "_entry_flags", "_node", "_dir_node", "read_into", "_file_handle",
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
-    "_close_handle_fd", "_flush_inline", "_release_inline",
+    "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
+    "_fast_namespace",
 )
 
 
@@ -803,7 +805,8 @@ class PassthroughFS(Operations):
         and then also of names new to the tables, which it installs with
         ``_adopt``), FORGET (``_maybe_drop`` frees what drops to 0), and
         FLUSH, RELEASE and RELEASEDIR where they close inline
-        (``_flush_inline``, ``_release_inline``),
+        (``_flush_inline``, ``_release_inline``), READDIR where
+        :meth:`readdir` reads inline (``_readdir_inline``),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -820,7 +823,7 @@ class PassthroughFS(Operations):
             self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts,
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
-            flush=self._flush_inline, release=self._release_inline,
+            flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -1435,6 +1438,26 @@ class PassthroughFS(Operations):
                 return
             pos = batch[-1].off
 
+    def _readdir_inline(self, fh: int, offset: int, size: int) -> bytes | None:
+        """READDIR for the inline responder: the reply body :meth:`readdir`
+        would give (the same host reads, the same records), when it would
+        run inline on a directory handle; None, with the handle as it was,
+        for the full path to serve (and answer errors)."""
+        h = self._handles.get(fh)
+        if h is None or not h.is_dir or h.closed or not 0 <= offset <= _OFF_MAX or not self._fast_namespace(h.node):
+            return None
+        reply = _InlineDirents(size)
+        pos = offset
+        try:
+            while True:
+                batch, start = _getdents_locked(h, pos, max(_GETDENTS_MIN, reply.remaining * _READDIR_AHEAD))
+                if start >= len(batch) or self._readdir_batch(h, batch, start, reply):
+                    return b"".join(reply.parts)
+                pos = batch[-1].off
+        except (OSError, ValueError):
+            h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
+            return None
+
     def _dirent_ino(self, node: _Inode, d: _hostfs.Dirent) -> int:
         if d.name == b".":
             return node.nodeid
@@ -1827,6 +1850,17 @@ _GETDENTS_MIN = 2048
 _READDIR_AHEAD = 4
 
 
+class _InlineDirents(SizedDirectoryReply):
+    """READDIR records collected for :meth:`PassthroughFS._readdir_inline`:
+    records packed against ``remaining`` (``_readdir_batch``), which it
+    takes whole; nothing is added one by one."""
+
+    __slots__ = ()
+
+    def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
+        raise ValueError("records packed past the reply's room")
+
+
 def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[list[_hostfs.Dirent], int]:
     """Entries of directory handle ``h`` after host cookie ``offset``, as
     ``(entries, start)`` (the ones wanted are ``entries[start:]``): the rest
@@ -1840,13 +1874,16 @@ def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[list[_hostf
             if offset == h.dir_read_from:
                 return read, 0
             i = h.dir_next
-            if 0 < i < len(read) and read[i - 1].off == offset:
-                return read, i  # where the last reply stopped
-            for i, d in enumerate(read):
-                if d.off == offset:
-                    if i + 1 < len(read):
-                        return read, i + 1
-                    break
+            if 0 < i <= len(read) and read[i - 1].off == offset:
+                if i < len(read):
+                    return read, i  # where the last reply stopped
+                # past the whole batch: the fd is there, read on
+            else:
+                for i, d in enumerate(read):
+                    if d.off == offset:
+                        if i + 1 < len(read):
+                            return read, i + 1
+                        break
         batch = _hostfs.getdents(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
         h.dir_read, h.dir_read_from, h.dir_next = batch, offset, 0
         h.dir_pos = batch[-1].off if batch else offset
