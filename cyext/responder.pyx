@@ -90,6 +90,8 @@ cdef enum:
     S_IFDIR_BITS = 0o040000
     ROOT_ID = 1
     CLOSE_IN = 24        # fuse_flush_in, fuse_release_in
+    CREATE_IN = 16       # fuse_create_in
+    CREATE_BODY = 144    # fuse_entry_out + fuse_open_out
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
@@ -100,6 +102,7 @@ cdef uint32_t OP_RELEASEDIR = int(_abi.Opcode.RELEASEDIR)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef uint32_t OP_READDIR = int(_abi.Opcode.READDIR)
+cdef uint32_t OP_CREATE = int(_abi.Opcode.CREATE)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -177,12 +180,13 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
-    cdef object _adopt, _drop, _flush, _release, _readdir_cb
+    cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
-                 readdir=None):
+                 readdir=None, create=None):
         self._readdir_cb = readdir
+        self._create_cb = create
         self._flush = flush
         self._release = release
         self._adopt = adopt
@@ -242,7 +246,38 @@ cdef class PassthroughResponder:
             return self._forget(nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER)
         if opcode == OP_FLUSH or opcode == OP_RELEASE or opcode == OP_RELEASEDIR:
             return self._close(opcode, unique, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
+        if opcode == OP_CREATE and self._create_cb is not None:
+            return self._create(request, <Py_ssize_t>length - IN_HEADER, reply, room)
         return -1
+
+    cdef Py_ssize_t _create(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
+                            Py_ssize_t room) except? -2:
+        """CREATE (fuse_create_in, then the name and its NUL) through the
+        backend's ``create`` callback: its body after a header, a header
+        with its errno, or -1 when it declines."""
+        cdef const unsigned char *body = request + IN_HEADER
+        cdef Py_ssize_t nlen = blen - CREATE_IN - 1
+        cdef const unsigned char *name = body + CREATE_IN
+        cdef uint64_t unique = vfa_ld64(request + 8)
+        if nlen < 1 or body[blen - 1] != 0 or nlen > NAME_MAX or room < OUT_HEADER + CREATE_BODY:
+            return -1
+        if memchr(name, 0, nlen) != NULL or memchr(name, ord('/'), nlen) != NULL:
+            return -1
+        if name[0] == ord('.') and (nlen == 1 or (nlen == 2 and name[1] == ord('.'))):
+            return -1
+        r = self._create_cb(vfa_ld64(request + 16), PyBytes_FromStringAndSize(<const char *>name, nlen),
+                            vfa_ld32(body + 4), vfa_ld32(body), vfa_ld32(body + 8),
+                            vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
+        if r is None:
+            return -1
+        if not PyBytes_CheckExact(r):
+            _store_out_header(reply, OUT_HEADER, -<int>r, unique)
+            return OUT_HEADER
+        if PyBytes_GET_SIZE(r) != CREATE_BODY:
+            raise ValueError(f"create callback gave a {PyBytes_GET_SIZE(r)}-byte body")
+        _store_out_header(reply, OUT_HEADER + CREATE_BODY, 0, unique)
+        memcpy(reply + OUT_HEADER, PyBytes_AS_STRING(r), CREATE_BODY)
+        return OUT_HEADER + CREATE_BODY
 
     cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):
         """READDIR's reply body from the backend's ``readdir`` callback

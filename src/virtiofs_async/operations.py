@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, NewType, Sequence, TypeVar
 import attrs
 
 from . import codec
+from .abi import fuse as abi
 from ._accel import scatter
 from .errors import FuseError
 
@@ -126,6 +127,26 @@ class FileInfo:
     cache_dir: bool = False
     noflush: bool = False
     parallel_direct_writes: bool = False
+
+
+#: FileInfo attribute -> FOPEN_* flag.
+_FOPEN_FLAGS = (
+    ("direct_io", abi.FOPEN_DIRECT_IO),
+    ("keep_cache", abi.FOPEN_KEEP_CACHE),
+    ("nonseekable", abi.FOPEN_NONSEEKABLE),
+    ("cache_dir", abi.FOPEN_CACHE_DIR),
+    ("noflush", abi.FOPEN_NOFLUSH),
+    ("parallel_direct_writes", abi.FOPEN_PARALLEL_DIRECT_WRITES),
+)
+
+
+def pack_open_out(fi: FileInfo) -> bytes:
+    """The ``fuse_open_out`` (OPEN, OPENDIR, CREATE) of ``fi``."""
+    flags = 0
+    for name, flag in _FOPEN_FLAGS:
+        if getattr(fi, name):
+            flags |= flag
+    return abi.fuse_open_out.pack(fi.fh, flags, 0)
 
 
 @attrs.define(slots=True)

@@ -22,7 +22,12 @@ leaving the event loop:
 * with a ``readdir`` callback, READDIR of up to ``read_max`` bytes that
   fits the reply room: ``readdir(fh, offset, size)`` returns the reply's
   body (at most ``size`` bytes), or None to leave the request to the full
-  path (the callback must leave the handle as the full path expects it).
+  path (the callback must leave the handle as the full path expects it);
+* with a ``create`` callback, CREATE of a valid component (not ``.`` or
+  ``..``): ``create(parent, name, mode, flags, umask, uid, gid, pid)``
+  returns the reply's body (``fuse_entry_out`` + ``fuse_open_out``, the
+  lookup counted and the handle installed), an errno (> 0) for an error
+  reply, or None to leave the request to the full path with nothing done.
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
@@ -70,6 +75,10 @@ _OP_RELEASE = int(abi.Opcode.RELEASE)
 _OP_RELEASEDIR = int(abi.Opcode.RELEASEDIR)
 _CLOSE_IN = 24  # fuse_flush_in, fuse_release_in
 _OP_READDIR = int(abi.Opcode.READDIR)
+_OP_CREATE = int(abi.Opcode.CREATE)
+_CREATE_IN = abi.fuse_create_in.size  # 16
+_CREATE_BODY = abi.fuse_entry_out.size + abi.fuse_open_out.size  # 144
+_create_in_unpack_from = abi.fuse_create_in.unpack_from
 _READ_IN = abi.fuse_read_in.size  # 40
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -107,7 +116,7 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max")
+                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max", "_create")
 
     def __init__(
         self,
@@ -125,6 +134,7 @@ class PassthroughResponder:
         flush: Callable[[int, int], int] | None = None,
         release: Callable[[int, bool], int] | None = None,
         readdir: Callable[[int, int, int], bytes | None] | None = None,
+        create: Callable[[int, bytes, int, int, int, int, int, int], bytes | int | None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -142,6 +152,7 @@ class PassthroughResponder:
         self._flush = flush
         self._release = release
         self._readdir = readdir
+        self._create = create
         self._read_max = min(max(read_max, 0), _U32)
 
     def respond(self, request: bytes, room: int) -> bytes | None:
@@ -149,7 +160,7 @@ class PassthroughResponder:
         it fits in ``room`` bytes and is one this responder gives, else None."""
         if len(request) < _IN_HEADER:
             return None
-        length, opcode, unique, nodeid, _uid, _gid, _pid, extlen, _pad = _in_header_unpack_from(request)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = _in_header_unpack_from(request)
         if extlen or length > len(request):
             return None
         if opcode == _OP_GETATTR:
@@ -162,7 +173,27 @@ class PassthroughResponder:
             return self._close(opcode, unique, request[_IN_HEADER:length], room)
         if opcode == _OP_READDIR and self._readdir is not None:
             return self._readdir_reply(unique, request[_IN_HEADER:length], room)
+        if opcode == _OP_CREATE and self._create is not None:
+            return self._create_reply(unique, nodeid, uid, gid, pid, request[_IN_HEADER:length], room)
         return None
+
+    def _create_reply(self, unique: int, parent: int, uid: int, gid: int, pid: int, body: bytes,
+                      room: int) -> bytes | None:
+        # body: fuse_create_in, then the name and its NUL (the codec's framing rule)
+        if len(body) < _CREATE_IN + 2 or body[-1] != 0 or room < _OUT_HEADER + _CREATE_BODY:
+            return None
+        name = body[_CREATE_IN:-1]
+        if len(name) > NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+            return None
+        flags, mode, umask, _open_flags = _create_in_unpack_from(body)
+        r = self._create(parent, name, mode, flags, umask, uid, gid, pid)  # type: ignore[misc]
+        if r is None:
+            return None
+        if isinstance(r, int):
+            return _out_header_pack(_OUT_HEADER, -r, unique)
+        if len(r) != _CREATE_BODY:
+            raise ValueError(f"create callback gave a {len(r)}-byte body")
+        return _out_header_pack(_OUT_HEADER + _CREATE_BODY, 0, unique) + r
 
     def _readdir_reply(self, unique: int, body: bytes, room: int) -> bytes | None:
         if len(body) < _READ_IN:

@@ -28,12 +28,12 @@ from . import codec
 from .errors import FuseError, FuseProtocolError
 from .operations import (
     EntryAttributes,
-    FileInfo,
     FileLock,
     Operations,
     RequestContext,
     SetattrFields,
     SizedDirectoryReply,
+    pack_open_out,
 )
 
 log = logging.getLogger("virtiofs_async.session")
@@ -85,16 +85,6 @@ class Negotiated:
     max_read: int = 1 << 20
 
 
-#: FileInfo attribute -> FOPEN_* flag.
-_FOPEN_FLAGS = (
-    ("direct_io", abi.FOPEN_DIRECT_IO),
-    ("keep_cache", abi.FOPEN_KEEP_CACHE),
-    ("nonseekable", abi.FOPEN_NONSEEKABLE),
-    ("cache_dir", abi.FOPEN_CACHE_DIR),
-    ("noflush", abi.FOPEN_NOFLUSH),
-    ("parallel_direct_writes", abi.FOPEN_PARALLEL_DIRECT_WRITES),
-)
-
 #: Operations capability attribute -> the FUSE_INIT flags it asks for.
 _CAPABILITY_FLAGS = (
     ("supports_readdirplus", abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO),
@@ -107,19 +97,9 @@ _CAPABILITY_FLAGS = (
 )
 
 
-_open_out_pack = abi.fuse_open_out.pack
 _write_out_pack = abi.fuse_write_out.pack
 #: fuse_entry_out's head (nodeid .. attr_valid_nsec) for "." and ".." in READDIRPLUS.
 _UNCOUNTED_ENTRY_HEAD = bytes(abi.fuse_entry_out.size - abi.fuse_attr.size)
-
-
-def pack_open_out(fi: FileInfo) -> bytes:
-    """The ``fuse_open_out`` (OPEN, OPENDIR, CREATE) of ``fi``."""
-    flags = 0
-    for name, flag in _FOPEN_FLAGS:
-        if getattr(fi, name):
-            flags |= flag
-    return _open_out_pack(fi.fh, flags, 0)
 
 
 class _DirectoryReply(SizedDirectoryReply):

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 from typing import Any, Iterator
 
 import pytest
@@ -1310,3 +1311,186 @@ def test_readdir_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
     # no room for the page it could fill: the full path answers it
     served, n, reply = reads.offer(readdir_req(_open_via_session(m, d, directory=True), 0, 4096), [16, 4000])
     assert not served
+
+
+CREATE = int(abi.Opcode.CREATE)
+
+
+def create_req(parent: int, name: bytes, mode: int = 0o100666, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+               umask: int = 0o022, unique: int = 13, **kw: Any) -> bytes:
+    return request(CREATE, parent, abi.fuse_create_in.pack(flags, mode, umask, 0) + name + b"\0", unique, **kw)
+
+
+def _on_own_fs(fn: Any, *args: Any) -> None:
+    """``fn(*args)`` on a thread whose umask is its own, as the daemon's
+    loop thread is (else creates go to the pool and are not answered)."""
+    from virtiofs_async.backends import _hostfs
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            assert _hostfs.claim_private_fs()
+            fn(*args)
+        except BaseException as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+
+
+def _creating(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, create=fs._create_inline)
+
+
+def _created(m: Mount, reply: bytes, name: bytes, parent: int = abi.FUSE_ROOT_ID) -> int:
+    """Check a CREATE reply against the tables and the host; returns its fh:
+    its entry is what a LOOKUP of the name answers now, its handle is
+    installed and its inode counts one lookup more than before that LOOKUP."""
+    assert len(reply) == 160 and abi.fuse_out_header.unpack_from(reply)[:2] == (160, 0)
+    entry = reply[16:144]
+    nodeid = abi.fuse_entry_out.unpack_from(entry)[0]
+    assert m.fs._inodes[nodeid].lookups == 1
+    n, looked_up = m.full(lookup_req(parent, name))
+    assert looked_up[16:] == entry  # nodeid, generation, timeouts, attributes
+    m.fs._inodes[nodeid].lookups -= 1
+    fh, open_flags, _ = abi.fuse_open_out.unpack_from(reply, 144)
+    assert m.fs._handles[fh].node is m.fs._inodes[nodeid] and m.fs._handles[fh].writable
+    return fh
+
+
+def test_create_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> None:
+    """Each twin creates the file as the full path would: the same mode
+    (umask applied only where the backend handles it), the entry a LOOKUP
+    then gives, a writable handle with the full path's FOPEN flags, one
+    lookup counted; O_EXCL on an existing name gets the full path's EEXIST
+    reply; the handle releases through the full path, leaving no fd."""
+    _on_own_fs(_check_creates, tmp_path)
+
+
+def _check_creates(tmp_path: Any) -> None:
+    for options in ({}, {"posix_acl": True}):
+        root = _fresh(tmp_path, f"create-{len(options)}")
+        m = Mount(root, **options)
+        try:
+            fs = m.fs
+            fds = fs.held_fds()
+            n, theirs = m.full(create_req(abi.FUSE_ROOT_ID, b"by-full-path"))
+            full_fh = _created(m, theirs, b"by-full-path")
+            for k, cls in enumerate(_twins()):
+                name = b"by-twin-%d" % k
+                reply = _creating(fs, cls).respond(create_req(abi.FUSE_ROOT_ID, name), 512)
+                fh = _created(m, reply, name)
+                assert reply[144:148] != theirs[144:148] and reply[148:] == theirs[148:]  # another fh, same flags
+                mine, full = os.lstat(os.path.join(root, name.decode())), os.lstat(os.path.join(root, "by-full-path"))
+                assert stat.S_IMODE(mine.st_mode) == stat.S_IMODE(full.st_mode) == (0o644 if options else 0o666)
+                os.write(fs._handles[fh].fd, b"written")
+                assert open(os.path.join(root, name.decode()), "rb").read() == b"written"
+                again = _creating(fs, cls).respond(create_req(abi.FUSE_ROOT_ID, name, unique=21), 512)
+                assert again == m.full(create_req(abi.FUSE_ROOT_ID, name, unique=21))[1]
+                assert again == abi.fuse_out_header.pack(16, -errno.EEXIST, 21)
+                assert m.full(release_req(fh))[1] == abi.fuse_out_header.pack(16, 0, 9)
+            m.full(release_req(full_fh))
+            assert fs.held_fds() == fds + len(_twins()) + 1  # one O_PATH fd per inode the guest still knows
+        finally:
+            m.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating as another user needs root")
+def test_create_at_the_queue_creates_as_the_caller(tmp_path: Any) -> None:
+    _on_own_fs(_check_owners, tmp_path)
+
+
+def _check_owners(tmp_path: Any) -> None:
+    root = _fresh(tmp_path, "owners")
+    os.chmod(root, 0o777)
+    m = Mount(root)
+    try:
+        for k, cls in enumerate(_twins()):
+            name = b"owned-%d" % k
+            reply = _creating(m.fs, cls).respond(create_req(abi.FUSE_ROOT_ID, name, uid=4321), 512)
+            _created(m, reply, name)
+            st_ = os.lstat(os.path.join(root, name.decode()))
+            assert (st_.st_uid, st_.st_gid) == (4321, 4321)
+            assert abi.fuse_attr.unpack_from(reply, 16 + 40)[11:13] == (4321, 4321)
+    finally:
+        m.close()
+
+
+def test_what_create_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    _on_own_fs(_check_create_declines, tmp_path, monkeypatch)
+    # a thread whose umask the process shares: the full path creates in the pool
+    m = Mount(_fresh(tmp_path, "shared-umask"))
+    try:
+        for cls in _twins():
+            assert _creating(m.fs, cls).respond(create_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+        assert not os.path.exists(os.path.join(m.root, "new"))
+    finally:
+        m.close()
+
+
+def _check_create_declines(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import passthrough
+
+    root = _fresh(tmp_path, "declines")
+    m = Mount(root)
+    try:
+        fs = m.fs
+        fh = _open_via_session(m, m.nodeids[b"f"])
+        for cls in _twins():
+            r = _creating(fs, cls)
+            before = sorted(os.listdir(root)), fs.held_fds(), m.counts(), dict(fs._handles)
+            for name in (b".", b"..", b"a/b", b"x" * 256, b"a\0b"):
+                assert r.respond(create_req(abi.FUSE_ROOT_ID, name), 512) is None, name
+            assert r.respond(request(CREATE, 1, abi.fuse_create_in.pack(0o1, 0o100644, 0, 0) + b"\0"), 512) is None
+            assert r.respond(create_req(abi.FUSE_ROOT_ID, b"new")[:-1], 512) is None  # no NUL
+            assert r.respond(create_req(abi.FUSE_ROOT_ID, b"new", extlen=1), 512) is None  # supplementary groups
+            assert r.respond(create_req(abi.FUSE_ROOT_ID, b"new"), 159) is None  # no room for the reply
+            assert r.respond(create_req(m.nodeids[b"f"], b"new"), 512) is None  # not a directory: ENOTDIR there
+            assert r.respond(create_req(999_999, b"new"), 512) is None  # unknown parent
+            with monkeypatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)  # namespace calls in the pool
+                assert r.respond(create_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+            with monkeypatch.context() as p:
+                p.setattr(fs, "readonly", True)
+                assert r.respond(create_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+            without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+            assert without.respond(create_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+            assert (sorted(os.listdir(root)), fs.held_fds(), m.counts(), dict(fs._handles)) == before
+        # the host refuses: the full path's errno, nothing left behind
+        os.chmod(os.path.join(root, "d"), 0o500)
+        try:
+            for cls in _twins():
+                req = create_req(m.nodeids[b"d"], b"refused", uid=4321)
+                if os.geteuid() == 0:
+                    assert _creating(fs, cls).respond(req, 512) == m.full(req)[1] == abi.fuse_out_header.pack(
+                        16, -errno.EACCES, 13)
+                assert not os.path.exists(os.path.join(root, "d", "refused"))
+        finally:
+            os.chmod(os.path.join(root, "d"), 0o755)
+        m.full(release_req(fh))
+    finally:
+        m.close()
+
+
+def test_create_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
+    """The compiled entry point answers CREATE (the backend's responder has
+    the callback) across the buffers as the guest laid them out, and leaves
+    it to the full path when the reply does not fit."""
+    _on_own_fs(_check_ring_creates, reads)
+
+
+def _check_ring_creates(reads: ReadRig) -> None:
+    m = reads.mount
+    served, n, reply = reads.offer(create_req(abi.FUSE_ROOT_ID, b"through-the-ring"), [16, 144])
+    assert served and n == 160
+    _created(m, reply[:n], b"through-the-ring")
+    served, n, reply = reads.offer(create_req(abi.FUSE_ROOT_ID, b"split"), [7, 100, 53])
+    assert served and n == 160
+    _created(m, reply[:n], b"split")
+    served, n, reply = reads.offer(create_req(abi.FUSE_ROOT_ID, b"cramped"), [16, 100])
+    # the full path's answer to a reply room the guest made too small
+    assert not served and abi.fuse_out_header.unpack_from(reply)[1] == -errno.EIO

@@ -124,6 +124,7 @@ from ..operations import (
     SetattrFields,
     SizedDirectoryReply,
     StatvfsData,
+    pack_open_out,
 )
 from . import _hostfs
 from ._hostfs import Credentials, FileHandle, call_as
@@ -296,7 +297,8 @@ _RESPONDER_BYPASSES = (
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
-    "_fast_namespace",
+    "_fast_namespace", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
+    "_with_fd",
 )
 
 
@@ -806,7 +808,8 @@ class PassthroughFS(Operations):
         ``_adopt``), FORGET (``_maybe_drop`` frees what drops to 0), and
         FLUSH, RELEASE and RELEASEDIR where they close inline
         (``_flush_inline``, ``_release_inline``), READDIR where
-        :meth:`readdir` reads inline (``_readdir_inline``),
+        :meth:`readdir` reads inline (``_readdir_inline``), CREATE where
+        :meth:`create` creates inline (``_create_inline``),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -824,6 +827,7 @@ class PassthroughFS(Operations):
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
             flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
+            create=self._create_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -1127,6 +1131,48 @@ class PassthroughFS(Operations):
             os.close(fd)
             raise
         return self._new_handle(node, fd, False, oflags), entry
+
+    def _create_inline(
+        self, parent: int, name: bytes, mode: int, flags: int, umask: int, uid: int, gid: int, pid: int
+    ) -> bytes | int | None:
+        """CREATE for the inline responder, as :meth:`create` does it when it
+        runs inline (a request without extensions: no supplementary groups):
+        the reply body (``fuse_entry_out`` + ``fuse_open_out``), or the
+        errno of a failed create (``_w_create`` leaves nothing behind), or
+        None, with nothing done, for the full path (an unknown or
+        non-directory parent, a bad name or flags, a read-only share, a
+        directory whose namespace calls go to the pool)."""
+        p = self._inodes.get(parent)
+        if p is None or p.kind != stat.S_IFDIR or not self.inline_metadata or self.readonly:
+            return None
+        try:
+            self._check_writable_fs()
+            p = self._dir_node(parent)
+            _check_name(name)
+            oflags = self._open_flags(flags)
+        except FuseError:
+            return None
+        if not (self._fast_namespace(p) and _hostfs.umask_is_private()):
+            return None
+        ctx = RequestContext(uid, gid, pid, umask)
+        try:
+            fd, result = self._with_fd(p, self._w_create, name, oflags, mode & 0o7777, bool(flags & os.O_EXCL),
+                                       self._creds(ctx), self._umask(ctx))
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            log.log(logging.DEBUG if err == errno.EEXIST else logging.INFO,
+                    "CREATE nodeid=%d -> %s", parent, errno.errorcode.get(err, err))
+            return err
+        except Exception:
+            log.exception("CREATE nodeid=%d failed -> EIO", parent)
+            return errno.EIO  # as the full path answers a backend failure
+        try:
+            node, entry = self._register(result, p)
+        except Exception:
+            os.close(fd)
+            log.exception("CREATE nodeid=%d: installing the new inode failed -> EIO", parent)
+            return errno.EIO  # as the full path answers a backend failure
+        return codec.pack_entry_out(entry) + pack_open_out(self._new_handle(node, fd, False, oflags))
 
     def _w_create(
         self, dirfd: int, name: bytes, oflags: int, mode: int, excl: bool, creds: Credentials | None, umask: int
