@@ -92,6 +92,8 @@ cdef enum:
     CLOSE_IN = 24        # fuse_flush_in, fuse_release_in
     CREATE_IN = 16       # fuse_create_in
     CREATE_BODY = 144    # fuse_entry_out + fuse_open_out
+    SETATTR_IN = 88      # fuse_setattr_in
+    ATTR_OUT = 104       # fuse_attr_out
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
@@ -103,6 +105,7 @@ cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef uint32_t OP_READDIR = int(_abi.Opcode.READDIR)
 cdef uint32_t OP_CREATE = int(_abi.Opcode.CREATE)
+cdef uint32_t OP_SETATTR = int(_abi.Opcode.SETATTR)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -170,6 +173,21 @@ cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error,
 
 
 @cython.final
+cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsigned char *reply) except? -2:
+    """A backend callback's answer as a reply: None -1 (declined), an
+    errno a header with it, else its ``size``-byte body after a header."""
+    if r is None:
+        return -1
+    if not PyBytes_CheckExact(r):
+        _store_out_header(reply, OUT_HEADER, -<int>r, unique)
+        return OUT_HEADER
+    if PyBytes_GET_SIZE(r) != size:
+        raise ValueError(f"a responder callback gave a {PyBytes_GET_SIZE(r)}-byte body, not {size}")
+    _store_out_header(reply, <uint32_t>(OUT_HEADER + size), 0, unique)
+    memcpy(reply + OUT_HEADER, PyBytes_AS_STRING(r), size)
+    return OUT_HEADER + size
+
+
 cdef class PassthroughResponder:
     """See :class:`virtiofs_async.responder.PassthroughResponder`."""
 
@@ -180,12 +198,13 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
-    cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb
+    cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
-                 readdir=None, create=None):
+                 readdir=None, create=None, setattr=None):
         self._readdir_cb = readdir
+        self._setattr_cb = setattr
         self._create_cb = create
         self._flush = flush
         self._release = release
@@ -246,9 +265,23 @@ cdef class PassthroughResponder:
             return self._forget(nodeid, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER)
         if opcode == OP_FLUSH or opcode == OP_RELEASE or opcode == OP_RELEASEDIR:
             return self._close(opcode, unique, request + IN_HEADER, <Py_ssize_t>length - IN_HEADER, reply, room)
+        if opcode == OP_SETATTR and self._setattr_cb is not None:
+            return self._setattr(request, <Py_ssize_t>length - IN_HEADER, reply, room)
         if opcode == OP_CREATE and self._create_cb is not None:
             return self._create(request, <Py_ssize_t>length - IN_HEADER, reply, room)
         return -1
+
+    cdef Py_ssize_t _setattr(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
+                             Py_ssize_t room) except? -2:
+        """SETATTR through the backend's ``setattr`` callback: its
+        fuse_attr_out after a header, a header with its errno, or -1."""
+        cdef uint64_t unique = vfa_ld64(request + 8)
+        if blen < SETATTR_IN or room < OUT_HEADER + ATTR_OUT:
+            return -1
+        r = self._setattr_cb(vfa_ld64(request + 16),
+                             PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER), SETATTR_IN),
+                             vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
+        return _callback_reply(r, unique, ATTR_OUT, reply)
 
     cdef Py_ssize_t _create(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
                             Py_ssize_t room) except? -2:
@@ -268,16 +301,7 @@ cdef class PassthroughResponder:
         r = self._create_cb(vfa_ld64(request + 16), PyBytes_FromStringAndSize(<const char *>name, nlen),
                             vfa_ld32(body + 4), vfa_ld32(body), vfa_ld32(body + 8),
                             vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
-        if r is None:
-            return -1
-        if not PyBytes_CheckExact(r):
-            _store_out_header(reply, OUT_HEADER, -<int>r, unique)
-            return OUT_HEADER
-        if PyBytes_GET_SIZE(r) != CREATE_BODY:
-            raise ValueError(f"create callback gave a {PyBytes_GET_SIZE(r)}-byte body")
-        _store_out_header(reply, OUT_HEADER + CREATE_BODY, 0, unique)
-        memcpy(reply + OUT_HEADER, PyBytes_AS_STRING(r), CREATE_BODY)
-        return OUT_HEADER + CREATE_BODY
+        return _callback_reply(r, unique, CREATE_BODY, reply)
 
     cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):
         """READDIR's reply body from the backend's ``readdir`` callback

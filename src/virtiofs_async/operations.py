@@ -129,6 +129,37 @@ class FileInfo:
     parallel_direct_writes: bool = False
 
 
+def setattr_arguments(
+    nodeid: int, valid: int, fh: int, size: int, atime: int, mtime: int, ctime: int,
+    atimensec: int, mtimensec: int, ctimensec: int, mode: int, uid: int, gid: int,
+) -> tuple[EntryAttributes, SetattrFields, int | None]:
+    """``setattr``'s ``attr``, ``fields`` and ``fh`` (None without
+    FATTR_FH) for a SETATTR's ``fuse_setattr_in`` fields."""
+    fields = SetattrFields(
+        update_mode=bool(valid & abi.FATTR_MODE),
+        update_uid=bool(valid & abi.FATTR_UID),
+        update_gid=bool(valid & abi.FATTR_GID),
+        update_size=bool(valid & abi.FATTR_SIZE),
+        update_atime=bool(valid & abi.FATTR_ATIME),
+        update_mtime=bool(valid & abi.FATTR_MTIME),
+        update_ctime=bool(valid & abi.FATTR_CTIME),
+        update_atime_now=bool(valid & abi.FATTR_ATIME_NOW),
+        update_mtime_now=bool(valid & abi.FATTR_MTIME_NOW),
+        kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+    )
+    attr = EntryAttributes(
+        st_ino=nodeid,
+        st_mode=mode,
+        st_uid=uid,
+        st_gid=gid,
+        st_size=size,
+        st_atime_ns=codec.wire_time_ns(atime, atimensec),
+        st_mtime_ns=codec.wire_time_ns(mtime, mtimensec),
+        st_ctime_ns=codec.wire_time_ns(ctime, ctimensec),
+    )
+    return attr, fields, (fh if valid & abi.FATTR_FH else None)
+
+
 #: FileInfo attribute -> FOPEN_* flag.
 _FOPEN_FLAGS = (
     ("direct_io", abi.FOPEN_DIRECT_IO),

@@ -27,7 +27,10 @@ leaving the event loop:
   ``..``): ``create(parent, name, mode, flags, umask, uid, gid, pid)``
   returns the reply's body (``fuse_entry_out`` + ``fuse_open_out``, the
   lookup counted and the handle installed), an errno (> 0) for an error
-  reply, or None to leave the request to the full path with nothing done.
+  reply, or None to leave the request to the full path with nothing done;
+* with a ``setattr`` callback, SETATTR: ``setattr(nodeid, setattr_in, uid,
+  gid, pid)`` (``setattr_in`` the 88-byte ``fuse_setattr_in``) returns the
+  ``fuse_attr_out`` body, an errno (> 0), or None (nothing done).
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
@@ -79,6 +82,9 @@ _OP_CREATE = int(abi.Opcode.CREATE)
 _CREATE_IN = abi.fuse_create_in.size  # 16
 _CREATE_BODY = abi.fuse_entry_out.size + abi.fuse_open_out.size  # 144
 _create_in_unpack_from = abi.fuse_create_in.unpack_from
+_OP_SETATTR = int(abi.Opcode.SETATTR)
+_SETATTR_IN = abi.fuse_setattr_in.size  # 88
+_ATTR_OUT = abi.fuse_attr_out.size  # 104
 _READ_IN = abi.fuse_read_in.size  # 40
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -116,7 +122,7 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max", "_create")
+                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max", "_create", "_setattr")
 
     def __init__(
         self,
@@ -135,6 +141,7 @@ class PassthroughResponder:
         release: Callable[[int, bool], int] | None = None,
         readdir: Callable[[int, int, int], bytes | None] | None = None,
         create: Callable[[int, bytes, int, int, int, int, int, int], bytes | int | None] | None = None,
+        setattr: Callable[[int, bytes, int, int, int], bytes | int | None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -153,6 +160,7 @@ class PassthroughResponder:
         self._release = release
         self._readdir = readdir
         self._create = create
+        self._setattr = setattr
         self._read_max = min(max(read_max, 0), _U32)
 
     def respond(self, request: bytes, room: int) -> bytes | None:
@@ -173,9 +181,24 @@ class PassthroughResponder:
             return self._close(opcode, unique, request[_IN_HEADER:length], room)
         if opcode == _OP_READDIR and self._readdir is not None:
             return self._readdir_reply(unique, request[_IN_HEADER:length], room)
+        if opcode == _OP_SETATTR and self._setattr is not None:
+            return self._setattr_reply(unique, nodeid, uid, gid, pid, request[_IN_HEADER:length], room)
         if opcode == _OP_CREATE and self._create is not None:
             return self._create_reply(unique, nodeid, uid, gid, pid, request[_IN_HEADER:length], room)
         return None
+
+    def _setattr_reply(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: bytes,
+                       room: int) -> bytes | None:
+        if len(body) < _SETATTR_IN or room < _OUT_HEADER + _ATTR_OUT:
+            return None
+        r = self._setattr(nodeid, bytes(body[:_SETATTR_IN]), uid, gid, pid)  # type: ignore[misc]
+        if r is None:
+            return None
+        if isinstance(r, int):
+            return _out_header_pack(_OUT_HEADER, -r, unique)
+        if len(r) != _ATTR_OUT:
+            raise ValueError(f"setattr callback gave a {len(r)}-byte body")
+        return _out_header_pack(_OUT_HEADER + _ATTR_OUT, 0, unique) + r
 
     def _create_reply(self, unique: int, parent: int, uid: int, gid: int, pid: int, body: bytes,
                       room: int) -> bytes | None:

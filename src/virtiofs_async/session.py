@@ -31,9 +31,9 @@ from .operations import (
     FileLock,
     Operations,
     RequestContext,
-    SetattrFields,
     SizedDirectoryReply,
     pack_open_out,
+    setattr_arguments,
 )
 
 log = logging.getLogger("virtiofs_async.session")
@@ -439,30 +439,10 @@ class FuseSession:
         return _pack_attr_out(await self.operations.getattr(req.header.nodeid, self._ctx(req), fh))
 
     async def _setattr(self, req: codec.SetattrRequest) -> Body:
-        valid = req.valid
-        fields = SetattrFields(
-            update_mode=bool(valid & abi.FATTR_MODE),
-            update_uid=bool(valid & abi.FATTR_UID),
-            update_gid=bool(valid & abi.FATTR_GID),
-            update_size=bool(valid & abi.FATTR_SIZE),
-            update_atime=bool(valid & abi.FATTR_ATIME),
-            update_mtime=bool(valid & abi.FATTR_MTIME),
-            update_ctime=bool(valid & abi.FATTR_CTIME),
-            update_atime_now=bool(valid & abi.FATTR_ATIME_NOW),
-            update_mtime_now=bool(valid & abi.FATTR_MTIME_NOW),
-            kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+        attr, fields, fh = setattr_arguments(
+            req.header.nodeid, req.valid, req.fh, req.size, req.atime, req.mtime, req.ctime,
+            req.atimensec, req.mtimensec, req.ctimensec, req.mode, req.uid, req.gid,
         )
-        attr = EntryAttributes(
-            st_ino=req.header.nodeid,
-            st_mode=req.mode,
-            st_uid=req.uid,
-            st_gid=req.gid,
-            st_size=req.size,
-            st_atime_ns=codec.wire_time_ns(req.atime, req.atimensec),
-            st_mtime_ns=codec.wire_time_ns(req.mtime, req.mtimensec),
-            st_ctime_ns=codec.wire_time_ns(req.ctime, req.ctimensec),
-        )
-        fh = req.fh if valid & abi.FATTR_FH else None
         return _pack_attr_out(await self.operations.setattr(req.header.nodeid, attr, fields, fh, self._ctx(req)))
 
     async def _readlink(self, req: codec.ReadlinkRequest) -> Body:

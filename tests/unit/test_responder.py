@@ -1494,3 +1494,63 @@ def _check_ring_creates(reads: ReadRig) -> None:
     served, n, reply = reads.offer(create_req(abi.FUSE_ROOT_ID, b"cramped"), [16, 100])
     # the full path's answer to a reply room the guest made too small
     assert not served and abi.fuse_out_header.unpack_from(reply)[1] == -errno.EIO
+
+
+SETATTR = int(abi.Opcode.SETATTR)
+
+
+def setattr_req(nodeid: int, valid: int, *, fh: int = 0, size: int = 0, times: tuple[int, int] = (0, 0),
+                mode: int = 0, owner: tuple[int, int] = (0, 0), unique: int = 17, **kw: Any) -> bytes:
+    u64 = (1 << 64) - 1  # times go as the kernel sends them: two's complement
+    body = abi.fuse_setattr_in.pack(valid, 0, fh, size, 0, times[0] & u64, times[1] & u64, 0, 5, 6, 0, mode, 0, *owner, 0)
+    return request(SETATTR, nodeid, body, unique, **kw)
+
+
+def _without_ctime(attr_reply: bytes) -> bytes:
+    """A SETATTR reply but its ctime (fuse_attr at 32: ctime at 40, ctimensec at 56)."""
+    return attr_reply[:72] + attr_reply[80:88] + attr_reply[92:]
+
+
+def _setting(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, setattr=fs._setattr_inline)
+
+
+def test_setattr_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> None:
+    """Each twin changes mode, owner and times as the full path does and
+    answers with the bytes the full path gives for the same request right
+    after (it changes nothing more then); truncation, unknown inodes and short requests go to the full path."""
+    m = Mount(_fresh(tmp_path, "setattr"))
+    try:
+        fs = m.fs
+        f = m.nodeids[b"f"]
+        path = os.path.join(m.root, "f")
+        for k, cls in enumerate(_twins()):
+            r = _setting(fs, cls)
+            cases = [
+                (abi.FATTR_MODE, {"mode": 0o100600 + k}),
+                (abi.FATTR_UID | abi.FATTR_GID, {"owner": (1234 + k, 4321)}),
+                (abi.FATTR_ATIME | abi.FATTR_MTIME, {"times": (1_000_000 + k, -20 - k)}),
+            ]
+            for valid, kw in cases:
+                req = setattr_req(f, valid, **kw)
+                answer = r.respond(req, 512)
+                assert answer is not None and len(answer) == 120
+                assert _without_ctime(answer) == _without_ctime(m.full(req)[1])  # the full path's change is a new ctime
+            st_ = os.lstat(path)
+            assert stat.S_IMODE(st_.st_mode) == 0o600 + k and (st_.st_uid, st_.st_gid) == (1234 + k, 4321)
+            assert (st_.st_atime_ns, st_.st_mtime_ns) == ((1_000_000 + k) * 10**9 + 5, (-20 - k) * 10**9 + 6)
+            # declined, nothing changed
+            before = os.lstat(path)
+            assert r.respond(setattr_req(f, abi.FATTR_SIZE | abi.FATTR_MODE, size=1, mode=0o100644), 512) is None
+            assert r.respond(setattr_req(999_999, abi.FATTR_MODE, mode=0o100644), 512) is None
+            assert r.respond(setattr_req(f, abi.FATTR_MODE, mode=0o100644)[:-1], 512) is None
+            assert r.respond(setattr_req(f, abi.FATTR_MODE, mode=0o100644), 119) is None
+            assert r.respond(setattr_req(f, abi.FATTR_MODE, mode=0o100644, extlen=1), 512) is None
+            assert r.respond(setattr_req(m.nodeids[b"s"], abi.FATTR_MODE, mode=0o120644), 512) is None
+            assert os.lstat(path) == before
+        # times far from now, as the full path sets them
+        req = setattr_req(f, abi.FATTR_ATIME | abi.FATTR_MTIME, times=(1 << 40, -(1 << 33)))
+        for cls in _twins():
+            assert _without_ctime(_setting(fs, cls).respond(req, 512)) == _without_ctime(m.full(req)[1])
+    finally:
+        m.close()

@@ -125,6 +125,7 @@ from ..operations import (
     SizedDirectoryReply,
     StatvfsData,
     pack_open_out,
+    setattr_arguments,
 )
 from . import _hostfs
 from ._hostfs import Credentials, FileHandle, call_as
@@ -135,6 +136,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("virtiofs_async.passthrough")
+_setattr_in_unpack = abi.fuse_setattr_in.unpack_from
 T = TypeVar("T")
 
 CACHE_POLICIES = ("never", "metadata", "auto", "always")
@@ -298,7 +300,7 @@ _RESPONDER_BYPASSES = (
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
     "_fast_namespace", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
-    "_with_fd",
+    "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "_attrs",
 )
 
 
@@ -809,7 +811,8 @@ class PassthroughFS(Operations):
         FLUSH, RELEASE and RELEASEDIR where they close inline
         (``_flush_inline``, ``_release_inline``), READDIR where
         :meth:`readdir` reads inline (``_readdir_inline``), CREATE where
-        :meth:`create` creates inline (``_create_inline``),
+        :meth:`create` creates inline (``_create_inline``), SETATTR where
+        :meth:`setattr` runs inline (``_setattr_inline``: no truncation),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -827,7 +830,7 @@ class PassthroughFS(Operations):
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
             flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
-            create=self._create_inline,
+            create=self._create_inline, setattr=self._setattr_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -940,6 +943,37 @@ class PassthroughFS(Operations):
             pins, f.update_size, self._with_fd, node, self._w_setattr, node, attr, f, h, ctx.uid
         )
         return self._attrs(node.nodeid, st)
+
+    def _setattr_inline(self, nodeid: int, setattr_in: bytes, uid: int, gid: int, pid: int) -> bytes | int | None:
+        """SETATTR for the inline responder (``setattr_in``: the request's
+        88-byte ``fuse_setattr_in``), as :meth:`setattr` does it inline:
+        the ``fuse_attr_out`` body, or the errno of a failing host call
+        (what it changed before stays changed, as in the full path), or
+        None, with nothing done, for the full path (truncation, which goes
+        to the pool, an unknown inode, a read-only share, a symlink's mode)."""
+        if not self.inline_metadata or self.readonly:
+            return None
+        v = _setattr_in_unpack(setattr_in)
+        attr, f, fh = setattr_arguments(nodeid, v[0], v[2], v[3], v[5], v[6], v[7], v[8], v[9], v[10], v[11],
+                                        v[13], v[14])
+        if f.update_size:
+            return None
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.node.nodeid != nodeid:
+            h = None
+        node = h.node if h is not None else self._inodes.get(nodeid)
+        if node is None or (f.update_mode and node.kind == stat.S_IFLNK):
+            return None
+        try:
+            st = self._with_fd(node, self._w_setattr, node, attr, f, h, uid)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            log.info("SETATTR nodeid=%d -> %s", nodeid, errno.errorcode.get(err, err))
+            return err
+        except Exception:
+            log.exception("SETATTR nodeid=%d failed -> EIO", nodeid)
+            return errno.EIO  # as the full path answers a backend failure
+        return _accel.pack_attr_out(self._attrs(node.nodeid, st))
 
     def _w_setattr(
         self, pfd: int, node: _Inode, attr: EntryAttributes, f: SetattrFields, h: _Handle | None, uid: int,
@@ -1172,7 +1206,7 @@ class PassthroughFS(Operations):
             os.close(fd)
             log.exception("CREATE nodeid=%d: installing the new inode failed -> EIO", parent)
             return errno.EIO  # as the full path answers a backend failure
-        return codec.pack_entry_out(entry) + pack_open_out(self._new_handle(node, fd, False, oflags))
+        return _accel.pack_entry_out(entry) + pack_open_out(self._new_handle(node, fd, False, oflags))
 
     def _w_create(
         self, dirfd: int, name: bytes, oflags: int, mode: int, excl: bool, creds: Credentials | None, umask: int
