@@ -172,7 +172,6 @@ cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error,
     vfa_st64(p + 8, unique)
 
 
-@cython.final
 cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsigned char *reply) except? -2:
     """A backend callback's answer as a reply: None -1 (declined), an
     errno a header with it, else its ``size``-byte body after a header."""
@@ -188,6 +187,7 @@ cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsi
     return OUT_HEADER + size
 
 
+@cython.final
 cdef class PassthroughResponder:
     """See :class:`virtiofs_async.responder.PassthroughResponder`."""
 

@@ -272,7 +272,6 @@ class DirectoryReply:
         return (24 + name_len + 7) // 8 * 8 + (128 if self.plus else 0)
 
 
-
 class SizedDirectoryReply(DirectoryReply):
     """A reply that holds at most ``size`` bytes of records, kept in
     ``parts`` (to be joined): ``add_dirents`` takes records whole when they

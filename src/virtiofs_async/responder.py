@@ -115,6 +115,18 @@ def _attr_fields(nodeid: int, st: os.stat_result, flags: int) -> tuple[int, ...]
     )
 
 
+def _callback_reply(r: bytes | int | None, unique: int, size: int) -> bytes | None:
+    """A backend callback's answer as a reply: None (declined), an errno's
+    header, or its ``size``-byte body after a header."""
+    if r is None:
+        return None
+    if isinstance(r, int):
+        return _out_header_pack(_OUT_HEADER, -r, unique)
+    if len(r) != size:
+        raise ValueError(f"a responder callback gave a {len(r)}-byte body, not {size}")
+    return _out_header_pack(_OUT_HEADER + size, 0, unique) + r
+
+
 class PassthroughResponder:
     """Answers GETATTR (and LOOKUP when ``lookups``) from ``inodes`` and
     ``by_key``; see the module docstring for what it answers and the
@@ -192,13 +204,7 @@ class PassthroughResponder:
         if len(body) < _SETATTR_IN or room < _OUT_HEADER + _ATTR_OUT:
             return None
         r = self._setattr(nodeid, bytes(body[:_SETATTR_IN]), uid, gid, pid)  # type: ignore[misc]
-        if r is None:
-            return None
-        if isinstance(r, int):
-            return _out_header_pack(_OUT_HEADER, -r, unique)
-        if len(r) != _ATTR_OUT:
-            raise ValueError(f"setattr callback gave a {len(r)}-byte body")
-        return _out_header_pack(_OUT_HEADER + _ATTR_OUT, 0, unique) + r
+        return _callback_reply(r, unique, _ATTR_OUT)
 
     def _create_reply(self, unique: int, parent: int, uid: int, gid: int, pid: int, body: bytes,
                       room: int) -> bytes | None:
@@ -210,13 +216,7 @@ class PassthroughResponder:
             return None
         flags, mode, umask, _open_flags = _create_in_unpack_from(body)
         r = self._create(parent, name, mode, flags, umask, uid, gid, pid)  # type: ignore[misc]
-        if r is None:
-            return None
-        if isinstance(r, int):
-            return _out_header_pack(_OUT_HEADER, -r, unique)
-        if len(r) != _CREATE_BODY:
-            raise ValueError(f"create callback gave a {len(r)}-byte body")
-        return _out_header_pack(_OUT_HEADER + _CREATE_BODY, 0, unique) + r
+        return _callback_reply(r, unique, _CREATE_BODY)
 
     def _readdir_reply(self, unique: int, body: bytes, room: int) -> bytes | None:
         if len(body) < _READ_IN:

@@ -300,7 +300,7 @@ _RESPONDER_BYPASSES = (
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
     "_fast_namespace", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
-    "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "_attrs",
+    "_with_fd", "setattr", "_w_setattr", "_setattr_inline",
 )
 
 
@@ -1176,8 +1176,7 @@ class PassthroughFS(Operations):
         None, with nothing done, for the full path (an unknown or
         non-directory parent, a bad name or flags, a read-only share, a
         directory whose namespace calls go to the pool)."""
-        p = self._inodes.get(parent)
-        if p is None or p.kind != stat.S_IFDIR or not self.inline_metadata or self.readonly:
+        if not self.inline_metadata:
             return None
         try:
             self._check_writable_fs()
