@@ -94,6 +94,8 @@ cdef enum:
     CREATE_BODY = 144    # fuse_entry_out + fuse_open_out
     SETATTR_IN = 88      # fuse_setattr_in
     ATTR_OUT = 104       # fuse_attr_out
+    OPEN_IN = 8          # fuse_open_in
+    OPEN_OUT = 16        # fuse_open_out
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
@@ -104,8 +106,13 @@ cdef uint32_t OP_RELEASEDIR = int(_abi.Opcode.RELEASEDIR)
 cdef uint32_t OP_READ = int(_abi.Opcode.READ)
 cdef uint32_t OP_WRITE = int(_abi.Opcode.WRITE)
 cdef uint32_t OP_READDIR = int(_abi.Opcode.READDIR)
+cdef uint32_t OP_READDIRPLUS = int(_abi.Opcode.READDIRPLUS)
 cdef uint32_t OP_CREATE = int(_abi.Opcode.CREATE)
 cdef uint32_t OP_SETATTR = int(_abi.Opcode.SETATTR)
+cdef uint32_t OP_UNLINK = int(_abi.Opcode.UNLINK)
+cdef uint32_t OP_RMDIR = int(_abi.Opcode.RMDIR)
+cdef uint32_t OP_OPEN = int(_abi.Opcode.OPEN)
+cdef uint32_t OP_OPENDIR = int(_abi.Opcode.OPENDIR)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -172,6 +179,16 @@ cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error,
     vfa_st64(p + 8, unique)
 
 
+cdef inline bint _component(const unsigned char *name, Py_ssize_t nlen) noexcept:
+    """Whether ``name`` (``nlen`` bytes, its NUL after them) is a single
+    component other than ``.`` and ``..`` (the pure twin's _component)."""
+    if nlen < 1 or nlen > NAME_MAX:
+        return False
+    if memchr(name, 0, nlen) != NULL or memchr(name, ord('/'), nlen) != NULL:
+        return False
+    return not (name[0] == ord('.') and (nlen == 1 or (nlen == 2 and name[1] == ord('.'))))
+
+
 cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsigned char *reply) except? -2:
     """A backend callback's answer as a reply: None -1 (declined), an
     errno a header with it, else its ``size``-byte body after a header."""
@@ -198,11 +215,15 @@ cdef class PassthroughResponder:
     cdef uint32_t _entry_nsec, _attr_nsec
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
-    cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb
+    cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
+    cdef object _readdirplus_cb
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
-                 readdir=None, create=None, setattr=None):
+                 readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None):
+        self._readdirplus_cb = readdirplus
+        self._remove_cb = remove
+        self._open_cb = open
         self._readdir_cb = readdir
         self._setattr_cb = setattr
         self._create_cb = create
@@ -234,7 +255,7 @@ cdef class PassthroughResponder:
             room = VFA_RESPONDER_REPLY_MAX
         if room < 0 or req.shape[0] < IN_HEADER:
             return None
-        if vfa_ld32(&req[0] + 4) == OP_READDIR:
+        if vfa_ld32(&req[0] + 4) == OP_READDIR or vfa_ld32(&req[0] + 4) == OP_READDIRPLUS:
             body = self._readdir_body(&req[0], req.shape[0], room)
             if body is None:
                 return None
@@ -269,6 +290,20 @@ cdef class PassthroughResponder:
             return self._setattr(request, <Py_ssize_t>length - IN_HEADER, reply, room)
         if opcode == OP_CREATE and self._create_cb is not None:
             return self._create(request, <Py_ssize_t>length - IN_HEADER, reply, room)
+        if (opcode == OP_UNLINK or opcode == OP_RMDIR) and self._remove_cb is not None:
+            # body: the name and its NUL, nothing else (the codec's framing rule)
+            if (length < IN_HEADER + 2 or request[length - 1] != 0 or room < OUT_HEADER
+                    or not _component(request + IN_HEADER, <Py_ssize_t>length - IN_HEADER - 1)):
+                return -1
+            r = self._remove_cb(nodeid, PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER),
+                                                                  <Py_ssize_t>length - IN_HEADER - 1),
+                                opcode == OP_RMDIR)
+            return _callback_reply(r, unique, 0, reply)
+        if (opcode == OP_OPEN or opcode == OP_OPENDIR) and self._open_cb is not None:
+            if length < IN_HEADER + OPEN_IN or room < OUT_HEADER + OPEN_OUT:
+                return -1
+            r = self._open_cb(nodeid, vfa_ld32(request + IN_HEADER), opcode == OP_OPENDIR)
+            return _callback_reply(r, unique, OPEN_OUT, reply)
         return -1
 
     cdef Py_ssize_t _setattr(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
@@ -292,11 +327,7 @@ cdef class PassthroughResponder:
         cdef Py_ssize_t nlen = blen - CREATE_IN - 1
         cdef const unsigned char *name = body + CREATE_IN
         cdef uint64_t unique = vfa_ld64(request + 8)
-        if nlen < 1 or body[blen - 1] != 0 or nlen > NAME_MAX or room < OUT_HEADER + CREATE_BODY:
-            return -1
-        if memchr(name, 0, nlen) != NULL or memchr(name, ord('/'), nlen) != NULL:
-            return -1
-        if name[0] == ord('.') and (nlen == 1 or (nlen == 2 and name[1] == ord('.'))):
+        if nlen < 1 or body[blen - 1] != 0 or room < OUT_HEADER + CREATE_BODY or not _component(name, nlen):
             return -1
         r = self._create_cb(vfa_ld64(request + 16), PyBytes_FromStringAndSize(<const char *>name, nlen),
                             vfa_ld32(body + 4), vfa_ld32(body), vfa_ld32(body + 8),
@@ -304,11 +335,13 @@ cdef class PassthroughResponder:
         return _callback_reply(r, unique, CREATE_BODY, reply)
 
     cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):
-        """READDIR's reply body from the backend's ``readdir`` callback
-        (bytes of at most the request's size, which fits ``room`` after the
-        header), or None to decline."""
+        """READDIR's (READDIRPLUS's) reply body from the backend's
+        ``readdir`` (``readdirplus``) callback (bytes of at most the
+        request's size, which fits ``room`` after the header), or None to
+        decline."""
         cdef uint32_t length, size
-        if self._readdir_cb is None or n < READ_LEN:
+        callback = self._readdirplus_cb if vfa_ld32(request + 4) == OP_READDIRPLUS else self._readdir_cb
+        if callback is None or n < READ_LEN:
             return None
         length = vfa_ld32(request)
         if vfa_ld16(request + 36) != 0 or length > n or length < READ_LEN:
@@ -316,7 +349,7 @@ cdef class PassthroughResponder:
         size = vfa_ld32(request + 56)
         if size == 0 or size > self._read_max or room < OUT_HEADER + <Py_ssize_t>size:
             return None
-        body = self._readdir_cb(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
+        body = callback(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
         if body is None or not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > <Py_ssize_t>size:
             return None
         return body
@@ -411,11 +444,7 @@ cdef class PassthroughResponder:
         cdef int pfd
         cdef uint64_t parent_dev, nid
         cdef uint32_t flags = 0
-        if blen < 2 or body[nlen] != 0 or nlen > NAME_MAX:
-            return -1
-        if memchr(body, 0, nlen) != NULL or memchr(body, ord('/'), nlen) != NULL:
-            return -1
-        if body[0] == ord('.') and (nlen == 1 or (nlen == 2 and body[1] == ord('.'))):
+        if blen < 2 or body[nlen] != 0 or not _component(body, nlen):
             return -1
         found = PyDict_GetItem(self._inodes, parent_id)
         if found == NULL:
@@ -713,7 +742,7 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
         if opcode == OP_WRITE:
             return (<PassthroughResponder>self)._write(request, n, readable, rcount, readable_len, reply, count,
                                                        room)
-        if opcode == OP_READDIR:
+        if opcode == OP_READDIR or opcode == OP_READDIRPLUS:
             return (<PassthroughResponder>self)._readdir(request, n, reply, count, room)
         r = (<PassthroughResponder>self)._answer(request, n, small, room if room < VFA_RESPONDER_REPLY_MAX
                                                  else VFA_RESPONDER_REPLY_MAX)

@@ -722,12 +722,39 @@ cdef class VirtQueue:
         to the full path. Chains it does not answer, or that this fast walk
         does not take (buffers crossing regions, more pieces, malformed),
         are walked again by the full path."""
-        cdef list chains = []
+        return self._pop_serving(memory, operator.index(limit), responder, operator.index(byte_budget),
+                                 operator.index(signal_every), operator.index(notify_fd))
+
+    def serve_kick(self, memory, limit, responder, byte_budget=0, signal_every=0, notify_fd=-1):
+        """As the pure twin's: kicks disabled, :meth:`pop_serving` until the
+        ring is empty, kicks enabled and the ring looked at once more, one
+        last notification decision for what was answered, in one call."""
         cdef long long n = operator.index(limit)
-        cdef long long served = 0
         cdef long long budget = operator.index(byte_budget)
         cdef long long every = operator.index(signal_every)
         cdef int fd = operator.index(notify_fd)
+        cdef long long answered = 0, served
+        cdef uint64_t one = 1
+        cdef list chains
+        self.disable_notification(memory)
+        try:
+            while True:
+                chains, served = self._pop_serving(memory, n - answered, responder, budget, every, fd)
+                answered += served
+                if PyList_GET_SIZE(chains) or answered >= n:
+                    return chains, answered
+                if served:
+                    continue  # a chunk ended the call, or the ring has more
+                if not self.enable_notification(memory):
+                    return chains, answered
+                self.disable_notification(memory)
+        finally:
+            if answered and fd >= 0 and self._desc_gpa is not None and self._notify_due():
+                write(fd, &one, 8)  # EAGAIN: the counter is full, the driver wakes anyway
+
+    cdef tuple _pop_serving(self, memory, long long n, responder, long long budget, long long every, int fd):
+        cdef list chains = []
+        cdef long long served = 0
         cdef long long moved = 0, answered = 0
         cdef uint64_t one = 1
         cdef Py_ssize_t r

@@ -23,6 +23,8 @@ leaving the event loop:
   fits the reply room: ``readdir(fh, offset, size)`` returns the reply's
   body (at most ``size`` bytes), or None to leave the request to the full
   path (the callback must leave the handle as the full path expects it);
+  with a ``readdirplus`` callback, READDIRPLUS likewise (the callback
+  counts the lookups of the records it returns, and of no others);
 * with a ``create`` callback, CREATE of a valid component (not ``.`` or
   ``..``): ``create(parent, name, mode, flags, umask, uid, gid, pid)``
   returns the reply's body (``fuse_entry_out`` + ``fuse_open_out``, the
@@ -30,7 +32,13 @@ leaving the event loop:
   reply, or None to leave the request to the full path with nothing done;
 * with a ``setattr`` callback, SETATTR: ``setattr(nodeid, setattr_in, uid,
   gid, pid)`` (``setattr_in`` the 88-byte ``fuse_setattr_in``) returns the
-  ``fuse_attr_out`` body, an errno (> 0), or None (nothing done).
+  ``fuse_attr_out`` body, an errno (> 0), or None (nothing done);
+* with a ``remove`` callback, UNLINK and RMDIR of a valid component:
+  ``remove(parent, name, is_dir)`` returns 0, an errno (> 0), or None
+  (nothing done);
+* with an ``open`` callback, OPEN and OPENDIR: ``open(nodeid, flags,
+  is_dir)`` returns the ``fuse_open_out`` body (the handle installed), an
+  errno (> 0), or None (nothing done).
 
 Everything else (other opcodes, request extensions, errors other than
 ENOENT, short reply room) gets None.
@@ -78,6 +86,7 @@ _OP_RELEASE = int(abi.Opcode.RELEASE)
 _OP_RELEASEDIR = int(abi.Opcode.RELEASEDIR)
 _CLOSE_IN = 24  # fuse_flush_in, fuse_release_in
 _OP_READDIR = int(abi.Opcode.READDIR)
+_OP_READDIRPLUS = int(abi.Opcode.READDIRPLUS)
 _OP_CREATE = int(abi.Opcode.CREATE)
 _CREATE_IN = abi.fuse_create_in.size  # 16
 _CREATE_BODY = abi.fuse_entry_out.size + abi.fuse_open_out.size  # 144
@@ -86,6 +95,12 @@ _OP_SETATTR = int(abi.Opcode.SETATTR)
 _SETATTR_IN = abi.fuse_setattr_in.size  # 88
 _ATTR_OUT = abi.fuse_attr_out.size  # 104
 _READ_IN = abi.fuse_read_in.size  # 40
+_OP_UNLINK = int(abi.Opcode.UNLINK)
+_OP_RMDIR = int(abi.Opcode.RMDIR)
+_OP_OPEN = int(abi.Opcode.OPEN)
+_OP_OPENDIR = int(abi.Opcode.OPENDIR)
+_OPEN_IN = abi.fuse_open_in.size  # 8
+_OPEN_OUT = abi.fuse_open_out.size  # 16
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
@@ -115,6 +130,18 @@ def _attr_fields(nodeid: int, st: os.stat_result, flags: int) -> tuple[int, ...]
     )
 
 
+def _component(body: bytes) -> bytes | None:
+    """The name of a body that is one NUL-terminated name (the codec's
+    framing rule), if it is a single component other than ``.`` and
+    ``..``; else None."""
+    if len(body) < 2 or body[-1] != 0:
+        return None
+    name = body[:-1]
+    if len(name) > NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+        return None
+    return bytes(name)
+
+
 def _callback_reply(r: bytes | int | None, unique: int, size: int) -> bytes | None:
     """A backend callback's answer as a reply: None (declined), an errno's
     header, or its ``size``-byte body after a header."""
@@ -134,7 +161,8 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_read_max", "_create", "_setattr")
+                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_readdirplus", "_read_max", "_create", "_setattr",
+                 "_remove", "_open")
 
     def __init__(
         self,
@@ -154,6 +182,9 @@ class PassthroughResponder:
         readdir: Callable[[int, int, int], bytes | None] | None = None,
         create: Callable[[int, bytes, int, int, int, int, int, int], bytes | int | None] | None = None,
         setattr: Callable[[int, bytes, int, int, int], bytes | int | None] | None = None,
+        remove: Callable[[int, bytes, bool], int | None] | None = None,
+        readdirplus: Callable[[int, int, int], bytes | None] | None = None,
+        open: Callable[[int, int, bool], bytes | int | None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -171,8 +202,11 @@ class PassthroughResponder:
         self._flush = flush
         self._release = release
         self._readdir = readdir
+        self._readdirplus = readdirplus
         self._create = create
         self._setattr = setattr
+        self._remove = remove
+        self._open = open
         self._read_max = min(max(read_max, 0), _U32)
 
     def respond(self, request: bytes, room: int) -> bytes | None:
@@ -192,11 +226,23 @@ class PassthroughResponder:
         if opcode in (_OP_FLUSH, _OP_RELEASE, _OP_RELEASEDIR):
             return self._close(opcode, unique, request[_IN_HEADER:length], room)
         if opcode == _OP_READDIR and self._readdir is not None:
-            return self._readdir_reply(unique, request[_IN_HEADER:length], room)
+            return self._readdir_reply(self._readdir, unique, request[_IN_HEADER:length], room)
+        if opcode == _OP_READDIRPLUS and self._readdirplus is not None:
+            return self._readdir_reply(self._readdirplus, unique, request[_IN_HEADER:length], room)
         if opcode == _OP_SETATTR and self._setattr is not None:
             return self._setattr_reply(unique, nodeid, uid, gid, pid, request[_IN_HEADER:length], room)
         if opcode == _OP_CREATE and self._create is not None:
             return self._create_reply(unique, nodeid, uid, gid, pid, request[_IN_HEADER:length], room)
+        if (opcode == _OP_UNLINK or opcode == _OP_RMDIR) and self._remove is not None:
+            name = _component(request[_IN_HEADER:length])
+            if name is None or room < _OUT_HEADER:
+                return None
+            return _callback_reply(self._remove(nodeid, name, opcode == _OP_RMDIR), unique, 0)
+        if (opcode == _OP_OPEN or opcode == _OP_OPENDIR) and self._open is not None:
+            if length < _IN_HEADER + _OPEN_IN or room < _OUT_HEADER + _OPEN_OUT:
+                return None
+            flags = int.from_bytes(request[_IN_HEADER:_IN_HEADER + 4], "little")
+            return _callback_reply(self._open(nodeid, flags, opcode == _OP_OPENDIR), unique, _OPEN_OUT)
         return None
 
     def _setattr_reply(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: bytes,
@@ -209,22 +255,23 @@ class PassthroughResponder:
     def _create_reply(self, unique: int, parent: int, uid: int, gid: int, pid: int, body: bytes,
                       room: int) -> bytes | None:
         # body: fuse_create_in, then the name and its NUL (the codec's framing rule)
-        if len(body) < _CREATE_IN + 2 or body[-1] != 0 or room < _OUT_HEADER + _CREATE_BODY:
+        if len(body) < _CREATE_IN or room < _OUT_HEADER + _CREATE_BODY:
             return None
-        name = body[_CREATE_IN:-1]
-        if len(name) > NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+        name = _component(body[_CREATE_IN:])
+        if name is None:
             return None
         flags, mode, umask, _open_flags = _create_in_unpack_from(body)
         r = self._create(parent, name, mode, flags, umask, uid, gid, pid)  # type: ignore[misc]
         return _callback_reply(r, unique, _CREATE_BODY)
 
-    def _readdir_reply(self, unique: int, body: bytes, room: int) -> bytes | None:
+    def _readdir_reply(self, callback: Callable[[int, int, int], bytes | None], unique: int, body: bytes,
+                       room: int) -> bytes | None:
         if len(body) < _READ_IN:
             return None
         fh, offset, size = _read_in_unpack_from(body)[:3]
         if size == 0 or size > self._read_max or room < _OUT_HEADER + size:
             return None
-        records = self._readdir(fh, offset, size)
+        records = callback(fh, offset, size)
         if records is None or len(records) > size:
             return None
         return _out_header_pack(_OUT_HEADER + len(records), 0, unique) + records
@@ -382,11 +429,8 @@ class PassthroughResponder:
         return _out_header_pack(_ATTR_REPLY, 0, unique) + _attr_out_pack(valid, nsec, 0, *fields)
 
     def _lookup(self, unique: int, parent_id: int, body: bytes, room: int) -> bytes | None:
-        # body: the name and its NUL, nothing else (the codec's framing rule)
-        if len(body) < 2 or body[-1] != 0:
-            return None
-        name = body[:-1]
-        if len(name) > NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+        name = _component(body)
+        if name is None:
             return None
         parent = self._inodes.get(parent_id)
         if parent is None or parent.kind != stat.S_IFDIR or parent.fd < 0:

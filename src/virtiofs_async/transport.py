@@ -267,23 +267,40 @@ class _QueueWorker:
         the queue's state."""
         if not self._parked or self.stopping or self._backlog:
             return False
-        if getattr(self.conn.handler, "inline_responder", None) is None:
+        responder = getattr(self.conn.handler, "inline_responder", None)
+        if responder is None:
             return False
         memory = self.conn.backend.memory
-        queue = self.queue
+        call_fd = self.call_fd
         try:
-            queue.disable_notification(memory)
-            taken = self._pop_batch(memory, _TURN_BUDGET)
-            if self._backlog or self.stopping or taken >= _TURN_BUDGET or queue.enable_notification(memory):
-                return False
-        except VringError:
-            return False  # the leader meets it again and reports it
-        self._signal(memory)
-        return True
+            # One call: kicks off, answer, kicks on, look again, signal.
+            chains, answered = self.queue.serve_kick(
+                memory, _TURN_BUDGET, responder, _SIGNAL_BYTES, _SIGNAL_EVERY, -1 if call_fd is None else call_fd,
+            )
+        except VringError as exc:
+            self._malformed(memory, exc)
+            return False  # the leader goes on from here
+        if chains:
+            self.in_flight += len(chains)
+            self._backlog.extend(chains)
+            return False
+        return answered < _TURN_BUDGET and not self.stopping
 
     def _broken(self) -> None:
         log.error("queue %d is broken; it stops until the frontend resets it", self.index)
         self.stop()
+
+    def _malformed(self, memory: Any, exc: VringError) -> bool:
+        """A pop met a malformed chain: return it with nothing written
+        (True), or stop a queue whose rings are corrupt (False)."""
+        head = exc.head  # type: ignore[attr-defined]
+        log.warning("queue %d: malformed descriptor chain (head=%s): %s", self.index, head, exc)
+        if head is None:
+            self._broken()
+            return False
+        self.queue.add_used(memory, head, 0)
+        self._unsignalled = True
+        return True
 
     def _pop_batch(self, memory: Any, limit: int) -> int:
         """Move up to ``limit`` available chains into the backlog; return how
@@ -312,13 +329,8 @@ class _QueueWorker:
                         self._signal(memory)
                         taken += answered
             except VringError as exc:
-                head = exc.head  # type: ignore[attr-defined]
-                log.warning("queue %d: malformed descriptor chain (head=%s): %s", self.index, head, exc)
-                if head is None:
-                    self._broken()
+                if not self._malformed(memory, exc):
                     return taken
-                queue.add_used(memory, head, 0)
-                self._unsignalled = True
                 taken += 1
                 continue
             if not chains:

@@ -514,6 +514,42 @@ class VirtQueue:
                 chains.append(chain)
         return chains, served
 
+    def serve_kick(
+        self, memory: GuestMemory, limit: int, responder: InlineResponder, byte_budget: int = 0,
+        signal_every: int = 0, notify_fd: int = -1,
+    ) -> tuple[list[DescriptorChain], int]:
+        """Serve what a kick brought in one call: with kicks disabled,
+        :meth:`pop_serving` (same arguments) until the ring is empty, then
+        kicks enabled again and the ring looked at once more (buffers that
+        came meanwhile are served too, as :meth:`enable_notification` asks).
+        Returns as :meth:`pop_serving` does: the chains left to the full
+        path and how many were answered (``limit`` counts both). When it
+        returns chains, or took ``limit`` in all, kicks stay disabled: the
+        caller pops on. The replies answered get one last notification
+        decision, signalled on ``notify_fd`` if due (without one, call
+        :meth:`needs_notification` as after add_used), also when a
+        malformed chain raises VringError (as :meth:`pop`: ``head`` set,
+        already consumed)."""
+        self.disable_notification(memory)
+        answered = 0
+        try:
+            while True:
+                chains, served = self.pop_serving(
+                    memory, limit - answered, responder, byte_budget, signal_every, notify_fd,
+                )
+                answered += served
+                if chains or answered >= limit:
+                    return chains, answered
+                if served:
+                    continue  # a chunk ended the call, or the ring has more
+                if not self.enable_notification(memory):
+                    return chains, answered
+                self.disable_notification(memory)
+        finally:
+            if answered and notify_fd >= 0 and self.needs_notification(memory):
+                with contextlib.suppress(BlockingIOError):  # a full counter wakes the driver anyway
+                    os.write(notify_fd, _EVENTFD_ONE)
+
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written and publish the
         used index (element first, then index). VringError if the queue is

@@ -1554,3 +1554,355 @@ def test_setattr_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> Non
             assert _without_ctime(_setting(fs, cls).respond(req, 512)) == _without_ctime(m.full(req)[1])
     finally:
         m.close()
+
+
+# -- UNLINK, RMDIR, OPEN and OPENDIR at the queue ----------------------------------------------------------
+
+UNLINK, RMDIR = int(abi.Opcode.UNLINK), int(abi.Opcode.RMDIR)
+OPEN, OPENDIR = int(abi.Opcode.OPEN), int(abi.Opcode.OPENDIR)
+
+
+def remove_req(parent: int, name: bytes, directory: bool = False, unique: int = 17, **kw: Any) -> bytes:
+    return request(RMDIR if directory else UNLINK, parent, name + b"\0", unique, **kw)
+
+
+def open_req(nodeid: int, flags: int, directory: bool = False, unique: int = 19, **kw: Any) -> bytes:
+    return request(OPENDIR if directory else OPEN, nodeid, abi.fuse_open_in.pack(flags, 0), unique, **kw)
+
+
+def _removing(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, remove=fs._remove_inline)
+
+
+def _opening(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, open=fs._open_inline)
+
+
+def _host_state(m: Mount) -> tuple[Any, ...]:
+    listing = sorted((d, sorted(f)) for d, _, f in os.walk(m.root))
+    return listing, m.fs.held_fds(), m.counts(), dict(m.fs._handles)
+
+
+def test_unlink_and_rmdir_at_the_queue_do_what_the_full_path_does(tmp_path: Any) -> None:
+    """Each twin removes a file and an empty directory as the full path
+    would (the inode the guest still knows stays in the tables until its
+    FORGET), and answers a failing removal with the full path's bytes."""
+    root = _fresh(tmp_path, "remove")
+    m = Mount(root)
+    try:
+        fs = m.fs
+        for k, cls in enumerate(_twins()):
+            r = _removing(fs, cls)
+            open(os.path.join(root, f"file-{k}"), "wb").close()
+            os.mkdir(os.path.join(root, f"dir-{k}"))
+            known = m.lookup_via_session(abi.FUSE_ROOT_ID, b"file-%d" % k)
+            before = m.counts()
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"file-%d" % k), 16) == abi.fuse_out_header.pack(16, 0, 17)
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"dir-%d" % k, True), 16) == abi.fuse_out_header.pack(
+                16, 0, 17)
+            assert not os.path.lexists(os.path.join(root, f"file-{k}"))
+            assert not os.path.lexists(os.path.join(root, f"dir-{k}"))
+            assert m.counts() == before and fs._inodes[known].fd >= 0
+            for req, err in [
+                (remove_req(abi.FUSE_ROOT_ID, b"missing"), errno.ENOENT),
+                (remove_req(abi.FUSE_ROOT_ID, b"d", True), errno.ENOTEMPTY),
+                (remove_req(abi.FUSE_ROOT_ID, b"d"), errno.EISDIR),
+                (remove_req(abi.FUSE_ROOT_ID, b"f", True), errno.ENOTDIR),
+            ]:
+                state = _host_state(m)
+                mine = r.respond(req, 16)
+                assert mine == abi.fuse_out_header.pack(16, -err, 17), (req, mine)
+                assert _host_state(m) == state
+                assert m.full(req)[1] == mine
+    finally:
+        m.close()
+
+
+def test_what_unlink_and_rmdir_at_the_queue_leave_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import passthrough
+
+    root = _fresh(tmp_path, "remove-declines")
+    m = Mount(root)
+    try:
+        fs = m.fs
+        with open(os.path.join(root, "large"), "wb") as f:
+            f.truncate(passthrough._FAST_DROP_BYTES * 2)
+            os.posix_fallocate(f.fileno(), 0, passthrough._FAST_DROP_BYTES * 2)
+        for cls in _twins():
+            r = _removing(fs, cls)
+            state = _host_state(m)
+            for name in (b".", b"..", b"a/b", b"x" * 256, b"a\0b", b""):
+                assert r.respond(remove_req(abi.FUSE_ROOT_ID, name), 16) is None, name
+                assert r.respond(remove_req(abi.FUSE_ROOT_ID, name, True), 16) is None, name
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f")[:-1], 16) is None  # no NUL
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f", extlen=1), 16) is None
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 15) is None  # no room for the reply
+            assert r.respond(remove_req(m.nodeids[b"f"], b"x"), 16) is None  # not a directory
+            assert r.respond(remove_req(999_999, b"f"), 16) is None  # unknown parent
+            assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"large"), 16) is None  # its last link frees 2 MiB
+            with monkeypatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)  # namespace calls in the pool
+                assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
+            with monkeypatch.context() as p:
+                p.setattr(fs, "readonly", True)
+                assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
+            without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+            assert without.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
+            assert _host_state(m) == state
+    finally:
+        m.close()
+
+
+def _opened(m: Mount, reply: bytes, theirs: bytes, nodeid: int, directory: bool) -> int:
+    """Check an OPEN(DIR) reply against the full path's: another handle with
+    the same FOPEN flags, installed on the inode; returns its fh."""
+    assert len(reply) == 32 and abi.fuse_out_header.unpack_from(reply)[:2] == (32, 0)
+    fh, open_flags, _ = abi.fuse_open_out.unpack_from(reply, 16)
+    assert reply[8:16] == theirs[8:16] and reply[24:] == theirs[24:]  # unique, FOPEN flags, padding
+    h = m.fs._handles[fh]
+    assert h.node is m.fs._inodes[nodeid] and h.is_dir is directory
+    return fh
+
+
+def test_open_and_opendir_at_the_queue_do_what_the_full_path_does(tmp_path: Any) -> None:
+    for options in ({}, {"cache": "always"}, {"writeback": True}):
+        root = _fresh(tmp_path, "open-%s" % "-".join(options))
+        m = Mount(root, **options)
+        try:
+            fs = m.fs
+            fds = fs.held_fds()
+            f, d = m.nodeids[b"f"], m.nodeids[b"d"]
+            for cls in _twins():
+                r = _opening(fs, cls)
+                for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR):
+                    theirs = m.full(open_req(f, flags))[1]
+                    fh = _opened(m, r.respond(open_req(f, flags), 32), theirs, f, False)
+                    full_fh = abi.fuse_open_out.unpack_from(theirs, 16)[0]
+                    mine, full = fs._handles[fh], fs._handles[full_fh]
+                    assert (mine.writable, mine.nowait_read, mine.inline_write) == (
+                        full.writable, full.nowait_read, full.inline_write)
+                    assert fcntl_flags(mine.fd) == fcntl_flags(full.fd)
+                    if fcntl_flags(mine.fd) & os.O_ACCMODE != os.O_WRONLY:
+                        assert os.pread(mine.fd, 5, 0) == b"hello"
+                    m.full(release_req(fh))
+                    m.full(release_req(full_fh))
+                theirs = m.full(open_req(d, os.O_RDONLY | os.O_DIRECTORY, True))[1]
+                fh = _opened(m, r.respond(open_req(d, os.O_RDONLY | os.O_DIRECTORY, True), 32), theirs, d, True)
+                full_fh = abi.fuse_open_out.unpack_from(theirs, 16)[0]
+                assert sorted(os.listdir(fs._handles[fh].fd)) == ["g"]
+                m.full(release_req(fh, True))
+                m.full(release_req(full_fh, True))
+            assert fs.held_fds() == fds
+        finally:
+            m.close()
+
+
+def fcntl_flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def test_a_failing_open_at_the_queue_gets_the_full_paths_errno(tmp_path: Any, monkeypatch: Any) -> None:
+    m = Mount(_fresh(tmp_path, "open-fails"))
+    try:
+        fs = m.fs
+
+        def refuse(pfd: int, oflags: int) -> int:
+            raise OSError(errno.EACCES, "refused")
+
+        monkeypatch.setattr(fs, "_w_open", refuse)
+        for cls in _twins():
+            r = _opening(fs, cls)
+            state = _host_state(m)
+            for req in (open_req(m.nodeids[b"f"], os.O_RDONLY), open_req(m.nodeids[b"d"], os.O_RDONLY, True)):
+                mine = r.respond(req, 32)
+                assert mine == abi.fuse_out_header.pack(16, -errno.EACCES, 19)
+                assert m.full(req)[1] == mine
+            assert _host_state(m) == state
+    finally:
+        m.close()
+
+
+def test_what_open_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import passthrough
+
+    m = Mount(_fresh(tmp_path, "open-declines"))
+    try:
+        fs = m.fs
+        f, d, s, fifo = (m.nodeids[n] for n in (b"f", b"d", b"s", b"fifo"))
+        for cls in _twins():
+            r = _opening(fs, cls)
+            state = _host_state(m)
+            assert r.respond(open_req(f, os.O_RDONLY)[:-1], 32) is None  # short fuse_open_in
+            assert r.respond(open_req(f, os.O_RDONLY, extlen=1), 32) is None
+            assert r.respond(open_req(f, os.O_RDONLY), 31) is None  # no room for the reply
+            assert r.respond(open_req(999_999, os.O_RDONLY), 32) is None  # unknown: ESTALE there
+            for nodeid in (d, s, fifo):  # EISDIR, ELOOP, ENXIO there
+                assert r.respond(open_req(nodeid, os.O_RDONLY), 32) is None
+            assert r.respond(open_req(f, os.O_RDONLY, True), 32) is None  # ENOTDIR there
+            assert r.respond(open_req(f, os.O_RDWR | os.O_TRUNC), 32) is None  # truncates in the pool
+            with monkeypatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)  # namespace calls in the pool
+                assert r.respond(open_req(f, os.O_RDONLY), 32) is None
+                assert r.respond(open_req(d, os.O_RDONLY, True), 32) is None
+            with monkeypatch.context() as p:
+                p.setattr(fs, "readonly", True)
+                assert r.respond(open_req(f, os.O_WRONLY), 32) is None  # EROFS there
+            without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+            assert without.respond(open_req(f, os.O_RDONLY), 32) is None
+            assert _host_state(m) == state
+        with monkeypatch.context() as p:  # read-only share, read-only open: answered
+            p.setattr(fs, "readonly", True)
+            reply = _opening(fs, _twins()[0]).respond(open_req(f, os.O_RDONLY), 32)
+            m.full(release_req(abi.fuse_open_out.unpack_from(reply, 16)[0]))
+    finally:
+        m.close()
+
+
+def test_open_and_unlink_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
+    """The compiled entry point answers OPEN, OPENDIR, UNLINK and RMDIR (the
+    backend's responder has the callbacks) across the guest's buffers."""
+    m = reads.mount
+    served, n, reply = reads.offer(open_req(m.nodeids[b"f"], os.O_RDONLY), [16, 16])
+    assert served and n == 32
+    fh = abi.fuse_open_out.unpack_from(reply, 16)[0]
+    assert m.fs._handles[fh].node is m.fs._inodes[m.nodeids[b"f"]]
+    served, n, reply = reads.offer(open_req(m.nodeids[b"d"], os.O_RDONLY, True), [7, 25])
+    assert served and n == 32 and m.fs._handles[abi.fuse_open_out.unpack_from(reply, 16)[0]].is_dir
+    open(os.path.join(m.root, "gone"), "wb").close()
+    served, n, reply = reads.offer(remove_req(abi.FUSE_ROOT_ID, b"gone"), [16])
+    assert served and reply[:n] == abi.fuse_out_header.pack(16, 0, 17)
+    assert not os.path.exists(os.path.join(m.root, "gone"))
+    served, n, reply = reads.offer(remove_req(abi.FUSE_ROOT_ID, b"gone"), [8, 8])
+    assert served and reply[:n] == abi.fuse_out_header.pack(16, -errno.ENOENT, 17)
+
+
+READDIRPLUS = int(abi.Opcode.READDIRPLUS)
+
+
+def readdirplus_req(fh: int, offset: int, size: int, unique: int = 23, **kw: Any) -> bytes:
+    return request(READDIRPLUS, 0, abi.fuse_read_in.pack(fh, offset, size, 0, 0, 0, 0), unique, **kw)
+
+
+def _reading_plus(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, read_max=1 << 20,
+               adopt=fs._adopt, readdirplus=fs._readdirplus_inline)
+
+
+def _walk_plus(m: Mount, respond: Any, fh: int, sizes: list[int]) -> tuple[list[bytes], dict[int, int]]:
+    """READDIRPLUS replies of a whole listing of handle ``fh`` and the lookup
+    counts they added."""
+    before = m.counts()
+    offset, replies = 0, []
+    while True:
+        reply = respond(readdirplus_req(fh, offset, sizes[len(replies) % len(sizes)]))
+        assert reply is not None
+        replies.append(reply)
+        entries = list(codec.iter_direntplus(reply[16:]))
+        if not entries:
+            return replies, _delta(before, m.counts())
+        offset = entries[-1].dirent.off
+
+
+def test_readdirplus_at_the_queue_lists_and_counts_what_the_full_path_does(tmp_path: Any) -> None:
+    """Each twin walks a directory with READDIRPLUS (replies of a few
+    records: ``respond`` has 512 bytes of room) while the full path walks it
+    on another handle: the same bytes (entries, node ids, attributes) and
+    the same lookups counted, new names installed as the full path installs
+    them. Page-sized replies: test_readdirplus_replies_go_into_the_guests_buffers."""
+    m = Mount(str(tmp_path))
+    try:
+        d = _listing_dir(m, "plus", 40)
+        for cls in _twins():
+            r = _reading_plus(m.fs, cls)
+            for sizes in ([496], [333, 250, 400]):  # room for at least one record
+                mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
+                got, counted = _walk_plus(m, lambda req: r.respond(req, 512), mine, sizes)
+                want, full_counted = _walk_plus(m, lambda req: m.full(req, 512)[1], theirs, sizes)
+                assert got == want and len(got) > 10
+                assert counted == full_counted and len(counted) == 40
+                assert all(n == 1 for n in counted.values())
+                m.full(release_req(mine, True))
+                m.full(release_req(theirs, True))
+    finally:
+        m.close()
+
+
+def test_what_readdirplus_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import _hostfs, passthrough
+
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        d = _listing_dir(m, "long", 0)
+        for i in range(60):
+            open(os.path.join(m.root, "long", f"{i:03d}" + "n" * 120), "w").close()
+        for cls in _twins():
+            r = _reading_plus(fs, cls)
+            dh = _open_via_session(m, d, directory=True)
+            fh = _open_via_session(m, m.nodeids[b"f"])
+            counts = m.counts()
+            assert r.respond(readdirplus_req(dh + 1000, 0, 496), 512) is None  # EBADF there
+            assert r.respond(readdirplus_req(fh, 0, 496), 512) is None  # ENOTDIR there
+            assert r.respond(readdirplus_req(dh, 1 << 63, 496), 512) is None  # EINVAL there
+            assert r.respond(readdirplus_req(dh, 0, 497), 512) is None  # no room for it
+            assert r.respond(readdirplus_req(dh, 0, 496, extlen=1), 512) is None
+            without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True, read_max=1 << 20, readdir=fs._readdir_inline)
+            assert without.respond(readdirplus_req(dh, 0, 496), 512) is None
+            with monkeypatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)
+                assert r.respond(readdirplus_req(dh, 0, 496), 512) is None
+            with monkeypatch.context() as p:
+                p.setattr(fs, "inline_metadata", False)  # no compiled packer: the full path's loop
+                assert r.respond(readdirplus_req(dh, 0, 496), 512) is None
+            assert m.counts() == counts
+            # the host fails on the second getdents64 of one reply: the
+            # lookups of the records packed before it are given back
+            real = _hostfs.getdents
+            calls = []
+
+            def second_fails(*args: Any) -> Any:
+                calls.append(args)
+                if len(calls) > 1:
+                    raise OSError(errno.EIO, "injected")
+                return real(*args)
+
+            with monkeypatch.context() as p:
+                p.setattr(_hostfs, "getdents", second_fails)
+                assert fs._readdirplus_inline(dh, 0, 16384) is None
+            assert len(calls) == 2 and fs._handles[dh].dir_pos == -1
+            assert m.counts() == counts
+            # the listing then goes as the full path's does
+            other = _open_via_session(m, d, directory=True)
+            assert _walk_plus(m, lambda req: r.respond(req, 512), dh, [496])[0] == \
+                _walk_plus(m, lambda req: m.full(req, 512)[1], other, [496])[0]
+            for h in (dh, other):
+                m.full(release_req(h, True))
+            m.full(release_req(fh))
+    finally:
+        m.close()
+
+
+def test_readdirplus_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
+    """The compiled entry point: page-sized READDIRPLUS replies, as Linux
+    asks for them, scattered over the guest's buffers with the full path's
+    bytes and lookup counts."""
+    m = reads.mount
+    d = _listing_dir(m, "paged-plus", 60)
+    mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
+    offset, pages = 0, 0
+    while True:
+        before = m.counts()
+        served, n, reply = reads.offer(readdirplus_req(mine, offset, 4096), [16, 100, 3996])
+        assert served
+        counted = _delta(before, m.counts())
+        before = m.counts()
+        full_n, full = m.full(readdirplus_req(theirs, offset, 4096), 4112)
+        assert (n, reply[:n]) == (full_n, full)
+        assert counted == _delta(before, m.counts())
+        entries = list(codec.iter_direntplus(full[16:]))
+        if not entries:
+            break
+        offset, pages = entries[-1].dirent.off, pages + 1
+    assert pages >= 3

@@ -912,6 +912,135 @@ def test_pop_serving_byte_budget_chunks_with_a_notify_fd(budget: int, chunks: in
         r.close()
 
 
+# -- serve_kick: one call per kick ----------------------------------------------------------------
+
+
+def _serving_rig(**kw: object) -> tuple[Rig, int]:
+    return Rig(**kw), os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # type: ignore[arg-type]
+
+
+def test_serve_kick_answers_everything_then_asks_for_kicks_and_signals_once() -> None:
+    r, efd = _serving_rig()
+    try:
+        heads = [r.drv.add_chain([b"Exyz"], [8]) for _ in range(5)]
+        r.drv.publish()
+        assert r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd) == ([], 5)
+        assert _eventfd_count(efd) == 1
+        assert [r.drv.pop_used()[:2] for _ in heads] == [(h, 3) for h in heads]
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert r.drv.needs_kick() is True  # kicks are on again
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_serve_kick_hands_back_chains_for_the_full_path_with_kicks_off() -> None:
+    r, efd = _serving_rig()
+    try:
+        first = r.drv.add_chain([b"Eab"], [8])
+        other = r.drv.add_chain([b"Nxy"], [8])
+        last = r.drv.add_chain([b"Ecd"], [8])
+        r.drv.publish()
+        responder = EchoResponder()
+        chains, answered = r.vq.serve_kick(r.memory, 64, responder, 0, 0, efd)
+        assert ([c.head for c in chains], answered) == ([other], 2)
+        assert _eventfd_count(efd) == 1  # the answered ones are signalled
+        assert [r.drv.pop_used()[:2] for _ in range(2)] == [(first, 2), (last, 2)]
+        r.drv.add_chain([b"Eef"], [8])
+        r.drv.publish()
+        assert r.drv.needs_kick() is False  # the caller pops on
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_serve_kick_takes_at_most_limit_and_leaves_kicks_off() -> None:
+    r, efd = _serving_rig()
+    try:
+        for _ in range(6):
+            r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert r.vq.serve_kick(r.memory, 4, EchoResponder(), 0, 0, efd) == ([], 4)
+        assert _eventfd_count(efd) == 1
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert r.drv.needs_kick() is False
+        assert r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd) == ([], 3)
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_serve_kick_serves_what_comes_while_it_answers() -> None:
+    """Buffers the driver adds while the responder works are served in the
+    same call (the ring is read again until it is empty)."""
+    r, efd = _serving_rig()
+    try:
+        class Adding(EchoResponder):
+            def respond(self, request: bytes, room: int) -> bytes | None:
+                if len(self.offers) < 3:
+                    r.drv.add_chain([b"Emore"], [8])
+                    r.drv.publish()
+                return super().respond(request, room)
+
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert r.vq.serve_kick(r.memory, 64, Adding(), 0, 0, efd) == ([], 4)
+        assert _eventfd_count(efd) == 1
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_serve_kick_signals_as_used_event_asks() -> None:
+    r, efd = _serving_rig(size=32, event_idx=True)
+    try:
+        def kick(count: int, used_event: int) -> int:
+            for _ in range(count):
+                r.drv.add_chain([b"Exyz"], [8])
+            r.drv.set_used_event(used_event)
+            r.drv.publish()
+            assert r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd) == ([], count)
+            while r.drv.pop_used() is not None:
+                pass
+            return _eventfd_count(efd)
+
+        assert kick(2, 0) == 1  # the first decision always signals
+        assert kick(2, 100) == 0  # replies 3 and 4: used_event 100 not crossed
+        assert kick(2, 4) == 1  # reply 5 crosses used_event 4
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_serve_kick_without_a_notify_fd_leaves_the_decision_to_the_caller(rig: Rig) -> None:
+    for _ in range(3):
+        rig.drv.add_chain([b"Exyz"], [8])
+    rig.drv.publish()
+    assert rig.vq.serve_kick(rig.memory, 64, EchoResponder()) == ([], 3)
+    assert rig.vq.needs_notification(rig.memory) is True
+
+
+def test_serve_kick_raises_a_malformed_chain_after_signalling_the_answers() -> None:
+    r, efd = _serving_rig()
+    try:
+        good = r.drv.add_chain([b"Exyz"], [8])
+        ok = r.drv.alloc(8)
+        r.drv.write_desc(15, ok, 8, N, 15)  # a descriptor that chains to itself
+        r.drv.push_head(15)
+        r.drv.publish()
+        with pytest.raises(VringError, match="loop") as info:
+            r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd)
+        assert info.value.head == 15
+        assert _eventfd_count(efd) == 1
+        assert r.drv.pop_used()[:2] == (good, 3)
+        assert r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd) == ([], 0)
+    finally:
+        os.close(efd)
+        r.close()
+
+
 @pytest.mark.parametrize(
     "readable, writable, offered",
     [

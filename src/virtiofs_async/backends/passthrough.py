@@ -299,13 +299,25 @@ _RESPONDER_BYPASSES = (
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
-    "_fast_namespace", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
-    "_with_fd", "setattr", "_w_setattr", "_setattr_inline",
+    "_fast_namespace", "_plus_packer", "_readdirplus_packed", "_give_back", "_readdirplus_inline", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
+    "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
+    "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
+    "_open_inline",
 )
 
 
 def _err(code: int) -> FuseError:
     return FuseError(code)
+
+
+def _inline_errno(what: str, nodeid: int, exc: OSError) -> int:
+    """The errno an inline answer gives for a failed host call, logged as
+    the session logs a backend's FuseError (ENOENT not at all)."""
+    err = exc.errno or errno.EIO
+    if err != errno.ENOENT:
+        log.log(logging.DEBUG if err in (errno.EEXIST, errno.ENOTEMPTY) else logging.INFO,
+                "%s nodeid=%d -> %s", what, nodeid, errno.errorcode.get(err, err))
+    return err
 
 
 _OFF_MAX = (1 << 63) - 1
@@ -809,10 +821,13 @@ class PassthroughFS(Operations):
         and then also of names new to the tables, which it installs with
         ``_adopt``), FORGET (``_maybe_drop`` frees what drops to 0), and
         FLUSH, RELEASE and RELEASEDIR where they close inline
-        (``_flush_inline``, ``_release_inline``), READDIR where
-        :meth:`readdir` reads inline (``_readdir_inline``), CREATE where
+        (``_flush_inline``, ``_release_inline``), READDIR and READDIRPLUS
+        where :meth:`readdir` reads inline (``_readdir_inline``), CREATE where
         :meth:`create` creates inline (``_create_inline``), SETATTR where
         :meth:`setattr` runs inline (``_setattr_inline``: no truncation),
+        UNLINK and RMDIR where :meth:`unlink` / :meth:`rmdir` remove inline
+        (``_remove_inline``), OPEN and OPENDIR where :meth:`open` /
+        :meth:`opendir` open inline (``_open_inline``: no O_TRUNC),
         with the timeouts as they are now, and (compiled twin) READs of up
         to ``min(max_read, inline_read_max)`` bytes that the page cache
         holds whole, read with ``preadv2(RWF_NOWAIT)`` straight into the
@@ -830,7 +845,9 @@ class PassthroughFS(Operations):
             lookups, self._handles, read_max, write_max,
             adopt=self._adopt if lookups else None, drop=self._maybe_drop,
             flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
-            create=self._create_inline, setattr=self._setattr_inline,
+            readdirplus=self._readdirplus_inline if lookups else None,
+            create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
+            open=self._open_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -1076,6 +1093,26 @@ class PassthroughFS(Operations):
         blocking = not (self._fast_namespace(p) and self._drops_fast(p, name))
         await self._run((p,), blocking, self._with_fd, p, fn, name)
 
+    def _remove_inline(self, parent: int, name: bytes, is_dir: bool) -> int | None:
+        """UNLINK / RMDIR for the inline responder (``name`` a component
+        other than ``.`` and ``..``), as :meth:`unlink` / :meth:`rmdir` do
+        it when they run inline: 0, or the errno of the failed host call,
+        or None, with nothing done, for the full path (an unknown or
+        non-directory parent, a read-only share, a removal that goes to the
+        pool: a slow filesystem, or the last link of a large file)."""
+        if not self.inline_metadata or self.readonly:
+            return None
+        p = self._inodes.get(parent)
+        if p is None or p.kind != stat.S_IFDIR:
+            return None
+        if not (self._fast_namespace(p) and self._drops_fast(p, name)):
+            return None
+        try:
+            self._with_fd(p, _rmdirat if is_dir else _unlinkat, name)
+        except OSError as exc:
+            return _inline_errno("RMDIR" if is_dir else "UNLINK", parent, exc)
+        return 0
+
     async def unlink(self, parent: InodeT, name: bytes, ctx: RequestContext) -> None:
         if name in _DOTS:
             raise _err(errno.EISDIR)
@@ -1146,6 +1183,39 @@ class PassthroughFS(Operations):
         fd = await self._run((node,), blocking, self._with_fd, node, self._w_open, oflags,
                              cleanup=_close_quietly)
         return self._new_handle(node, fd, False, oflags)
+
+    def _open_inline(self, nodeid: int, flags: int, is_dir: bool) -> bytes | int | None:
+        """OPEN / OPENDIR for the inline responder, as :meth:`open` /
+        :meth:`opendir` do it when they run inline: the ``fuse_open_out``
+        body (the handle installed), or the errno of the failed host call,
+        or None, with nothing done, for the full path (an unknown inode, one
+        the full path refuses, O_TRUNC, a read-only share asked to write,
+        a slow filesystem)."""
+        if not self.inline_metadata:
+            return None
+        node = self._inodes.get(nodeid)
+        if node is None:
+            return None
+        if is_dir:
+            if node.kind != stat.S_IFDIR:
+                return None
+            oflags = os.O_RDONLY
+            how = os.O_RDONLY | os.O_DIRECTORY
+        else:
+            if node.kind != stat.S_IFREG:
+                return None
+            if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+                return None
+            how = oflags = self._open_flags(flags)
+            if oflags & os.O_TRUNC:
+                return None  # truncation runs in the pool
+        if not self._fast_namespace(node):
+            return None
+        try:
+            fd = self._with_fd(node, self._w_open, how)
+        except OSError as exc:
+            return _inline_errno("OPENDIR" if is_dir else "OPEN", nodeid, exc)
+        return pack_open_out(self._new_handle(node, fd, is_dir, oflags))
 
     async def create(
         self, parent: InodeT, name: bytes, mode: int, flags: int, ctx: RequestContext
@@ -1517,25 +1587,43 @@ class PassthroughFS(Operations):
                 return
             pos = batch[-1].off
 
-    def _readdir_inline(self, fh: int, offset: int, size: int) -> bytes | None:
-        """READDIR for the inline responder: the reply body :meth:`readdir`
-        would give (the same host reads, the same records), when it would
-        run inline on a directory handle; None, with the handle as it was,
-        for the full path to serve (and answer errors)."""
+    def _readdir_inline(self, fh: int, offset: int, size: int, plus: bool = False) -> bytes | None:
+        """READDIR (READDIRPLUS with ``plus``) for the inline responder: the
+        reply body :meth:`readdir` would give (the same host reads, the same
+        records, READDIRPLUS's lookups counted), when it would run inline
+        on a directory handle (READDIRPLUS: with the compiled packer);
+        None, with the handle as it was and no lookup counted, for the
+        full path to serve (and answer errors)."""
         h = self._handles.get(fh)
         if h is None or not h.is_dir or h.closed or not 0 <= offset <= _OFF_MAX or not self._fast_namespace(h.node):
             return None
-        reply = _InlineDirents(size)
+        packer = self._plus_packer() if plus else None
+        if plus and packer is None:
+            return None
+        reply = _InlineDirents(size, plus)
+        taken: list[Any] = []
         pos = offset
         try:
             while True:
-                batch, start = _getdents_locked(h, pos, max(_GETDENTS_MIN, reply.remaining * _READDIR_AHEAD))
-                if start >= len(batch) or self._readdir_batch(h, batch, start, reply):
+                room = reply.remaining
+                batch, start = _getdents_locked(h, pos, max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD))
+                if start >= len(batch):
+                    return b"".join(reply.parts)
+                if plus:
+                    done = self._readdirplus_packed(packer, h, batch, start, reply, taken)
+                else:
+                    done = self._readdir_batch(h, batch, start, reply)
+                if done:
                     return b"".join(reply.parts)
                 pos = batch[-1].off
-        except (OSError, ValueError):
+        except (OSError, ValueError, FuseError):
+            self._give_back(taken)
             h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
             return None
+
+    def _readdirplus_inline(self, fh: int, offset: int, size: int) -> bytes | None:
+        """READDIRPLUS for the inline responder: see :meth:`_readdir_inline`."""
+        return self._readdir_inline(fh, offset, size, True)
 
     def _dirent_ino(self, node: _Inode, d: _hostfs.Dirent) -> int:
         if d.name == b".":
@@ -1567,10 +1655,12 @@ class PassthroughFS(Operations):
         return False
 
     def _readdirplus_packed(self, packer: Any, h: _Handle, batch: list[_hostfs.Dirent], start: int,
-                            reply: DirectoryReply) -> bool:
+                            reply: DirectoryReply, taken: list[Any] | None = None) -> bool:
         """:meth:`_readdirplus_batch` in one compiled call per reply's worth:
         the same records and lookup counts. The counts of records the reply
-        does not take (or of a call that fails) are given back."""
+        does not take (or of a call that fails) are given back; ``taken``
+        gets the inodes counted for the records it took (None for ``.``
+        and ``..``)."""
         node = h.node
         dotdot = ROOT_INODE if node is self._root else 0
         total = len(batch)
@@ -1586,6 +1676,8 @@ class PassthroughFS(Operations):
                 self._give_back(counted)
                 raise
             added = reply.add_dirents(records, len(counted)) if counted else 0
+            if taken is not None:
+                taken += counted[:added]
             if added < len(counted):
                 self._give_back(counted[added:])
                 return True
