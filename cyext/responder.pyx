@@ -96,6 +96,8 @@ cdef enum:
     ATTR_OUT = 104       # fuse_attr_out
     OPEN_IN = 8          # fuse_open_in
     OPEN_OUT = 16        # fuse_open_out
+    MKDIR_IN = 8         # fuse_mkdir_in
+    ENTRY_OUT = 128      # fuse_entry_out
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
@@ -113,6 +115,7 @@ cdef uint32_t OP_UNLINK = int(_abi.Opcode.UNLINK)
 cdef uint32_t OP_RMDIR = int(_abi.Opcode.RMDIR)
 cdef uint32_t OP_OPEN = int(_abi.Opcode.OPEN)
 cdef uint32_t OP_OPENDIR = int(_abi.Opcode.OPENDIR)
+cdef uint32_t OP_MKDIR = int(_abi.Opcode.MKDIR)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
@@ -216,12 +219,13 @@ cdef class PassthroughResponder:
     cdef bint _announce_submounts, _lookups
     cdef uint32_t _read_max, _write_max
     cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
-    cdef object _readdirplus_cb
+    cdef object _readdirplus_cb, _mkdir_cb
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
-                 readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None):
+                 readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None):
         self._readdirplus_cb = readdirplus
+        self._mkdir_cb = mkdir
         self._remove_cb = remove
         self._open_cb = open
         self._readdir_cb = readdir
@@ -304,6 +308,16 @@ cdef class PassthroughResponder:
                 return -1
             r = self._open_cb(nodeid, vfa_ld32(request + IN_HEADER), opcode == OP_OPENDIR)
             return _callback_reply(r, unique, OPEN_OUT, reply)
+        if opcode == OP_MKDIR and self._mkdir_cb is not None:
+            # body: fuse_mkdir_in, then the name and its NUL
+            if (length < IN_HEADER + MKDIR_IN + 2 or request[length - 1] != 0 or room < OUT_HEADER + ENTRY_OUT
+                    or not _component(request + IN_HEADER + MKDIR_IN, <Py_ssize_t>length - IN_HEADER - MKDIR_IN - 1)):
+                return -1
+            r = self._mkdir_cb(nodeid, PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER + MKDIR_IN),
+                                                                 <Py_ssize_t>length - IN_HEADER - MKDIR_IN - 1),
+                               vfa_ld32(request + IN_HEADER), vfa_ld32(request + IN_HEADER + 4),
+                               vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
+            return _callback_reply(r, unique, ENTRY_OUT, reply)
         return -1
 
     cdef Py_ssize_t _setattr(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,

@@ -33,6 +33,9 @@ leaving the event loop:
 * with a ``setattr`` callback, SETATTR: ``setattr(nodeid, setattr_in, uid,
   gid, pid)`` (``setattr_in`` the 88-byte ``fuse_setattr_in``) returns the
   ``fuse_attr_out`` body, an errno (> 0), or None (nothing done);
+* with a ``mkdir`` callback, MKDIR of a valid component: ``mkdir(parent,
+  name, mode, umask, uid, gid, pid)`` returns the ``fuse_entry_out`` body
+  (the lookup counted), an errno (> 0), or None (nothing done);
 * with a ``remove`` callback, UNLINK and RMDIR of a valid component:
   ``remove(parent, name, is_dir)`` returns 0, an errno (> 0), or None
   (nothing done);
@@ -101,6 +104,10 @@ _OP_OPEN = int(abi.Opcode.OPEN)
 _OP_OPENDIR = int(abi.Opcode.OPENDIR)
 _OPEN_IN = abi.fuse_open_in.size  # 8
 _OPEN_OUT = abi.fuse_open_out.size  # 16
+_OP_MKDIR = int(abi.Opcode.MKDIR)
+_MKDIR_IN = abi.fuse_mkdir_in.size  # 8
+_ENTRY_OUT = abi.fuse_entry_out.size  # 128
+_mkdir_in_unpack_from = abi.fuse_mkdir_in.unpack_from
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
@@ -162,7 +169,7 @@ class PassthroughResponder:
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
                  "_adopt", "_drop", "_flush", "_release", "_readdir", "_readdirplus", "_read_max", "_create", "_setattr",
-                 "_remove", "_open")
+                 "_remove", "_open", "_mkdir")
 
     def __init__(
         self,
@@ -185,6 +192,7 @@ class PassthroughResponder:
         remove: Callable[[int, bytes, bool], int | None] | None = None,
         readdirplus: Callable[[int, int, int], bytes | None] | None = None,
         open: Callable[[int, int, bool], bytes | int | None] | None = None,
+        mkdir: Callable[[int, bytes, int, int, int, int, int], bytes | int | None] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -207,6 +215,7 @@ class PassthroughResponder:
         self._setattr = setattr
         self._remove = remove
         self._open = open
+        self._mkdir = mkdir
         self._read_max = min(max(read_max, 0), _U32)
 
     def respond(self, request: bytes, room: int) -> bytes | None:
@@ -243,6 +252,15 @@ class PassthroughResponder:
                 return None
             flags = int.from_bytes(request[_IN_HEADER:_IN_HEADER + 4], "little")
             return _callback_reply(self._open(nodeid, flags, opcode == _OP_OPENDIR), unique, _OPEN_OUT)
+        if opcode == _OP_MKDIR and self._mkdir is not None:
+            body = request[_IN_HEADER:length]
+            if len(body) < _MKDIR_IN or room < _OUT_HEADER + _ENTRY_OUT:
+                return None
+            name = _component(body[_MKDIR_IN:])
+            if name is None:
+                return None
+            mode, umask = _mkdir_in_unpack_from(body)
+            return _callback_reply(self._mkdir(nodeid, name, mode, umask, uid, gid, pid), unique, _ENTRY_OUT)
         return None
 
     def _setattr_reply(self, unique: int, nodeid: int, uid: int, gid: int, pid: int, body: bytes,

@@ -20,6 +20,7 @@ import pytest
 
 from virtiofs_async import FuseError, _accel
 from virtiofs_async.abi import fuse as abi
+from virtiofs_async.backends import _hostfs
 from virtiofs_async.backends.passthrough import PassthroughFS
 from virtiofs_async.runtime import Runtime
 from virtiofs_async.session import FuseSession
@@ -94,9 +95,9 @@ def session_opcodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_listing_opening_and_removing_are_answered_at_the_queue(run, sock_path, share, session_opcodes) -> None:  # type: ignore[no-untyped-def]
-    """What a guest's ``ls -l``, ``cat`` and ``rm -r`` send besides LOOKUP
-    and GETATTR (OPENDIR, READDIRPLUS, READDIR, RELEASEDIR, OPEN, RELEASE,
-    UNLINK, RMDIR) never reaches the session: the inline responder answers
+    """What a guest's ``ls -l``, ``cat``, ``mkdir`` and ``rm -r`` send
+    besides LOOKUP and GETATTR (OPENDIR, READDIRPLUS, READDIR, RELEASEDIR,
+    OPEN, RELEASE, MKDIR, UNLINK, RMDIR) never reaches the session: the inline responder answers
     it at the queue, with the full path's effects on the host and the
     tables (page-sized READDIR(PLUS) replies: the compiled walk)."""
     seen = session_opcodes
@@ -123,17 +124,27 @@ def test_listing_opening_and_removing_are_answered_at_the_queue(run, sock_path, 
             fh = (await client.open(entry.nodeid, os.O_RDONLY)).fh
             assert await client.read(entry.nodeid, fh, 0, 100) == names[0]
             await client.release(entry.nodeid, fh)
+            sub = await client.mkdir(d.nodeid, b"sub", 0o750)
+            assert stat.S_ISDIR(os.lstat(os.path.join(share, "d", "sub")).st_mode)
+            assert fs.lookup_count(sub.nodeid) == 1 and (await client.lookup(d.nodeid, b"sub")).nodeid == sub.nodeid
+            await client.rmdir(d.nodeid, b"sub")
             for name in names:
                 await client.unlink(d.nodeid, name)
             await client.rmdir(ROOT, b"d")
             assert not os.path.exists(os.path.join(share, "d"))
             await expect_errno(errno.ENOENT, client.rmdir(ROOT, b"d"))
+            full_path: list[abi.Opcode] = []
             at_queue = [abi.Opcode.OPENDIR, abi.Opcode.RELEASEDIR, abi.Opcode.OPEN, abi.Opcode.RELEASE,
                         abi.Opcode.UNLINK, abi.Opcode.RMDIR]
+            # MKDIR sets the umask: inline only on a loop thread that owns
+            # its umask (the daemon's does; pytest's main thread does not)
+            (at_queue if _hostfs.umask_is_private() else full_path).append(abi.Opcode.MKDIR)
             if _accel.IMPLEMENTATION == "cython":  # the pure walk offers replies of up to 512 bytes
                 at_queue += [abi.Opcode.READDIRPLUS, abi.Opcode.READDIR]
             for op in at_queue:
                 assert int(op) not in seen, op
+            for op in full_path:
+                assert int(op) in seen, op
 
     run(body)
 

@@ -1906,3 +1906,137 @@ def test_readdirplus_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
             break
         offset, pages = entries[-1].dirent.off, pages + 1
     assert pages >= 3
+
+
+MKDIR = int(abi.Opcode.MKDIR)
+
+
+def mkdir_req(parent: int, name: bytes, mode: int = 0o777, umask: int = 0o022, unique: int = 29, **kw: Any) -> bytes:
+    return request(MKDIR, parent, abi.fuse_mkdir_in.pack(mode, umask) + name + b"\0", unique, **kw)
+
+
+def _making(fs: PassthroughFS, cls: type) -> Any:
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, mkdir=fs._mkdir_inline)
+
+
+def _made(m: Mount, reply: bytes, name: bytes, parent: int = abi.FUSE_ROOT_ID) -> int:
+    """Check a MKDIR reply: its entry is what a LOOKUP of the name answers
+    now, one lookup counted before that LOOKUP; returns the node id."""
+    assert len(reply) == 144 and abi.fuse_out_header.unpack_from(reply)[:2] == (144, 0)
+    nodeid = abi.fuse_entry_out.unpack_from(reply, 16)[0]
+    assert m.fs._inodes[nodeid].lookups == 1
+    assert m.full(lookup_req(parent, name))[1][16:] == reply[16:]
+    m.fs._inodes[nodeid].lookups -= 1
+    return nodeid
+
+
+def test_mkdir_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> None:
+    """Each twin makes the directory as the full path would: the mode (umask
+    applied only where the backend handles it), the entry a LOOKUP then
+    gives, one lookup counted; an existing name gets the full path's
+    EEXIST reply and a missing parent directory on the host its ENOENT."""
+    _on_own_fs(_check_mkdirs, tmp_path)
+
+
+def _check_mkdirs(tmp_path: Any) -> None:
+    for options in ({}, {"posix_acl": True}):
+        root = _fresh(tmp_path, f"mkdir-{len(options)}")
+        m = Mount(root, **options)
+        try:
+            fs = m.fs
+            assert m.full(mkdir_req(abi.FUSE_ROOT_ID, b"by-full-path"))[0] == 144
+            for k, cls in enumerate(_twins()):
+                name = b"by-twin-%d" % k
+                reply = _making(fs, cls).respond(mkdir_req(abi.FUSE_ROOT_ID, name, mode=0o1777), 512)
+                _made(m, reply, name)
+                mine = os.lstat(os.path.join(root, name.decode()))
+                assert stat.S_ISDIR(mine.st_mode)
+                assert stat.S_IMODE(mine.st_mode) == (0o1755 if options else 0o1777)
+                for req, err in [(mkdir_req(abi.FUSE_ROOT_ID, name, unique=31), errno.EEXIST),
+                                 (mkdir_req(m.nodeids[b"d"], b"g", unique=31), errno.EEXIST)]:
+                    state = _host_state(m)
+                    again = _making(fs, cls).respond(req, 512)
+                    assert again == abi.fuse_out_header.pack(16, -err, 31)
+                    assert _host_state(m) == state
+                    assert m.full(req)[1] == again
+            # the parent vanished on the host (its O_PATH fd still held)
+            gone = m.lookup_via_session(abi.FUSE_ROOT_ID, b"by-twin-0")
+            os.rmdir(os.path.join(root, "by-twin-0"))
+            req = mkdir_req(gone, b"x", unique=33)
+            assert _making(fs, _twins()[0]).respond(req, 512) == m.full(req)[1] == abi.fuse_out_header.pack(
+                16, -errno.ENOENT, 33)
+        finally:
+            m.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating as another user needs root")
+def test_mkdir_at_the_queue_makes_as_the_caller(tmp_path: Any) -> None:
+    def check() -> None:
+        root = _fresh(tmp_path, "mkdir-owners")
+        os.chmod(root, 0o777)
+        m = Mount(root)
+        try:
+            for k, cls in enumerate(_twins()):
+                name = b"owned-%d" % k
+                reply = _making(m.fs, cls).respond(mkdir_req(abi.FUSE_ROOT_ID, name, uid=4321), 512)
+                _made(m, reply, name)
+                st_ = os.lstat(os.path.join(root, name.decode()))
+                assert (st_.st_uid, st_.st_gid) == (4321, 4321)
+        finally:
+            m.close()
+
+    _on_own_fs(check)
+
+
+def test_what_mkdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkeypatch: Any) -> None:
+    def check() -> None:
+        from virtiofs_async.backends import passthrough
+
+        m = Mount(_fresh(tmp_path, "mkdir-declines"))
+        try:
+            fs = m.fs
+            for cls in _twins():
+                r = _making(fs, cls)
+                state = _host_state(m)
+                for name in (b".", b"..", b"a/b", b"x" * 256, b"a\0b", b""):
+                    assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, name), 512) is None, name
+                assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new")[:-1], 512) is None  # no NUL
+                assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new")[:44], 512) is None  # short fuse_mkdir_in
+                assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new", extlen=1), 512) is None  # groups
+                assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new"), 143) is None  # no room for the reply
+                assert r.respond(mkdir_req(m.nodeids[b"f"], b"new"), 512) is None  # ENOTDIR there
+                assert r.respond(mkdir_req(999_999, b"new"), 512) is None  # ESTALE there
+                with monkeypatch.context() as p:
+                    p.setattr(passthrough, "_on_block_device", lambda dev: False)  # namespace calls in the pool
+                    assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+                with monkeypatch.context() as p:
+                    p.setattr(fs, "readonly", True)
+                    assert r.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+                without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+                assert without.respond(mkdir_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+                assert _host_state(m) == state
+        finally:
+            m.close()
+
+    _on_own_fs(check)
+    # a thread whose umask the process shares: the full path makes it in the pool
+    m = Mount(_fresh(tmp_path, "mkdir-shared-umask"))
+    try:
+        for cls in _twins():
+            assert _making(m.fs, cls).respond(mkdir_req(abi.FUSE_ROOT_ID, b"new"), 512) is None
+        assert not os.path.exists(os.path.join(m.root, "new"))
+    finally:
+        m.close()
+
+
+def test_mkdir_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
+    def check() -> None:
+        m = reads.mount
+        served, n, reply = reads.offer(mkdir_req(abi.FUSE_ROOT_ID, b"through-the-ring"), [16, 128])
+        assert served and n == 144
+        _made(m, reply[:n], b"through-the-ring")
+        served, n, reply = reads.offer(mkdir_req(abi.FUSE_ROOT_ID, b"split"), [9, 100, 35])
+        assert served and n == 144
+        _made(m, reply[:n], b"split")
+
+    _on_own_fs(check)

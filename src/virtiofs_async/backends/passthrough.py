@@ -299,10 +299,11 @@ _RESPONDER_BYPASSES = (
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
-    "_fast_namespace", "_plus_packer", "_readdirplus_packed", "_give_back", "_readdirplus_inline", "create", "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
+    "_fast_namespace", "_plus_packer", "_readdirplus_packed", "_give_back", "_readdirplus_inline", "create",
+    "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
-    "_open_inline",
+    "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent",
 )
 
 
@@ -825,6 +826,7 @@ class PassthroughFS(Operations):
         where :meth:`readdir` reads inline (``_readdir_inline``), CREATE where
         :meth:`create` creates inline (``_create_inline``), SETATTR where
         :meth:`setattr` runs inline (``_setattr_inline``: no truncation),
+        MKDIR where :meth:`mkdir` creates inline (``_mkdir_inline``),
         UNLINK and RMDIR where :meth:`unlink` / :meth:`rmdir` remove inline
         (``_remove_inline``), OPEN and OPENDIR where :meth:`open` /
         :meth:`opendir` open inline (``_open_inline``: no O_TRUNC),
@@ -847,7 +849,7 @@ class PassthroughFS(Operations):
             flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
             readdirplus=self._readdirplus_inline if lookups else None,
             create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
-            open=self._open_inline,
+            open=self._open_inline, mkdir=self._mkdir_inline,
         )
 
     def _bypasses_intact(self) -> bool:
@@ -1044,14 +1046,59 @@ class PassthroughFS(Operations):
         _check_name(name)
         creds = self._creds(ctx)
         mask = self._umask(ctx) if umask else None
-
-        def work(dirfd: int) -> tuple[int, os.stat_result, Any]:
-            call_as(creds, mask, fn, dirfd, name, *args)
-            return self._lookup_at(dirfd, name)
-
         inline = self._fast_namespace(p) and (mask is None or _hostfs.umask_is_private())
-        result = await self._run((p,), not inline, self._with_fd, p, work, cleanup=_close_lookup_result)
+        result = await self._run((p,), not inline, self._with_fd, p, self._w_make, name, creds, mask, fn, *args,
+                                 cleanup=_close_lookup_result)
         return self._register(result, p)[1]
+
+    def _w_make(self, dirfd: int, name: bytes, creds: Credentials | None, umask: int | None, fn: Callable[..., Any],
+                *args: Any) -> tuple[int, os.stat_result, Any]:
+        call_as(creds, umask, fn, dirfd, name, *args)
+        return self._lookup_at(dirfd, name)
+
+    def _inline_parent(self, parent: int, name: bytes) -> _Inode | None:
+        """The directory an inline CREATE or MKDIR of ``name`` makes it in,
+        or None where the full path must: not inline, a read-only share,
+        an unknown or non-directory parent, a bad name, namespace calls that
+        go to the pool, or a loop thread whose umask the process shares."""
+        if not self.inline_metadata:
+            return None
+        try:
+            self._check_writable_fs()
+            p = self._dir_node(parent)
+            _check_name(name)
+        except FuseError:
+            return None
+        if not (self._fast_namespace(p) and _hostfs.umask_is_private()):
+            return None
+        return p
+
+    def _mkdir_inline(self, parent: int, name: bytes, mode: int, umask: int, uid: int, gid: int,
+                      pid: int) -> bytes | int | None:
+        """MKDIR for the inline responder (a request without extensions: no
+        supplementary groups), as :meth:`mkdir` does it when it runs inline:
+        the ``fuse_entry_out`` body (the lookup counted), or the errno of a
+        failed host call, or None, with nothing done, for the full path (an
+        unknown or non-directory parent, a bad name, a read-only share, a
+        directory whose namespace calls go to the pool)."""
+        p = self._inline_parent(parent, name)
+        if p is None:
+            return None
+        ctx = RequestContext(uid, gid, pid, umask)
+        try:
+            result = self._with_fd(p, self._w_make, name, self._creds(ctx), self._umask(ctx), _mkdirat, mode & 0o7777)
+        except OSError as exc:
+            return _inline_errno("MKDIR", parent, exc)
+        except Exception:
+            log.exception("MKDIR nodeid=%d failed -> EIO", parent)
+            return errno.EIO  # as the full path answers a backend failure
+        try:
+            entry = self._register(result, p)[1]
+        except Exception:
+            _close_lookup_result(result)
+            log.exception("MKDIR nodeid=%d: installing the new inode failed -> EIO", parent)
+            return errno.EIO
+        return _accel.pack_entry_out(entry)
 
     async def mknod(self, parent: InodeT, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
@@ -1246,26 +1293,16 @@ class PassthroughFS(Operations):
         None, with nothing done, for the full path (an unknown or
         non-directory parent, a bad name or flags, a read-only share, a
         directory whose namespace calls go to the pool)."""
-        if not self.inline_metadata:
+        p = self._inline_parent(parent, name)
+        if p is None:
             return None
-        try:
-            self._check_writable_fs()
-            p = self._dir_node(parent)
-            _check_name(name)
-            oflags = self._open_flags(flags)
-        except FuseError:
-            return None
-        if not (self._fast_namespace(p) and _hostfs.umask_is_private()):
-            return None
+        oflags = self._open_flags(flags)
         ctx = RequestContext(uid, gid, pid, umask)
         try:
             fd, result = self._with_fd(p, self._w_create, name, oflags, mode & 0o7777, bool(flags & os.O_EXCL),
                                        self._creds(ctx), self._umask(ctx))
         except OSError as exc:
-            err = exc.errno or errno.EIO
-            log.log(logging.DEBUG if err == errno.EEXIST else logging.INFO,
-                    "CREATE nodeid=%d -> %s", parent, errno.errorcode.get(err, err))
-            return err
+            return _inline_errno("CREATE", parent, exc)
         except Exception:
             log.exception("CREATE nodeid=%d failed -> EIO", parent)
             return errno.EIO  # as the full path answers a backend failure
@@ -1566,12 +1603,7 @@ class PassthroughFS(Operations):
         pos = offset
         blocking = not self._fast_namespace(node)  # every call on this handle takes the same road
         while True:
-            # A host dirent takes about the room of a READDIR entry, a fifth
-            # of a READDIRPLUS one. READDIR reads ahead (the next replies
-            # come from what is left, without a trip to the pool);
-            # READDIRPLUS reads about what fits (each entry is looked up).
-            room = reply.remaining
-            bufsize = max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
+            bufsize = _getdents_size(reply.remaining, plus)
             batch, start = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
             if start >= len(batch):
                 return
@@ -1605,8 +1637,7 @@ class PassthroughFS(Operations):
         pos = offset
         try:
             while True:
-                room = reply.remaining
-                batch, start = _getdents_locked(h, pos, max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD))
+                batch, start = _getdents_locked(h, pos, _getdents_size(reply.remaining, plus))
                 if start >= len(batch):
                     return b"".join(reply.parts)
                 if plus:
@@ -2030,6 +2061,15 @@ class _InlineDirents(SizedDirectoryReply):
 
     def add(self, name: bytes, attributes: EntryAttributes, next_offset: int) -> bool:
         raise ValueError("records packed past the reply's room")
+
+
+def _getdents_size(room: int, plus: bool) -> int:
+    """The getdents64 buffer for a reply with ``room`` bytes left. A host
+    dirent takes about the room of a READDIR entry, a fifth of a
+    READDIRPLUS one: READDIR reads ahead (the next replies come from what
+    is left, without a trip to the pool); READDIRPLUS reads about what fits
+    (each entry is looked up)."""
+    return max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
 
 
 def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[list[_hostfs.Dirent], int]:
