@@ -14,7 +14,7 @@ from typing import Any
 from .operations import Operations
 from .runtime import Runtime, current_runtime, get_runtime
 from .session import FuseSession, SessionConfig
-from .transport import DeviceConfig, VhostUserServer
+from .transport import HIPRIO_COALESCE, DeviceConfig, VhostUserServer
 
 
 def make_server(
@@ -28,11 +28,14 @@ def make_server(
     queue_max_size: int = 1024,
     session_config: SessionConfig | None = None,
     socket_group: str | None = None,
+    hiprio_coalesce: float = HIPRIO_COALESCE,
 ) -> VhostUserServer:
     """A server (not yet listening) for ``operations``; see :func:`serve`.
 
     Gives ``operations.run_blocking`` the runtime's worker pool, and
-    ``run_preadv`` / ``run_pwritev`` its I/O pool."""
+    ``run_preadv`` / ``run_pwritev`` its I/O pool. ``hiprio_coalesce``:
+    seconds a kick of the hiprio queue (FORGETs) waits for the rest of a
+    burst before it is served (see ``DeviceConfig``; 0: at once)."""
     operations.run_blocking = runtime.run_in_thread  # type: ignore[method-assign]
     operations.run_preadv = runtime.preadv  # type: ignore[method-assign]
     operations.run_pwritev = runtime.pwritev  # type: ignore[method-assign]
@@ -41,7 +44,8 @@ def make_server(
         lambda: FuseSession(operations, session_config),
         socket_path=socket_path,
         listen_fd=fd,
-        device=DeviceConfig(num_request_queues=num_request_queues, queue_max_size=queue_max_size),
+        device=DeviceConfig(num_request_queues=num_request_queues, queue_max_size=queue_max_size,
+                            hiprio_coalesce=hiprio_coalesce),
         once=once,
         socket_group=socket_group,
     )

@@ -42,11 +42,12 @@ def share(short_tmp: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def passthrough_client(rt: Runtime, sock: str, share: str, **options: Any) -> AsyncIterator[tuple[PassthroughFS, FuseClient]]:
+async def passthrough_client(rt: Runtime, sock: str, share: str, server: dict[str, Any] | None = None,
+                             **options: Any) -> AsyncIterator[tuple[PassthroughFS, FuseClient]]:
     fs = PassthroughFS(share, **options)
     fs.run_blocking = rt.run_in_thread  # type: ignore[method-assign]
     try:
-        async with serve_in_background(fs, sock, runtime=rt):
+        async with serve_in_background(fs, sock, runtime=rt, **(server or {})):
             async with FuseClient.connect(sock, runtime=rt) as client:
                 yield fs, client
     finally:
@@ -145,6 +146,47 @@ def test_listing_opening_and_removing_are_answered_at_the_queue(run, sock_path, 
                 assert int(op) not in seen, op
             for op in full_path:
                 assert int(op) in seen, op
+
+    run(body)
+
+
+def test_a_burst_of_forgets_is_served_in_a_few_passes(run, sock_path, share, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """FORGETs sent at once (a guest dropping its caches) wait on the hiprio
+    queue for the rest of the burst and are served together, each count
+    taken down; with hiprio_coalesce=0 each kick is served as it comes."""
+    from virtiofs_async import transport
+
+    passes: list[tuple[int, int]] = []
+    real = transport._QueueWorker._pop_batch
+
+    def counting(self, memory, limit):  # type: ignore[no-untyped-def]
+        taken = real(self, memory, limit)
+        passes.append((self.index, taken))
+        return taken
+
+    monkeypatch.setattr(transport._QueueWorker, "_pop_batch", counting)
+    names = [b"f%02d" % i for i in range(20)]
+    for name in names:
+        open(os.path.join(share, name.decode()), "wb").close()
+
+    async def burst(rt: Runtime, server: dict[str, Any]) -> list[tuple[int, int]]:
+        """Forget 20 inodes at once; the hiprio passes that took any."""
+        async with passthrough_client(rt, sock_path, share, server) as (fs, client):
+            entries = [await client.lookup(ROOT, name) for name in names]
+            held = fs.held_fds()
+            passes.clear()
+            async with rt.task_group() as group:
+                for e in entries:
+                    group.start_soon(client.forget, e.nodeid, 1)
+            assert all(e.nodeid not in fs._inodes for e in entries)
+            assert fs.held_fds() == held - len(names)
+            return [p for p in passes if p[0] == 0 and p[1]]
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        coalesced = await burst(rt, {"hiprio_coalesce": 0.05})
+        assert sum(n for _, n in coalesced) == len(names) and len(coalesced) <= 3, coalesced
+        at_once = await burst(rt, {"hiprio_coalesce": 0})
+        assert at_once == []  # each kick served from the wake-up, no leader pass
 
     run(body)
 
