@@ -539,6 +539,14 @@ def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
     return BootOutcome(daemon, run_index, shared, result.duration, records, values, result.lines)
 
 
+def _prefixed(argv: DaemonArgv, prefix: Sequence[str], **names: object) -> DaemonArgv:
+    """``argv`` with ``prefix`` (its ``{daemon}``, ``{run}`` filled in) in front."""
+    if not prefix:
+        return argv
+    head = [word.format(**names) for word in prefix]
+    return lambda sock, shared: head + argv(sock, shared)
+
+
 def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, DaemonArgv],
                       plan: list[dict[str, Any]], tarball: Tarball, sizes: Sizes) -> list[str]:
     """The exact command lines of a run (sockets, directories and QEMU's
@@ -655,7 +663,8 @@ def _pick_workdir() -> Path:
 
 def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | None = None,
         workdir: Path | None = None, daemons: Sequence[str] = DAEMONS, phases: Sequence[str] = PHASES,
-        inspect: Callable[[BootOutcome], None] | None = None) -> tuple[list["Row"], list[str]]:
+        inspect: Callable[[BootOutcome], None] | None = None,
+        daemon_prefix: Sequence[str] = ()) -> tuple[list["Row"], list[str]]:
     """The guest level: ``runs`` interleaved rounds of one boot per daemon
     (:data:`DAEMONS` order).  Returns the rows (level ``"guest"``, one value
     per run and daemon) and the exact command lines.
@@ -665,7 +674,10 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
     end) holds the tarball, the image and each boot's shared directory;
     ``inspect`` is called with each :class:`BootOutcome` before its shared
     directory is removed; ``daemons`` and ``phases`` pick some of
-    :data:`DAEMONS` and :data:`PHASES`.  Raises :class:`GuestBenchError` when a boot fails.
+    :data:`DAEMONS` and :data:`PHASES`; ``daemon_prefix`` goes in front of
+    every daemon's command line (a profiler, e.g. ``perf stat -o F --``), its
+    ``{daemon}`` and ``{run}`` replaced by the daemon's name and the run's
+    number.  Raises :class:`GuestBenchError` when a boot fails.
     """
     from virtiofs_async.testing.vm import ensure_guest_kernel
 
@@ -694,7 +706,8 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
                 base = work / f"{daemon}-{run_index + 1}"
                 try:
                     with fresh_filesystem(base / "fs", sizes, log) as fs:
-                        outcome = boot_once(daemon, run_index, kernel, initrd, argvs[daemon], base, sizes,
+                        argv = _prefixed(argvs[daemon], daemon_prefix, daemon=daemon, run=run_index + 1)
+                        outcome = boot_once(daemon, run_index, kernel, initrd, argv, base, sizes,
                                             shared=fs / "shared", phases=phases)
                         for key, value in outcome.values.items():
                             rows[key].add(daemon, value)
@@ -705,6 +718,8 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
                 finally:
                     shutil.rmtree(base, ignore_errors=True)
         commands = describe_commands(kernel, initrd, argvs, plan, tarball, sizes)
+        if daemon_prefix:
+            commands.append("guest: every daemon started under: " + shlex.join(daemon_prefix))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -719,6 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated, from {','.join(DAEMONS)} (default: all)")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated guest phases, from {','.join(PHASES)} (default: all)")
+    parser.add_argument("--daemon-prefix", default="",
+                        help="a command in front of every daemon's, e.g. 'perf stat -o /tmp/{daemon}-{run}.txt --'"
+                             " ({daemon}, {run}: the daemon's name, the run's number)")
     parser.add_argument("--guest-plan", help=argparse.SUPPRESS)  # the guest side
     args = parser.parse_args(argv)
     if args.guest_plan:
@@ -733,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemons = [d for d in args.daemons.split(",") if d]
     phases = [p for p in args.phases.split(",") if p]
     rows, commands = run(args.full, args.runs, lambda line: print(line, flush=True), daemons=daemons,
-                         phases=phases)
+                         phases=phases, daemon_prefix=shlex.split(args.daemon_prefix))
     print(render_table(rows, [d for d in DAEMONS if d in daemons]))
     print("\n".join(commands))
     print(f"guest level: {time.monotonic() - started:.0f} s")

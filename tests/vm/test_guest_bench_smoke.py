@@ -148,9 +148,15 @@ def test_guest_bench_one_phase_one_daemon(guest_kernel: KernelAssets, guest_benc
                                           tmp_path: Path) -> None:
     gb = guest_bench
     booted: list[str] = []
+    mark = tmp_path / "prefix-ran"
+    # --daemon-prefix: a wrapper that notes its first argument, then runs the daemon
+    prefix = ["sh", "-c", f'echo "$0" >> {mark}; exec "$@"', "{daemon}-{run}"]
     rows, commands = gb.run(False, 1, print, sizes=gb.TINY, workdir=tmp_path, daemons=["ours"],
-                            phases=["meta"], inspect=lambda outcome: booted.append(outcome.daemon))
+                            phases=["meta"], inspect=lambda outcome: booted.append(outcome.daemon),
+                            daemon_prefix=prefix)
     assert booted == ["ours"]
+    assert mark.read_text() == "ours-1\n"
+    assert commands[-1].startswith("guest: every daemon started under: sh -c")
     assert [row.workload.split()[0] for row in rows] == ["create", "stat", "readdir", "unlink"]
     for row in rows:
         assert list(row.samples) == ["ours"] and row.samples["ours"][0] > 0
