@@ -168,8 +168,8 @@ class PassthroughResponder:
     on a LOOKUP of a directory on another device than its parent."""
 
     __slots__ = ("_inodes", "_by_key", "_entry_valid", "_attr_valid", "_announce_submounts", "_lookups",
-                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_readdirplus", "_read_max", "_create", "_setattr",
-                 "_remove", "_open", "_mkdir")
+                 "_adopt", "_drop", "_flush", "_release", "_readdir", "_readdirplus", "_read_max", "_create",
+                 "_setattr", "_remove", "_open", "_mkdir")
 
     def __init__(
         self,
