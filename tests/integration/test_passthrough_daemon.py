@@ -113,7 +113,8 @@ def test_listing_opening_and_removing_are_answered_at_the_queue(run, sock_path, 
             d = await client.lookup(ROOT, b"d")
             dh = (await client.opendir(d.nodeid)).fh
             plus = await client.readdirplus(d.nodeid, dh, 0)
-            assert plus and all(fs.lookup_count(e.entry.nodeid) == 1 for e in plus if e.dirent.name not in (b".", b".."))
+            assert plus and all(fs.lookup_count(e.entry.nodeid) == 1
+                                for e in plus if e.dirent.name not in (b".", b".."))
             listed = [e.dirent.name for e in plus]
             off = plus[-1].dirent.off
             while more := await client.readdir(d.nodeid, dh, off):

@@ -311,9 +311,13 @@ def _err(code: int) -> FuseError:
     return FuseError(code)
 
 
-def _inline_errno(what: str, nodeid: int, exc: OSError) -> int:
-    """The errno an inline answer gives for a failed host call, logged as
-    the session logs a backend's FuseError (ENOENT not at all)."""
+def _inline_errno(what: str, nodeid: int, exc: Exception) -> int:
+    """The errno an inline answer gives for a failure, logged as the session
+    logs it: a host call's errno (ENOENT not at all), EIO with the traceback
+    for anything else (a backend failure)."""
+    if not isinstance(exc, OSError):
+        log.error("%s nodeid=%d failed -> EIO", what, nodeid, exc_info=exc)
+        return errno.EIO
     err = exc.errno or errno.EIO
     if err != errno.ENOENT:
         log.log(logging.DEBUG if err in (errno.EEXIST, errno.ENOTEMPTY) else logging.INFO,
@@ -1087,11 +1091,8 @@ class PassthroughFS(Operations):
         ctx = RequestContext(uid, gid, pid, umask)
         try:
             result = self._with_fd(p, self._w_make, name, self._creds(ctx), self._umask(ctx), _mkdirat, mode & 0o7777)
-        except OSError as exc:
+        except Exception as exc:
             return _inline_errno("MKDIR", parent, exc)
-        except Exception:
-            log.exception("MKDIR nodeid=%d failed -> EIO", parent)
-            return errno.EIO  # as the full path answers a backend failure
         try:
             entry = self._register(result, p)[1]
         except Exception:
@@ -1301,11 +1302,8 @@ class PassthroughFS(Operations):
         try:
             fd, result = self._with_fd(p, self._w_create, name, oflags, mode & 0o7777, bool(flags & os.O_EXCL),
                                        self._creds(ctx), self._umask(ctx))
-        except OSError as exc:
+        except Exception as exc:
             return _inline_errno("CREATE", parent, exc)
-        except Exception:
-            log.exception("CREATE nodeid=%d failed -> EIO", parent)
-            return errno.EIO  # as the full path answers a backend failure
         try:
             node, entry = self._register(result, p)
         except Exception:
