@@ -69,8 +69,13 @@ cdef extern from "vfa_copy_pool.h" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
+    ssize_t read(int fd, void *buf, size_t count)
 
+from libc.errno cimport EAGAIN, EINTR, errno
+
+import logging
 import operator
+import os
 import struct
 
 from virtiofs_async.abi.virtio import (
@@ -93,7 +98,9 @@ from virtiofs_async.abi.virtio import (
 from virtiofs_async.errors import VringError
 from virtiofs_async.vring import INDIRECT_CHAIN_LIMIT as _PY_INDIRECT_CHAIN_LIMIT
 
-__all__ = ["DescriptorChain", "VirtQueue", "scatter"]
+__all__ = ["DescriptorChain", "KickServer", "VirtQueue", "scatter"]
+
+cdef object _log = logging.getLogger("virtiofs_async.vring")
 
 cdef uint16_t F_NEXT = _PY_DESC_F_NEXT
 cdef uint16_t F_WRITE = _PY_DESC_F_WRITE
@@ -729,14 +736,14 @@ cdef class VirtQueue:
         """As the pure twin's: kicks disabled, :meth:`pop_serving` until the
         ring is empty, kicks enabled and the ring looked at once more, one
         last notification decision for what was answered, in one call."""
-        cdef long long n = operator.index(limit)
-        cdef long long budget = operator.index(byte_budget)
-        cdef long long every = operator.index(signal_every)
-        cdef int fd = operator.index(notify_fd)
+        return self._serve_kick(memory, operator.index(limit), responder, operator.index(byte_budget),
+                                operator.index(signal_every), operator.index(notify_fd))
+
+    cdef tuple _serve_kick(self, memory, long long n, responder, long long budget, long long every, int fd):
         cdef long long answered = 0, served
         cdef uint64_t one = 1
         cdef list chains
-        self.disable_notification(memory)
+        self._disable(memory)
         try:
             while True:
                 chains, served = self._pop_serving(memory, n - answered, responder, budget, every, fd)
@@ -745,12 +752,16 @@ cdef class VirtQueue:
                     return chains, answered
                 if served:
                     continue  # a chunk ended the call, or the ring has more
-                if not self.enable_notification(memory):
+                if not self._enable(memory):
                     return chains, answered
-                self.disable_notification(memory)
+                self._disable(memory)
         finally:
             if answered and fd >= 0 and self._desc_gpa is not None and self._notify_due():
                 write(fd, &one, 8)  # EAGAIN: the counter is full, the driver wakes anyway
+
+    def kick_server(self, device, handler, limit, byte_budget, signal_every, notify_fd, handoff):
+        """A :class:`KickServer` for this queue (of this implementation)."""
+        return KickServer(self, device, handler, limit, byte_budget, signal_every, notify_fd, handoff)
 
     cdef tuple _pop_serving(self, memory, long long n, responder, long long budget, long long every, int fd):
         cdef list chains = []
@@ -1013,8 +1024,11 @@ cdef class VirtQueue:
         already available, in which case the caller must pop them (no kick
         will come for them). Raises VringError like :meth:`pop` for a corrupt
         available index."""
+        return self._enable(memory) == 1
+
+    cdef int _enable(self, memory) except -1:
         if self._desc_gpa is None:
-            return False
+            return 0
         self._check_memory(memory)
         self._notify_enabled = True
         if self._event_idx:
@@ -1022,26 +1036,124 @@ cdef class VirtQueue:
         else:
             vfa_ring_st16(self._used, 0)
         if self._broken:
-            return False
+            return 0
         vfa_mb()  # the driver sees the re-enabled kicks before we look at avail->idx
-        return self._read_avail_idx() != self._next_avail
+        return 1 if self._read_avail_idx() != self._next_avail else 0
 
     def disable_notification(self, memory):
         """Tell the driver kicks are not needed (VIRTQ_USED_F_NO_NOTIFY; with
         EVENT_IDX ``avail_event`` is simply no longer advanced). Advisory: the
         driver may still kick."""
+        self._disable(memory)
+
+    cdef int _disable(self, memory) except -1:
         if self._desc_gpa is None:
-            return
+            return 0
         self._check_memory(memory)
         self._notify_enabled = False
         if not self._event_idx:
             vfa_ring_st16(self._used, USED_F_NO_NOTIFY)
+        return 0
 
     def __repr__(self):
         return (
             f"VirtQueue(size={self._size}, next_avail={self._next_avail}, next_used={self._next_used}, "
             f"configured={self.is_configured}, broken={self._broken})"
         )
+
+
+cdef class KickServer:
+    """Compiled twin of :class:`virtiofs_async.vring.KickServer` (its
+    docstring is the contract): the reader :meth:`attach` gives reads the
+    eventfd and serves the kick with no Python frame in between."""
+
+    cdef VirtQueue queue
+    cdef object device
+    cdef object handler
+    cdef long long limit
+    cdef long long byte_budget
+    cdef long long signal_every
+    cdef int notify_fd
+    cdef object handoff
+    cdef public bint armed
+    cdef int _fd
+    cdef object _wake
+    cdef object _fail
+
+    def __init__(self, VirtQueue queue, device, handler, limit, byte_budget, signal_every, notify_fd, handoff):
+        self.queue = queue
+        self.device = device
+        self.handler = handler
+        self.limit = operator.index(limit)
+        self.byte_budget = operator.index(byte_budget)
+        self.signal_every = operator.index(signal_every)
+        self.notify_fd = operator.index(notify_fd)
+        self.handoff = handoff
+        self.armed = False
+        self._fd = -1
+
+    def arm(self, on):
+        """Serve the next kicks (``on``), or leave them to the leader."""
+        self.armed = bool(on)
+
+    def __call__(self):
+        return self._serve()
+
+    cdef bint _serve(self) except -1:
+        cdef list chains
+        cdef long long answered
+        if not self.armed:
+            return False
+        responder = getattr(self.handler, "inline_responder", None)
+        if responder is None:
+            self.armed = False
+            return False
+        try:
+            chains, answered = self.queue._serve_kick(self.device.memory, self.limit, responder, self.byte_budget,
+                                                      self.signal_every, self.notify_fd)
+        except VringError as exc:
+            self.armed = False
+            self.handoff(None, exc)
+            return False
+        if PyList_GET_SIZE(chains):
+            self.armed = False
+            self.handoff(chains, None)
+            return False
+        if answered >= self.limit:
+            self.armed = False
+            return False
+        return True
+
+    def attach(self, fd, wake, fail):
+        """As the pure twin's (one reader per server: a later call replaces
+        the earlier one's fd and callbacks)."""
+        self._fd = operator.index(fd)
+        self._wake = wake
+        self._fail = fail
+        return self._on_readable
+
+    def _on_readable(self):
+        cdef uint64_t value
+        cdef ssize_t n
+        cdef int err = 0
+        while True:
+            n = read(self._fd, &value, 8)
+            if n >= 0:
+                break
+            err = errno
+            if err != EINTR:
+                break
+        if n < 0:
+            if err != EAGAIN:
+                self._fail(OSError(err, os.strerror(err)))
+            return
+        try:
+            if self._serve():
+                return
+        except Exception:
+            _log.exception("serving a kick failed; waking the leader")
+            self.armed = False
+        self._wake()
 
 
 cdef Py_ssize_t _call_respond(object respond, const unsigned char *request, Py_ssize_t req_len,

@@ -1,10 +1,10 @@
 """Type stubs of the compiled twin of virtiofs_async.vring / buffers.scatter
 (cyext/vring.pyx). Same API as the pure modules; see their docstrings."""
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from .memory import GuestMemory
 
-__all__ = ["DescriptorChain", "VirtQueue", "scatter"]
+__all__ = ["DescriptorChain", "KickServer", "VirtQueue", "scatter"]
 
 class DescriptorChain:
     head: int
@@ -64,9 +64,23 @@ class VirtQueue:
         self, memory: GuestMemory, limit: int, responder: Any, byte_budget: int = 0,
         signal_every: int = 0, notify_fd: int = -1,
     ) -> tuple[list[DescriptorChain], int]: ...
+    def kick_server(
+        self, device: Any, handler: Any, limit: int, byte_budget: int, signal_every: int, notify_fd: int,
+        handoff: Callable[[list[DescriptorChain] | None, Exception | None], None],
+    ) -> KickServer: ...
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None: ...
     def needs_notification(self, memory: GuestMemory) -> bool: ...
     def enable_notification(self, memory: GuestMemory) -> bool: ...
     def disable_notification(self, memory: GuestMemory) -> None: ...
+
+class KickServer:
+    armed: bool
+    def __init__(
+        self, queue: VirtQueue, device: Any, handler: Any, limit: int, byte_budget: int, signal_every: int, notify_fd: int,
+        handoff: Callable[[list[DescriptorChain] | None, Exception | None], None],
+    ) -> None: ...
+    def arm(self, on: bool) -> None: ...
+    def __call__(self) -> bool: ...
+    def attach(self, fd: int, wake: Callable[[], None], fail: Callable[[OSError], None]) -> Callable[[], None]: ...
 
 def scatter(writable: Sequence[memoryview], parts: Iterable[bytes | bytearray | memoryview]) -> int: ...

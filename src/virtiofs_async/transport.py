@@ -194,8 +194,10 @@ class _QueueWorker:
         #: slot; a driver whose request suspended leaves with its task.
         self._done = _Done()
         self._driver: Generator[Any, Any, None] | None = None
-        #: The leader waits for a kick with nothing popped (see _serve_kick).
+        #: The leader waits for a kick with nothing popped.
         self._parked = False
+        #: Serves kicks while the leader waits (request queues; see run).
+        self._kick: Any = None
         #: How long a kick waits for more to come before the pop (hiprio).
         self._coalesce = max(0.0, conn.device.hiprio_coalesce) if index == 0 else 0.0
         #: Chains served before other tasks and callbacks get a turn.
@@ -207,7 +209,16 @@ class _QueueWorker:
         if self.stopping:
             return
         self._group = group
-        self._waiter = self.conn.runtime.eventfd_waiter(self.kick_fd, self._serve_kick)
+        on_signal: Callable[[], bool] = self._hold_kicks
+        if not self._coalesce:
+            # Kicks are served by the queue's KickServer (compiled with the
+            # compiled queue), armed while the leader waits.
+            self._kick = self.queue.kick_server(
+                self.conn.backend, self.conn.handler, self._turn_budget, _SIGNAL_BYTES, _SIGNAL_EVERY,
+                -1 if self.call_fd is None else self.call_fd, self._kick_handoff,
+            )
+            on_signal = self._kick
+        self._waiter = self.conn.runtime.eventfd_waiter(self.kick_fd, on_signal)
         await self._lead()
 
     def stop(self) -> None:
@@ -215,6 +226,8 @@ class _QueueWorker:
         longer watched when this returns. Chains already popped (running or
         not yet started) are still served; see :meth:`wait_idle`."""
         self.stopping = True
+        if self._kick is not None:
+            self._kick.arm(False)
         if self._waiter is not None:
             self._waiter.close()
 
@@ -266,6 +279,9 @@ class _QueueWorker:
             served = 0
             assert self._waiter is not None
             self._parked = True
+            kick = self._kick
+            if kick is not None:
+                kick.arm(True)
             try:
                 await self._waiter.wait()
             except ClosedResourceError:
@@ -276,41 +292,28 @@ class _QueueWorker:
                 return
             finally:
                 self._parked = False
+                if kick is not None:
+                    kick.arm(False)
             if self._coalesce and not self.stopping:
                 await runtime.sleep(self._coalesce)  # let the rest of a burst come
 
-    def _serve_kick(self) -> bool:
-        """A kick while the leader waits (called from the runtime's wake-up
-        path, before any task runs): when the handler has an inline
-        responder, pop here what it answers, as the leader would, and
-        return True if nothing else came (the leader sleeps on, saving a
-        task switch per kick). Anything else (chains for the full path,
-        more than a turn, an error) wakes the leader, which carries on from
-        the queue's state."""
-        if not self._parked or self.stopping or self._backlog:
-            return False
-        if self._coalesce:
-            # The leader serves it after a while; no kicks until then.
+    def _hold_kicks(self) -> bool:
+        """A kick while the hiprio leader waits (a coalescing queue's
+        ``on_signal``): kicks off until the leader, once woken, has waited
+        ``_coalesce`` and popped; the leader wakes (False)."""
+        if self._parked and not self.stopping:
             self.queue.disable_notification(self.conn.backend.memory)
-            return False
-        responder = getattr(self.conn.handler, "inline_responder", None)
-        if responder is None:
-            return False
-        memory = self.conn.backend.memory
-        call_fd = self.call_fd
-        try:
-            # One call: kicks off, answer, kicks on, look again, signal.
-            chains, answered = self.queue.serve_kick(
-                memory, self._turn_budget, responder, _SIGNAL_BYTES, _SIGNAL_EVERY, -1 if call_fd is None else call_fd,
-            )
-        except VringError as exc:
-            self._malformed(memory, exc)
-            return False  # the leader goes on from here
+        return False
+
+    def _kick_handoff(self, chains: list[Any] | None, exc: VringError | None) -> None:
+        """What the KickServer popped and could not answer: the chains for
+        the full path go to the backlog, a malformed chain is returned (the
+        leader, woken next, carries on from the queue's state)."""
         if chains:
             self.in_flight += len(chains)
             self._backlog.extend(chains)
-            return False
-        return answered < self._turn_budget and not self.stopping
+        if exc is not None:
+            self._malformed(self.conn.backend.memory, exc)
 
     def _broken(self) -> None:
         log.error("queue %d is broken; it stops until the frontend resets it", self.index)

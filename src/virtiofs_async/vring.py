@@ -32,9 +32,10 @@ Python); that is sufficient on x86 (TSO). A native twin adds the fences.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import attrs
 
@@ -79,6 +80,7 @@ RESPONDER_REPLY_MAX = 512
 
 #: What an eventfd write adds: 1, as 8 native-endian bytes.
 _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
+_log = logging.getLogger(__name__)
 
 
 def _error(message: str, head: int | None) -> VringError:
@@ -550,6 +552,13 @@ class VirtQueue:
                 with contextlib.suppress(BlockingIOError):  # a full counter wakes the driver anyway
                     os.write(notify_fd, _EVENTFD_ONE)
 
+    def kick_server(
+        self, device: Any, handler: Any, limit: int, byte_budget: int, signal_every: int, notify_fd: int,
+        handoff: Callable[[list[DescriptorChain] | None, VringError | None], None],
+    ) -> KickServer:
+        """A :class:`KickServer` for this queue (of this implementation)."""
+        return KickServer(self, device, handler, limit, byte_budget, signal_every, notify_fd, handoff)
+
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written and publish the
         used index (element first, then index). VringError if the queue is
@@ -629,3 +638,93 @@ class VirtQueue:
             f"VirtQueue(size={self._size}, next_avail={self._next_avail}, next_used={self._next_used}, "
             f"configured={self.is_configured}, broken={self._broken})"
         )
+
+
+class KickServer:
+    """The kicks of one queue, answered from the event loop's wake-up path.
+
+    The transport arms it (:meth:`arm`) while its leader task waits for a
+    kick; each kick then costs one :meth:`VirtQueue.serve_kick` with the
+    handler's current ``inline_responder`` (read at every kick: it comes
+    and goes with the mount and with DEBUG logging), and no task switch.
+    Calling it (the ``on_signal`` of an eventfd waiter, after the waiter
+    consumed the counter) returns True when the kick was dealt with:
+    everything popped was answered, fewer than ``limit`` chains.
+    Otherwise it disarms itself and returns False, for the leader to wake:
+    chains popped for the full path are first given to
+    ``handoff(chains, None)``, a malformed chain's VringError to
+    ``handoff(None, exc)`` (its chain consumed, as :meth:`VirtQueue.pop`
+    leaves it). :meth:`attach` makes the callable an event loop registers
+    as the kick fd's reader instead of its own. ``device.memory`` (the
+    guest memory) is read at every kick too: the map may change."""
+
+    __slots__ = ("queue", "device", "handler", "limit", "byte_budget", "signal_every", "notify_fd", "handoff",
+                 "armed")
+
+    def __init__(
+        self, queue: VirtQueue, device: Any, handler: Any, limit: int, byte_budget: int, signal_every: int,
+        notify_fd: int, handoff: Callable[[list[DescriptorChain] | None, VringError | None], None],
+    ) -> None:
+        self.queue = queue
+        self.device = device
+        self.handler = handler
+        self.limit = limit
+        self.byte_budget = byte_budget
+        self.signal_every = signal_every
+        self.notify_fd = notify_fd
+        self.handoff = handoff
+        #: Kicks are served (else each one only wakes the leader).
+        self.armed = False
+
+    def arm(self, on: bool) -> None:
+        """Serve the next kicks (``on``), or leave them to the leader."""
+        self.armed = on
+
+    def __call__(self) -> bool:
+        if not self.armed:
+            return False
+        responder = getattr(self.handler, "inline_responder", None)
+        if responder is None:
+            self.armed = False
+            return False
+        try:
+            chains, answered = self.queue.serve_kick(
+                self.device.memory, self.limit, responder, self.byte_budget, self.signal_every, self.notify_fd,
+            )
+        except VringError as exc:
+            self.armed = False
+            self.handoff(None, exc)
+            return False
+        if chains:
+            self.armed = False
+            self.handoff(chains, None)
+            return False
+        if answered >= self.limit:
+            self.armed = False
+            return False
+        return True
+
+    def attach(self, fd: int, wake: Callable[[], None], fail: Callable[[OSError], None]) -> Callable[[], None]:
+        """The kick fd ``fd``'s reader callback: it consumes the counter
+        (nothing to read: nothing happens), serves the kick as a call does,
+        and calls ``wake()`` when it was not dealt with (also when serving
+        raised anything but VringError: that is logged), ``fail(exc)`` when
+        the fd cannot be read."""
+
+        def on_readable() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                fail(exc)
+                return
+            try:
+                if self():
+                    return
+            except Exception:
+                _log.exception("serving a kick failed; waking the leader")
+                self.armed = False
+            wake()
+
+        return on_readable

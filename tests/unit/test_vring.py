@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 from typing import Callable
 import mmap
 import os
@@ -1037,6 +1038,195 @@ def test_serve_kick_raises_a_malformed_chain_after_signalling_the_answers() -> N
         assert r.drv.pop_used()[:2] == (good, 3)
         assert r.vq.serve_kick(r.memory, 64, EchoResponder(), 0, 0, efd) == ([], 0)
     finally:
+        os.close(efd)
+        r.close()
+
+
+# -- KickServer: a kick served from the event loop's wake-up path -------------------------------
+
+
+class _Handler:
+    """What the transport's handler offers the KickServer: ``inline_responder``."""
+
+    def __init__(self, responder: object) -> None:
+        self.inline_responder = responder
+
+
+class _Device:
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+
+def _kick_server(r: Rig, efd: int, responder: object, limit: int = 64) -> tuple[object, list[tuple[object, object]]]:
+    handed: list[tuple[object, object]] = []
+    server = r.vq.kick_server(_Device(r.memory), _Handler(responder), limit, 0, 0, efd,
+                              lambda chains, exc: handed.append((chains, exc)))
+    return server, handed
+
+
+def test_kick_server_is_of_the_queue_s_implementation() -> None:
+    r, efd = _serving_rig()
+    try:
+        server, _ = _kick_server(r, efd, EchoResponder())
+        assert type(server).__module__ == type(r.vq).__module__
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_serves_only_when_armed_with_a_responder() -> None:
+    r, efd = _serving_rig()
+    try:
+        server, handed = _kick_server(r, efd, EchoResponder())
+        heads = [r.drv.add_chain([b"Exyz"], [8]) for _ in range(3)]
+        r.drv.publish()
+        assert server() is False  # not armed: the leader's kick
+        assert r.vq.next_avail == 0 and _eventfd_count(efd) == 0
+        server.arm(True)
+        assert server() is True and server.armed
+        assert [r.drv.pop_used()[:2] for _ in heads] == [(h, 3) for h in heads]
+        assert _eventfd_count(efd) == 1 and handed == []
+        assert r.drv.needs_kick() is True
+        # no responder (no mount, or DEBUG logging): the leader serves, nothing is popped
+        none, _ = _kick_server(r, efd, None)
+        none.arm(True)
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert none() is False and not none.armed
+        assert r.vq.next_avail == 3
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_reads_the_handler_s_responder_at_every_kick() -> None:
+    r, efd = _serving_rig()
+    try:
+        first = EchoResponder()
+        handler = _Handler(first)
+        server = r.vq.kick_server(_Device(r.memory), handler, 64, 0, 0, efd, lambda c, e: None)
+        server.arm(True)
+        r.drv.add_chain([b"Eab"], [8])
+        r.drv.publish()
+        assert server() is True
+        second = EchoResponder()
+        handler.inline_responder = second
+        r.drv.add_chain([b"Ecd"], [8])
+        r.drv.publish()
+        assert server() is True
+        assert [o[0] for o in first.offers] == [b"Eab"] and [o[0] for o in second.offers] == [b"Ecd"]
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_hands_full_path_chains_over_and_disarms() -> None:
+    r, efd = _serving_rig()
+    try:
+        server, handed = _kick_server(r, efd, EchoResponder())
+        server.arm(True)
+        r.drv.add_chain([b"Eab"], [8])
+        other = r.drv.add_chain([b"Nxy"], [8])
+        r.drv.publish()
+        assert server() is False and not server.armed
+        [(chains, exc)] = handed
+        assert exc is None and [c.head for c in chains] == [other]
+        assert r.drv.pop_used()[1] == 2  # the echo was answered
+        assert r.drv.needs_kick() is False  # the leader pops on
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_wakes_the_leader_after_limit_chains() -> None:
+    r, efd = _serving_rig()
+    try:
+        server, handed = _kick_server(r, efd, EchoResponder(), limit=4)
+        server.arm(True)
+        for _ in range(6):
+            r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert server() is False and not server.armed and handed == []
+        assert r.vq.next_avail == 4
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_hands_a_malformed_chain_over() -> None:
+    r, efd = _serving_rig()
+    try:
+        server, handed = _kick_server(r, efd, EchoResponder())
+        server.arm(True)
+        r.drv.add_chain([b"Exyz"], [8])
+        ok = r.drv.alloc(8)
+        r.drv.write_desc(15, ok, 8, N, 15)  # a descriptor that chains to itself
+        r.drv.push_head(15)
+        r.drv.publish()
+        assert server() is False and not server.armed
+        [(chains, exc)] = handed
+        assert chains is None and isinstance(exc, VringError) and exc.head == 15
+        assert _eventfd_count(efd) == 1  # the answer before it was signalled
+    finally:
+        os.close(efd)
+        r.close()
+
+
+def test_kick_server_reader_consumes_the_counter_and_wakes_only_when_needed() -> None:
+    r, efd = _serving_rig()
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        server, handed = _kick_server(r, efd, EchoResponder())
+        wakes: list[int] = []
+        failures: list[OSError] = []
+        reader = server.attach(kick, lambda: wakes.append(1), failures.append)
+        reader()  # nothing to read: nothing happens
+        assert wakes == [] and failures == []
+        server.arm(True)
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        os.eventfd_write(kick, 3)
+        reader()
+        assert wakes == [] and r.vq.next_avail == 1
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(kick)  # consumed
+        r.drv.add_chain([b"Nxyz"], [8])
+        r.drv.publish()
+        os.eventfd_write(kick, 1)
+        reader()
+        assert wakes == [1] and len(handed) == 1 and not server.armed
+        os.eventfd_write(kick, 1)
+        reader()  # disarmed: every kick wakes the leader
+        assert wakes == [1, 1]
+    finally:
+        os.close(kick)
+        os.close(efd)
+        r.close()
+    reader()  # the fd is gone: fail() gets the error
+    assert [e.errno for e in failures] == [errno.EBADF]
+
+
+def test_kick_server_reader_wakes_the_leader_when_serving_fails(caplog: pytest.LogCaptureFixture) -> None:
+    r, efd = _serving_rig()
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    class Broken:
+        @property
+        def inline_responder(self) -> object:
+            raise RuntimeError("boom")
+
+    try:
+        wakes: list[int] = []
+        server = r.vq.kick_server(_Device(r.memory), Broken(), 64, 0, 0, efd, lambda c, e: None)
+        reader = server.attach(kick, lambda: wakes.append(1), lambda exc: None)
+        server.arm(True)
+        os.eventfd_write(kick, 1)
+        with caplog.at_level("ERROR"):
+            reader()
+        assert wakes == [1] and not server.armed
+        assert "serving a kick failed" in caplog.text
+    finally:
+        os.close(kick)
         os.close(efd)
         r.close()
 

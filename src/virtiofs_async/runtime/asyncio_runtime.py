@@ -65,8 +65,12 @@ class _EventfdWaiter:
         self._closed = False
         self._error: OSError | None = None
         self._future: asyncio.Future[None] | None = None
+        attach = getattr(on_signal, "attach", None)
         try:
-            loop.add_reader(fd, self._on_readable)
+            # An attachable on_signal reads and serves the fd itself (one
+            # compiled call per wake-up); wake/fail are its way back here.
+            reader = attach(fd, self._wake, self._fail) if attach is not None else self._on_readable
+            loop.add_reader(fd, reader)
             self._registered = True
         except (OSError, ValueError) as exc:
             self._registered = False
@@ -78,16 +82,22 @@ class _EventfdWaiter:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._error = exc
-            self._unregister()
-        else:
-            future = self._future
-            if future is not None and self._on_signal is not None and signal_handled(self._on_signal):
-                return  # dealt with here: the waiter sleeps on
+            self._fail(exc)
+            return
+        if self._future is not None and self._on_signal is not None and signal_handled(self._on_signal):
+            return  # dealt with here: the waiter sleeps on
+        self._wake()
+
+    def _wake(self) -> None:
         self._signalled = True
         future = self._future
         if future is not None and not future.done():
             future.set_result(None)
+
+    def _fail(self, exc: OSError) -> None:
+        self._error = exc
+        self._unregister()
+        self._wake()
 
     def _unregister(self) -> None:
         if self._registered:

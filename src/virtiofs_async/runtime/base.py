@@ -80,7 +80,16 @@ class Runtime(Protocol):
         that arrives during a wait; trio, which reads the counter only in
         a wait: also one pending when it starts); when it returns True it
         has dealt with the signal and the task keeps waiting. It should
-        not raise; if it does, that is logged and the task is woken."""
+        not raise; if it does, that is logged and the task is woken.
+
+        An ``on_signal`` with an ``attach(fd, wake, fail)`` method (a
+        :class:`~virtiofs_async.vring.KickServer`) may be given the fd's
+        wake-ups whole: a runtime with persistent readers (asyncio)
+        registers what ``attach`` returns in place of its own callback.
+        That reader consumes the counter, calls ``on_signal``'s logic
+        itself (it decides whether anyone waits), ``wake()`` for a signal
+        the waiting task must see, and ``fail(exc)`` when the fd cannot be
+        read. trio ignores ``attach``."""
 
     def task_group(self) -> AbstractAsyncContextManager[TaskGroup]: ...
 
