@@ -96,7 +96,7 @@ from virtiofs_async.codec import (
 
 __all__ = [
     "decode_request", "encode_out_header", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus",
-    "pack_entry_out", "pack_host_dirents", "record_factory", "write_reply",
+    "pack_entry_out", "pack_host_dirents", "pack_raw_dirents", "record_factory", "scan_raw_dirents", "write_reply",
 ]
 
 _pure_decode_request = _pure.decode_request
@@ -839,6 +839,22 @@ def parse_linux_dirents64(data, Py_ssize_t length, cls):
     return out
 
 
+cdef inline bint _store_dirent(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t used, Py_ssize_t need,
+                               uint64_t ino, uint64_t off, uint32_t typ, const char *name, Py_ssize_t n) noexcept:
+    """Append one ``need``-byte fuse_dirent at ``used`` (growing ``buf``);
+    False when out of memory."""
+    cdef unsigned char *p = vfa_reserve(buf, cap, used, need)
+    if p == NULL:
+        return False
+    vfa_st64(p, ino)
+    vfa_st64(p + 8, off)
+    vfa_st32(p + 16, <uint32_t>n)
+    vfa_st32(p + 20, typ)
+    memcpy(p + 24, name, n)
+    memset(p + 24 + n, 0, need - 24 - n)
+    return True
+
+
 _pure_pack_host_dirents = _pure.pack_host_dirents
 
 
@@ -853,7 +869,6 @@ def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, do
     cdef dict table
     cdef const char *cname
     cdef unsigned char *buf
-    cdef unsigned char *p
     cdef uint64_t ino = 0, off = 0, c_dot = 0, c_dotdot = 0
     cdef uint32_t typ = 0
     if not (PyList_CheckExact(entries) and PyDict_CheckExact(known) and 0 <= start
@@ -894,18 +909,118 @@ def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, do
             if not (_as_u64(<object>PyTuple_GET_ITEM(rec, 1), &off)
                     and _as_u32(<object>PyTuple_GET_ITEM(rec, 2), &typ)):
                 return _pure_pack_host_dirents(entries, start, room, known, dev, dot, dotdot)
-            p = vfa_reserve(&buf, &cap, used, need)
-            if p == NULL:
+            if not _store_dirent(&buf, &cap, used, need, ino, off, typ, cname, n):
                 raise MemoryError()
-            vfa_st64(p, ino)
-            vfa_st64(p + 8, off)
-            vfa_st32(p + 16, <uint32_t>n)
-            vfa_st32(p + 20, typ)
-            memcpy(p + 24, cname, n)
-            memset(p + 24 + n, 0, need - 24 - n)
             used += need
             i += 1
         return PyBytes_FromStringAndSize(<const char *>buf, used), i
+    finally:
+        PyMem_Free(buf)
+
+
+cdef Py_ssize_t _raw_record(const unsigned char *p, Py_ssize_t length, Py_ssize_t pos,
+                            Py_ssize_t *name_len) except -1:
+    """Check the getdents64 record of ``p[:length]`` at ``pos`` as the pure
+    twin's ``_raw_dirent`` does (the same ValueErrors); its length, and its
+    name's in ``name_len``."""
+    cdef uint16_t rec16
+    cdef Py_ssize_t reclen
+    cdef const unsigned char *nul
+    if length - pos < 19:
+        raise ValueError(f"truncated getdents64 record at {pos}")
+    memcpy(&rec16, p + pos + 16, 2)
+    reclen = rec16
+    if reclen <= 19 or pos + reclen > length:
+        raise ValueError(f"getdents64 record at {pos} has length {reclen}")
+    nul = <const unsigned char *>memchr(p + pos + 19, 0, reclen - 19)
+    if nul == NULL:
+        raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name")
+    name_len[0] = nul - (p + pos + 19)
+    return reclen
+
+
+_pure_scan_raw_dirents = _pure.scan_raw_dirents
+_pure_pack_raw_dirents = _pure.pack_raw_dirents
+
+
+def scan_raw_dirents(raw, off):
+    """As :func:`virtiofs_async.codec.scan_raw_dirents` (the contract);
+    exact bytes and an int here, anything else goes to the pure twin."""
+    cdef const unsigned char *p
+    cdef Py_ssize_t length, pos = 0, after = -1, reclen, n
+    cdef int64_t want, last = -1, d_off
+    cdef bint any_want = True
+    if not (PyBytes_CheckExact(raw) and PyLong_CheckExact(off)):
+        return _pure_scan_raw_dirents(raw, off)
+    try:
+        want = off
+    except OverflowError:
+        any_want = False  # no d_off can match
+        want = 0
+    p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    length = PyBytes_GET_SIZE(raw)
+    while pos < length:
+        reclen = _raw_record(p, length, pos, &n)
+        memcpy(&d_off, p + pos + 8, 8)
+        last = d_off
+        pos += reclen
+        if any_want and d_off == want and after < 0:
+            after = pos
+    return after, last
+
+
+def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, dotdot):
+    """As :func:`virtiofs_async.codec.pack_raw_dirents` (the contract): one
+    pass over the host records, no objects but each unknown inode's key.
+    Exact bytes, dicts and ints here; anything else goes to the pure twin."""
+    cdef const unsigned char *p
+    cdef const char *cname
+    cdef Py_ssize_t length, pos, reclen, n, need, used = 0, count = 0, cap = 8192
+    cdef unsigned char *buf
+    cdef uint64_t ino = 0, d_ino, c_dot = 0, c_dotdot = 0
+    cdef int64_t d_off, last = -1
+    cdef dict table
+    cdef object node
+    if not (PyBytes_CheckExact(raw) and PyDict_CheckExact(known) and 0 <= start
+            and _as_u64(dot, &c_dot) and _as_u64(dotdot, &c_dotdot)):
+        return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
+    table = <dict>known
+    p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    length = PyBytes_GET_SIZE(raw)
+    buf = <unsigned char *>PyMem_Malloc(cap)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        pos = start
+        while pos < length:
+            reclen = _raw_record(p, length, pos, &n)
+            need = (24 + n + 7) & ~7
+            if used + need > room:
+                break
+            cname = <const char *>(p + pos + 19)
+            if n == 0 or n > 1024 or memchr(cname, 0x2F, n) != NULL:
+                raise ValueError(f"invalid directory entry name {PyBytes_FromStringAndSize(cname, n)[:64]!r}")
+            memcpy(&d_ino, p + pos, 8)
+            memcpy(&d_off, p + pos + 8, 8)
+            if d_off < 0:  # not a fuse_dirent offset: the pure twin raises what it raises
+                return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
+            if c_dot and n == 1 and cname[0] == 0x2E:
+                ino = c_dot
+            elif c_dotdot and n == 2 and cname[0] == 0x2E and cname[1] == 0x2E:
+                ino = c_dotdot
+            else:
+                node = table.get((dev, d_ino))
+                if node is None:
+                    ino = d_ino
+                elif not _as_u64(node.nodeid, &ino):
+                    return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
+            if not _store_dirent(&buf, &cap, used, need, ino, <uint64_t>d_off, p[pos + 18], cname, n):
+                raise MemoryError()
+            used += need
+            count += 1
+            last = d_off
+            pos += reclen
+        return PyBytes_FromStringAndSize(<const char *>buf, used), pos, count, last
     finally:
         PyMem_Free(buf)
 

@@ -43,6 +43,8 @@ pack_dirent = _codec.pack_dirent
 pack_direntplus = _codec.pack_direntplus
 pack_entry_out = _codec.pack_entry_out
 pack_host_dirents = _codec.pack_host_dirents
+pack_raw_dirents = _codec.pack_raw_dirents
+scan_raw_dirents = _codec.scan_raw_dirents
 parse_linux_dirents64 = _codec.parse_linux_dirents64
 record_factory = _codec.record_factory
 write_reply = _codec.write_reply
@@ -50,5 +52,6 @@ write_reply = _codec.write_reply
 __all__ = [
     "IMPLEMENTATION", "DescriptorChain", "IoPool", "PassthroughResponder", "VirtQueue", "decode_request",
     "encode_out_header", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out",
-    "pack_host_dirents", "parse_linux_dirents64", "record_factory", "scatter", "write_reply",
+    "pack_host_dirents", "pack_raw_dirents", "parse_linux_dirents64", "record_factory", "scan_raw_dirents", "scatter",
+    "write_reply",
 ]

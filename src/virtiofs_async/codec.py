@@ -63,7 +63,8 @@ from .errors import FuseProtocolError
 __all__ = [
     "InHeader", "OutHeader", "Request", "FileLockStruct",
     "decode_request", "encode_out_header", "decode_out_header", "decode_reply",
-    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus", "pack_host_dirents",
+    "dirent_size", "direntplus_size", "pack_dirent", "pack_direntplus", "pack_host_dirents", "pack_raw_dirents",
+    "scan_raw_dirents",
     "parse_linux_dirents64",
     "AttributeSource", "split_timeout", "pack_attr", "pack_attr_out", "pack_entry_out", "write_reply", "record_factory",
     "iter_dirents", "iter_direntplus", "iter_extensions", "supp_groups",
@@ -1939,19 +1940,85 @@ def pack_host_dirents(
         need = (24 + n + 7) & ~7
         if used + need > room:
             break
-        if not n or n > abi.FUSE_NAME_MAX or b"/" in name or b"\0" in name:
-            raise ValueError(f"invalid directory entry name {name[:64]!r}")
-        if dot and name == b".":
-            ino = dot
-        elif dotdot and name == b"..":
-            ino = dotdot
-        else:
-            node = known.get((dev, d_ino))
-            ino = d_ino if node is None else node.nodeid
-        parts.append(_dirent_pack(ino, d_off, n, d_type) + name + _PAD[: (-n) & 7])
+        parts.append(_host_dirent_record(d_ino, d_off, d_type, name, known, dev, dot, dotdot))
         used += need
         i += 1
     return b"".join(parts), i
+
+
+def _host_dirent_record(d_ino: int, d_off: int, d_type: int, name: bytes, known: Mapping[tuple[int, int], Any],
+                        dev: int, dot: int, dotdot: int) -> bytes:
+    """One host entry's ``fuse_dirent`` (see :func:`pack_host_dirents`)."""
+    n = len(name)
+    if not n or n > abi.FUSE_NAME_MAX or b"/" in name or b"\0" in name:
+        raise ValueError(f"invalid directory entry name {name[:64]!r}")
+    if dot and name == b".":
+        ino = dot
+    elif dotdot and name == b"..":
+        ino = dotdot
+    else:
+        node = known.get((dev, d_ino))
+        ino = d_ino if node is None else node.nodeid
+    return _dirent_pack(ino, d_off, n, d_type) + name + _PAD[: (-n) & 7]
+
+
+def _raw_dirent(raw: bytes, pos: int) -> tuple[int, int, int, int, bytes]:
+    """The getdents64 record of ``raw`` at ``pos``: (reclen, d_ino, d_off,
+    d_type, name); ValueError as :func:`parse_linux_dirents64`."""
+    length = len(raw)
+    if length - pos < _LINUX_DIRENT64_HEAD.size:
+        raise ValueError(f"truncated getdents64 record at {pos}")
+    ino, off, reclen, dtype = _LINUX_DIRENT64_HEAD.unpack_from(raw, pos)
+    if reclen <= _LINUX_DIRENT64_HEAD.size or pos + reclen > length:
+        raise ValueError(f"getdents64 record at {pos} has length {reclen}")
+    name_start = pos + _LINUX_DIRENT64_HEAD.size
+    try:
+        end = raw.index(b"\0", name_start, pos + reclen)
+    except ValueError:
+        raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name") from None
+    return reclen, ino, off, dtype, raw[name_start:end]
+
+
+def scan_raw_dirents(raw: bytes, off: int) -> tuple[int, int]:
+    """Walk ``raw``, a whole ``getdents64(2)`` result: the position just
+    after the record whose ``d_off`` is ``off`` (-1 when none is) and the
+    last record's ``d_off`` (-1 when ``raw`` is empty). ValueError as
+    :func:`parse_linux_dirents64` for a malformed record."""
+    pos, after, last = 0, -1, -1
+    while pos < len(raw):
+        reclen, _ino, last, _dtype, _name = _raw_dirent(raw, pos)
+        pos += reclen
+        if last == off and after < 0:
+            after = pos
+    return after, last
+
+
+def pack_raw_dirents(
+    raw: bytes, start: int, room: int, known: Mapping[tuple[int, int], Any], dev: int, dot: int, dotdot: int,
+) -> tuple[bytes, int, int, int]:
+    """:func:`pack_host_dirents` straight from ``raw``, a whole
+    ``getdents64(2)`` result, from its record at byte position ``start``
+    (no record objects): the packed ``fuse_dirent`` records that fit whole
+    in ``room`` bytes, the position after the last one packed, how many
+    were packed and the last one's ``d_off`` (-1 when none fits). The same
+    inode mapping and name rules; ValueError also for a malformed host
+    record."""
+    parts: list[bytes] = []
+    used = count = 0
+    last = -1
+    pos = start
+    while pos < len(raw):
+        reclen, d_ino, d_off, d_type, name = _raw_dirent(raw, pos)
+        n = len(name)
+        need = (24 + n + 7) & ~7
+        if used + need > room:
+            break
+        parts.append(_host_dirent_record(d_ino, d_off, d_type, name, known, dev, dot, dotdot))
+        used += need
+        count += 1
+        last = d_off
+        pos += reclen
+    return b"".join(parts), pos, count, last
 
 
 def pack_direntplus(entry: EntryOut, ino: int, off: int, type: int, name: bytes) -> bytes:

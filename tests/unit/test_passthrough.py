@@ -455,13 +455,13 @@ def test_readdir_resumes_from_its_last_read_without_seeking(
     for i in range(200):
         open(host(share, f"entry-{i:04d}"), "wb").close()
     calls: list[int | None] = []
-    real = _hostfs.getdents
+    real = _hostfs.getdents_raw
 
-    def counting(fd: int, offset: int | None, bufsize: int = 32768) -> list[_hostfs.Dirent]:
+    def counting(fd: int, offset: int | None, bufsize: int = 32768) -> bytes:
         calls.append(offset)
         return real(fd, offset, bufsize)
 
-    monkeypatch.setattr(_hostfs, "getdents", counting)
+    monkeypatch.setattr(_hostfs, "getdents_raw", counting)
 
     async def body() -> None:
         dirh = await fs.opendir(ROOT_INODE, ROOT)

@@ -1275,8 +1275,8 @@ def test_what_readdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkey
             with monkeypatch.context() as p:
                 def failing(*args: Any) -> Any:
                     raise OSError(errno.EIO, "injected")
-                p.setattr(_hostfs, "getdents", failing)
-                p.setattr(fs._handles[dh], "dir_read", [])  # nothing buffered: the host is asked
+                p.setattr(_hostfs, "getdents_raw", failing)
+                p.setattr(fs._handles[dh], "dir_raw", b"")  # nothing buffered: the host is asked
                 assert r.respond(readdir_req(dh, offset, 300), 512) is None
                 assert fs._handles[dh].dir_pos == -1
                 n, reply = m.full(readdir_req(dh, offset, 300), 512)
@@ -1859,7 +1859,7 @@ def test_what_readdirplus_at_the_queue_leaves_to_the_full_path(tmp_path: Any, mo
             assert m.counts() == counts
             # the host fails on the second getdents64 of one reply: the
             # lookups of the records packed before it are given back
-            real = _hostfs.getdents
+            real = _hostfs.getdents_raw
             calls = []
 
             def second_fails(*args: Any) -> Any:
@@ -1869,7 +1869,7 @@ def test_what_readdirplus_at_the_queue_leaves_to_the_full_path(tmp_path: Any, mo
                 return real(*args)
 
             with monkeypatch.context() as p:
-                p.setattr(_hostfs, "getdents", second_fails)
+                p.setattr(_hostfs, "getdents_raw", second_fails)
                 assert fs._readdirplus_inline(dh, 0, 16384) is None
             assert len(calls) == 2 and fs._handles[dh].dir_pos == -1
             assert m.counts() == counts

@@ -1180,18 +1180,24 @@ def test_pack_host_dirents_of_a_long_listing() -> None:
     assert a[1] == 2000 and len(a[0]) == 1995 * 48
 
 
+def _getdents64_of(path) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
+    """One getdents64 call's buffer and length for the directory ``path``."""
+    import ctypes
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = ctypes.CDLL(None, use_errno=True).getdents64(fd, buf, len(buf))
+        return buf.raw, n
+    finally:
+        os.close(fd)
+
+
 def test_pack_host_dirents_of_a_real_directory(tmp_path) -> None:
     """A whole real listing, packed a page at a time, reads back as the
     directory's names with the table's node ids for known inodes."""
     for i in range(300):
         open(tmp_path / f"file-{i:04d}", "wb").close()
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        import ctypes
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = ctypes.CDLL(None, use_errno=True).getdents64(fd, buf, len(buf))
-    finally:
-        os.close(fd)
+    buf, n = _getdents64_of(tmp_path)
     records = codec.parse_linux_dirents64(buf, n, _HostDirent)
     dev = os.stat(tmp_path).st_dev
     known = {(dev, r[0]): _Node(10**6 + k) for k, r in enumerate(records) if k % 3 == 0}
@@ -1210,6 +1216,103 @@ def test_pack_host_dirents_of_a_real_directory(tmp_path) -> None:
             want = 5 if d.name == b"." else known[(dev, r[0])].nodeid if (dev, r[0]) in known else r[0]
             assert d.ino == want
         assert len(pages) > 2
+
+
+def _linux_dirent64(ino: int, off: int, dtype: int, name: bytes) -> bytes:
+    reclen = (19 + len(name) + 1 + 7) & ~7
+    return struct.pack("=QqHB", ino, off, reclen, dtype) + name + b"\0" * (reclen - 19 - len(name))
+
+
+@st.composite
+def raw_dirent_batches(draw):
+    """A getdents64 result (records with valid names, a few with names the
+    packers refuse or a negative cookie; the tail sometimes cut or
+    corrupt), an inode table knowing some of them, a start position (a
+    record boundary, or not), a room, dot/dotdot and a cookie to look for."""
+    names = st.one_of(
+        st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n),
+        st.sampled_from([b".", b"..", b"x" * 255, b"y" * 1024, b"z" * 1025, b"", b"a/b"]),
+    )
+    recs, bounds = [], [0]
+    raw = b""
+    for _ in range(draw(st.integers(0, 12))):
+        ino = draw(st.integers(0, 2**64 - 1) | st.sampled_from([1, 2, 3]))
+        off = draw(st.integers(0, 2**63 - 1) | st.sampled_from([-1, 5]))
+        rec = (ino, off, draw(st.integers(0, 15)), draw(names))
+        recs.append(rec)
+        raw += _linux_dirent64(*rec)
+        bounds.append(len(raw))
+    tail = draw(st.sampled_from(["none"] * 8 + ["cut", "reclen", "nonul"]))
+    if tail == "cut" and raw:
+        raw = raw[:-draw(st.integers(1, 8))]
+    elif tail == "reclen":
+        raw += struct.pack("=QqHB", 1, 1, 19, 0)
+    elif tail == "nonul":
+        raw += struct.pack("=QqHB", 1, 1, 24, 0) + b"abcde"
+    dev = draw(st.integers(0, 2**20))
+    known = {}
+    for rec in recs:
+        if draw(st.booleans()):
+            known[(draw(st.sampled_from([dev, dev + 1])), rec[0])] = _Node(draw(st.integers(1, 2**64 - 1)))
+    start = draw(st.sampled_from(bounds) | st.integers(0, len(raw) + 1))
+    room = draw(st.integers(0, 600) | st.sampled_from([4096, 1 << 20]))
+    dot = draw(st.sampled_from([0, 0, 7, 2**64 - 1]))
+    dotdot = draw(st.sampled_from([0, 0, 1, 9]))
+    want = draw(st.sampled_from([r[1] for r in recs] + [-1, 2**63, 12345]))
+    return raw, recs, start, room, known, dev, dot, dotdot, want
+
+
+@settings(max_examples=500, deadline=None)
+@given(case=raw_dirent_batches())
+def test_raw_dirent_twins_agree(case) -> None:
+    """pack_raw_dirents and scan_raw_dirents: the same results (or errors)
+    from both twins; what pack_raw_dirents gives from a record boundary is
+    what pack_host_dirents gives for the parsed records, and the position
+    it returns is the boundary after the last record packed."""
+    raw, recs, start, room, known, dev, dot, dotdot, want = case
+    a = outcome(codec.pack_raw_dirents, raw, start, room, known, dev, dot, dotdot)
+    same_outcome(a, outcome(_cy_codec.pack_raw_dirents, raw, start, room, known, dev, dot, dotdot))
+    scanned = outcome(codec.scan_raw_dirents, raw, want)
+    same_outcome(scanned, outcome(_cy_codec.scan_raw_dirents, raw, want))
+    bounds = [0]
+    for r in recs:
+        bounds.append(bounds[-1] + len(_linux_dirent64(*r)))
+    clean = len(raw) == bounds[-1]
+    if scanned[0] == "ok" and clean:
+        after, last = scanned[1]
+        assert last == (recs[-1][1] if recs else -1)
+        hits = [bounds[i + 1] for i, r in enumerate(recs) if r[1] == want]
+        assert after == (hits[0] if hits else -1)
+    if a[0] != "ok" or start not in bounds:
+        return
+    packed, after, count, last = a[1]
+    i = bounds.index(start)
+    host = outcome(codec.pack_host_dirents, [_HostDirent(r) for r in recs], i, room, known, dev, dot, dotdot)
+    assert host[0] == "ok"
+    assert (packed, i + count) == host[1]
+    assert after == bounds[i + count] and last == (recs[i + count - 1][1] if count else -1)
+
+
+def test_raw_dirents_of_a_real_directory(tmp_path) -> None:
+    """A whole real listing, packed a page at a time from the raw
+    getdents64 result, equals pack_host_dirents over the parsed records."""
+    for i in range(300):
+        open(tmp_path / f"file-{i:04d}", "wb").close()
+    buf, n = _getdents64_of(tmp_path)
+    raw = buf[:n]
+    records = codec.parse_linux_dirents64(raw, n, _HostDirent)
+    dev = os.stat(tmp_path).st_dev
+    known = {(dev, r[0]): _Node(10**6 + k) for k, r in enumerate(records) if k % 3 == 0}
+    for pack, scan in ((codec.pack_raw_dirents, codec.scan_raw_dirents),
+                       (_cy_codec.pack_raw_dirents, _cy_codec.scan_raw_dirents)):
+        pos, i, pages = 0, 0, 0
+        while pos < len(raw):
+            packed, after, count, last = pack(raw, pos, 4096, known, dev, 5, 0)
+            assert (packed, i + count) == codec.pack_host_dirents(records, i, 4096, known, dev, 5, 0)
+            assert last == records[i + count - 1][1] and scan(raw, last)[0] == after
+            pos, i, pages = after, i + count, pages + 1
+        assert i == len(records) and pages > 2
+        assert scan(raw, -7) == (-1, records[-1][1])
 
 
 def test_pack_direntplus_with_a_non_attrs_entry() -> None:

@@ -385,16 +385,22 @@ class Dirent(NamedTuple):
     name: bytes
 
 
-def getdents(fd: int, offset: int | None, bufsize: int = 32768) -> list[Dirent]:
-    """Entries of the directory ``fd`` (opened O_RDONLY) from the host
-    cookie ``offset`` (0 = start; None = where the fd is, which saves the
-    seek: on ext4 a seek makes the next call rebuild its hash-order state),
-    as many as one getdents64 call returns. An empty list means the end;
-    after a call the fd is at the last entry's ``off``. The caller
-    serialises use of ``fd``."""
+#: Each thread's getdents64 buffer (grown as asked; never shrunk).
+_dirbuf = threading.local()
+
+
+def getdents_raw(fd: int, offset: int | None, bufsize: int = 32768) -> bytes:
+    """What one getdents64 call on the directory ``fd`` (opened O_RDONLY)
+    returns from the host cookie ``offset`` (0 = start; None = where the fd
+    is, which saves the seek: on ext4 a seek makes the next call rebuild
+    its hash-order state), as bytes of ``struct linux_dirent64`` records
+    (empty: the end). After a call the fd is at the last record's
+    ``d_off``. The caller serialises use of ``fd``."""
     if offset is not None:
         os.lseek(fd, offset, os.SEEK_SET)
-    buf = ctypes.create_string_buffer(bufsize)
+    buf = getattr(_dirbuf, "buf", None)
+    if buf is None or len(buf) < bufsize:
+        buf = _dirbuf.buf = ctypes.create_string_buffer(bufsize)
     if _getdents64 is not None:
         n = _getdents64(fd, buf, bufsize)
     elif _SYS_getdents64 is not None:
@@ -402,10 +408,22 @@ def getdents(fd: int, offset: int | None, bufsize: int = 32768) -> list[Dirent]:
     else:  # pragma: no cover
         raise OSError(errno.ENOSYS, "getdents64 unavailable")
     _check(n)
+    return ctypes.string_at(buf, n)
+
+
+def parse_raw(raw: bytes, start: int = 0) -> list[Dirent]:
+    """The records of ``raw`` (a getdents64 result) from byte position
+    ``start`` as :class:`Dirent` tuples; OSError(EIO) for a corrupt one."""
     try:
-        return _parse_dirents(buf, n, Dirent)
+        return _parse_dirents(memoryview(raw)[start:], len(raw) - start, Dirent)
     except ValueError as exc:
         raise OSError(errno.EIO, f"corrupt getdents64 result: {exc}") from None
+
+
+def getdents(fd: int, offset: int | None, bufsize: int = 32768) -> list[Dirent]:
+    """The entries one getdents64 call returns (see :func:`getdents_raw`),
+    as :class:`Dirent` tuples; an empty list means the end."""
+    return parse_raw(getdents_raw(fd, offset, bufsize))
 
 
 def iter_all(fd: int) -> Iterator[Dirent]:

@@ -179,7 +179,8 @@ INLINE_WRITE_MAX_DEFAULT = 1024 * 1024
 
 NAME_MAX = 255
 _DOTS = (b".", b"..")
-_pack_host_dirents = _accel.pack_host_dirents
+_pack_raw_dirents = _accel.pack_raw_dirents
+_scan_raw_dirents = _accel.scan_raw_dirents
 _O_PATH = os.O_PATH | os.O_CLOEXEC
 _OPEN_ALLOWED = (
     os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_TRUNC | getattr(os, "O_LARGEFILE", 0)
@@ -234,14 +235,16 @@ class _Handle:
     #: serialises lseek+getdents64 on a directory fd, and the two below
     lock: threading.Lock = attrs.Factory(threading.Lock)
     #: directory only: the host cookie the fd is at (-1: unknown); the
-    #: entries the last getdents64 returned, and the cookie they start at
-    #: (a reply that used part of them resumes from the rest, no syscall)
+    #: raw records the last getdents64 returned, and the cookie they start
+    #: after (a reply that used part of them resumes from the rest, no
+    #: syscall)
     dir_pos: int = -1
-    dir_read: list[_hostfs.Dirent] = attrs.Factory(list)
+    dir_raw: bytes = b""
     dir_read_from: int = -1
-    #: where in ``dir_read`` the last READDIR reply stopped (a hint: the
-    #: next request usually resumes there; checked against its offset)
-    dir_next: int = 0
+    #: ``(raw, position, cookie)``: where in ``raw`` (the ``dir_raw`` it was
+    #: made for) the last READDIR reply stopped, after the record with that
+    #: cookie (a hint: the next request usually resumes there)
+    dir_hint: tuple[bytes, int, int] | None = None
 
 
 class _Box:
@@ -1602,20 +1605,24 @@ class PassthroughFS(Operations):
         blocking = not self._fast_namespace(node)  # every call on this handle takes the same road
         while True:
             bufsize = _getdents_size(reply.remaining, plus)
-            batch, start = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
-            if start >= len(batch):
+            raw, start = await self._run((h,), blocking, _getdents_locked, h, pos, bufsize)
+            if start >= len(raw):
                 return
             if plus:
+                batch = _hostfs.parse_raw(raw, start)
                 packer = self._plus_packer()
                 if packer is not None:
-                    done = self._readdirplus_packed(packer, h, batch, start, reply)
+                    done = self._readdirplus_packed(packer, h, batch, 0, reply)
                 else:
-                    done = await self._readdirplus_batch(h, batch[start:], reply)
+                    done = await self._readdirplus_batch(h, batch, reply)
+                if done:
+                    return
+                pos = batch[-1].off
             else:
-                done = self._readdir_batch(h, batch, start, reply)
-            if done:
-                return
-            pos = batch[-1].off
+                after = self._readdir_batch(h, raw, start, reply)
+                if after is None:
+                    return
+                pos = after
 
     def _readdir_inline(self, fh: int, offset: int, size: int, plus: bool = False) -> bytes | None:
         """READDIR (READDIRPLUS with ``plus``) for the inline responder: the
@@ -1635,16 +1642,19 @@ class PassthroughFS(Operations):
         pos = offset
         try:
             while True:
-                batch, start = _getdents_locked(h, pos, _getdents_size(reply.remaining, plus))
-                if start >= len(batch):
+                raw, start = _getdents_locked(h, pos, _getdents_size(reply.remaining, plus))
+                if start >= len(raw):
                     return b"".join(reply.parts)
                 if plus:
-                    done = self._readdirplus_packed(packer, h, batch, start, reply, taken)
+                    batch = _hostfs.parse_raw(raw, start)
+                    if self._readdirplus_packed(packer, h, batch, 0, reply, taken):
+                        return b"".join(reply.parts)
+                    pos = batch[-1].off
                 else:
-                    done = self._readdir_batch(h, batch, start, reply)
-                if done:
-                    return b"".join(reply.parts)
-                pos = batch[-1].off
+                    after = self._readdir_batch(h, raw, start, reply)
+                    if after is None:
+                        return b"".join(reply.parts)
+                    pos = after
         except (OSError, ValueError, FuseError):
             self._give_back(taken)
             h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
@@ -1662,26 +1672,28 @@ class PassthroughFS(Operations):
         known = self._by_key.get((node.dev, d.ino))
         return known.nodeid if known is not None else d.ino
 
-    def _readdir_batch(self, h: _Handle, batch: list[_hostfs.Dirent], start: int, reply: DirectoryReply) -> bool:
-        """Add ``batch[start:]`` to ``reply`` (compiled packing: a READDIR
-        reply carries a hundred entries); True when the reply is full. A
-        known inode's entry carries its node id, any other the host's
-        inode number."""
+    def _readdir_batch(self, h: _Handle, raw: bytes, start: int, reply: DirectoryReply) -> int | None:
+        """Add the records of ``raw`` (a getdents64 result) from byte
+        position ``start`` to ``reply``, packed in compiled calls straight
+        from the host records (a READDIR reply carries a hundred entries);
+        None when the reply is full, else the cookie after the last record
+        (``raw`` was used up). A known inode's entry carries its node id,
+        any other the host's inode number."""
         node = h.node
         dotdot = ROOT_INODE if node is self._root else 0
-        total = len(batch)
-        while start < total:
+        end = len(raw)
+        last = -1
+        while start < end:
             # ``remaining`` is a hint: what does not fit now is packed again
             # against the room left after it (none: the reply is full).
-            records, end = _pack_host_dirents(batch, start, reply.remaining, self._by_key, node.dev,
-                                              node.nodeid, dotdot)
-            count = end - start
+            records, after, count, last_packed = _pack_raw_dirents(raw, start, reply.remaining, self._by_key,
+                                                                   node.dev, node.nodeid, dotdot)
             added = reply.add_dirents(records, count) if count else 0
-            start += added
-            h.dir_next = start
             if added < count or not count:
-                return True
-        return False
+                return None  # full (a later request finds its cookie in ``raw``)
+            start, last = after, last_packed
+            h.dir_hint = (raw, start, last)
+        return last
 
     def _readdirplus_packed(self, packer: Any, h: _Handle, batch: list[_hostfs.Dirent], start: int,
                             reply: DirectoryReply, taken: list[Any] | None = None) -> bool:
@@ -2070,33 +2082,35 @@ def _getdents_size(room: int, plus: bool) -> int:
     return max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
 
 
-def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[list[_hostfs.Dirent], int]:
-    """Entries of directory handle ``h`` after host cookie ``offset``, as
-    ``(entries, start)`` (the ones wanted are ``entries[start:]``): the rest
-    of the previous batch when ``offset`` falls inside it (what a stream's
-    readdir buffer gives), else one getdents64 call, without a seek when
-    the fd is already there. Offset 0 always reads afresh (rewinddir shows
-    the directory as it is now)."""
+def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[bytes, int]:
+    """The records of directory handle ``h`` after host cookie ``offset``,
+    as ``(raw, start)`` (a getdents64 result; the ones wanted start at byte
+    position ``start``): the rest of the previous result when ``offset``
+    falls inside it (what a stream's readdir buffer gives), else one
+    getdents64 call, without a seek when the fd is already there. Offset 0
+    always reads afresh (rewinddir shows the directory as it is now)."""
     with h.lock:
-        read = h.dir_read
-        if offset and read:
+        raw = h.dir_raw
+        if offset and raw:
             if offset == h.dir_read_from:
-                return read, 0
-            i = h.dir_next
-            if 0 < i <= len(read) and read[i - 1].off == offset:
-                if i < len(read):
-                    return read, i  # where the last reply stopped
-                # past the whole batch: the fd is there, read on
+                return raw, 0
+            hint = h.dir_hint
+            if hint is not None and hint[0] is raw and hint[2] == offset:
+                start = hint[1]  # where the last reply stopped
             else:
-                for i, d in enumerate(read):
-                    if d.off == offset:
-                        if i + 1 < len(read):
-                            return read, i + 1
-                        break
-        batch = _hostfs.getdents(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
-        h.dir_read, h.dir_read_from, h.dir_next = batch, offset, 0
-        h.dir_pos = batch[-1].off if batch else offset
-        return batch, 0
+                start = _scan_raw_dirents(raw, offset)[0]
+            if 0 <= start < len(raw):
+                return raw, start
+            # past the whole result (the fd is there: read on), or not in it
+        raw = _hostfs.getdents_raw(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
+        try:
+            last = _scan_raw_dirents(raw, -1)[1]
+        except ValueError as exc:
+            h.dir_pos = -1
+            raise OSError(errno.EIO, f"corrupt getdents64 result: {exc}") from None
+        h.dir_raw, h.dir_read_from, h.dir_hint = raw, offset, None
+        h.dir_pos = last if raw else offset
+        return raw, 0
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
