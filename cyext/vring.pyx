@@ -1073,7 +1073,7 @@ cdef class KickServer:
     cdef long long limit
     cdef long long byte_budget
     cdef long long signal_every
-    cdef int notify_fd
+    cdef public int notify_fd
     cdef object handoff
     cdef public bint armed
     cdef int _fd

@@ -75,6 +75,7 @@ class VirtQueue:
 
 class KickServer:
     armed: bool
+    notify_fd: int
     def __init__(
         self, queue: VirtQueue, device: Any, handler: Any, limit: int, byte_budget: int, signal_every: int, notify_fd: int,
         handoff: Callable[[list[DescriptorChain] | None, Exception | None], None],

@@ -305,6 +305,14 @@ class _QueueWorker:
             self.queue.disable_notification(self.conn.backend.memory)
         return False
 
+    def set_call_fd(self, call_fd: int | None) -> None:
+        """The frontend gave the queue a new call eventfd (SET_VRING_CALL
+        while it runs): every later notification goes there, the
+        KickServer's included (the old fd is closed after this returns)."""
+        self.call_fd = call_fd
+        if self._kick is not None:
+            self._kick.notify_fd = -1 if call_fd is None else call_fd
+
     def _kick_handoff(self, chains: list[Any] | None, exc: VringError | None) -> None:
         """What the KickServer popped and could not answer: the chains for
         the full path go to the backlog, a malformed chain is returned (the
@@ -571,7 +579,7 @@ class Connection:
         elif isinstance(event, vhost_user.CallFdChanged):
             worker = self.workers.get(event.index)
             if worker is not None:
-                worker.call_fd = event.call_fd
+                worker.set_call_fd(event.call_fd)
         elif isinstance(event, vhost_user.Reset):
             for index in list(self.workers):
                 await self._stop_queue(index)

@@ -656,7 +656,8 @@ class KickServer:
     ``handoff(None, exc)`` (its chain consumed, as :meth:`VirtQueue.pop`
     leaves it). :meth:`attach` makes the callable an event loop registers
     as the kick fd's reader instead of its own. ``device.memory`` (the
-    guest memory) is read at every kick too: the map may change."""
+    guest memory) is read at every kick too: the map may change; the
+    owner sets ``notify_fd`` when the call eventfd changes."""
 
     __slots__ = ("queue", "device", "handler", "limit", "byte_budget", "signal_every", "notify_fd", "handoff",
                  "armed")

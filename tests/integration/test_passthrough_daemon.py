@@ -321,6 +321,31 @@ def test_kicks_the_responder_answers_leave_the_leader_asleep(run, sock_path, sha
     run(body)
 
 
+def test_a_new_call_fd_is_signalled_by_kicks_served_at_the_queue(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
+    """QEMU gives a running queue a new call eventfd (SET_VRING_CALL) when
+    the guest sets up its interrupts, and closes the old one: the replies
+    the queue's KickServer answers (and the leader's) are signalled on the
+    new fd, or the driver never hears of them."""
+
+    async def body(rt):  # type: ignore[no-untyped-def]
+        with open(os.path.join(share, "f"), "wb") as f:
+            f.write(b"12345")
+        async with passthrough_client(rt, sock_path, share) as (fs, client):
+            entry = await client.lookup(ROOT, b"f")
+            for round_ in range(3):
+                await client.frontend.replace_call_fd(1)
+                done = 0
+                async with rt.move_on_after(10):
+                    for _ in range(20):
+                        assert (await client.getattr(entry.nodeid)).attr.size == 5
+                        done += 1
+                    await client.symlink(ROOT, b"l%d" % round_, b"f")  # the leader's path
+                    done += 1
+                assert done == 21, f"round {round_}: {done} replies heard"
+
+    run(body)
+
+
 def test_create_write_read_readdir_rename(run, sock_path, share) -> None:  # type: ignore[no-untyped-def]
     async def body(rt):  # type: ignore[no-untyped-def]
         async with passthrough_client(rt, sock_path, share) as (fs, client):

@@ -1099,6 +1099,23 @@ def test_kick_server_serves_only_when_armed_with_a_responder() -> None:
         r.close()
 
 
+def test_kick_server_signals_the_notify_fd_it_has_now() -> None:
+    r, efd = _serving_rig()
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        server, _ = _kick_server(r, efd, EchoResponder())
+        server.arm(True)
+        server.notify_fd = other  # the frontend changed the call fd
+        r.drv.add_chain([b"Exyz"], [8])
+        r.drv.publish()
+        assert server() is True
+        assert (_eventfd_count(other), _eventfd_count(efd)) == (1, 0)
+    finally:
+        os.close(other)
+        os.close(efd)
+        r.close()
+
+
 def test_kick_server_reads_the_handler_s_responder_at_every_kick() -> None:
     r, efd = _serving_rig()
     try:

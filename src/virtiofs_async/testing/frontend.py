@@ -470,6 +470,21 @@ class VhostUserFsFrontend:
             q.running = True
         self._stopped = False
 
+    async def replace_call_fd(self, queue: int) -> None:
+        """Give running queue ``queue`` a new call eventfd (SET_VRING_CALL,
+        as QEMU does when the guest sets up its interrupt vectors); the old
+        one is closed, so a back-end that signals it is never heard."""
+        q = self._queues[queue]
+        assert self._epoll is not None and q.running
+        old = q.call_fd
+        q.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(q.call_fd, select.EPOLLIN)
+        await self.request(self.vu.set_vring_call(queue, need_reply=self.reply_ack), [q.call_fd])
+        if old is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(old)
+            os.close(old)
+
     def gpa_to_uva(self, gpa: int) -> int:
         """The frontend user address of guest-physical ``gpa``."""
         for r_gpa, size, uva, _off in self.regions:
