@@ -2058,8 +2058,11 @@ def _open_for_locks(pfd: int, proc_fd: int) -> int:
 
 #: The smallest getdents64 buffer: room for a few entries with 255-byte names.
 _GETDENTS_MIN = 2048
-#: READDIR reads this many replies' worth of host entries at once.
+#: READDIR reads this many replies' worth of host entries at once, and at
+#: least _READDIR_READ bytes (glibc's readdir buffer: a directory of a few
+#: hundred entries comes in one call, as a C daemon's readdir gets it).
 _READDIR_AHEAD = 4
+_READDIR_READ = 32768
 
 
 class _InlineDirents(SizedDirectoryReply):
@@ -2079,7 +2082,7 @@ def _getdents_size(room: int, plus: bool) -> int:
     READDIRPLUS one: READDIR reads ahead (the next replies come from what
     is left, without a trip to the pool); READDIRPLUS reads about what fits
     (each entry is looked up)."""
-    return max(_GETDENTS_MIN, room // 4 if plus else room * _READDIR_AHEAD)
+    return max(_GETDENTS_MIN, room // 4) if plus else max(_READDIR_READ, room * _READDIR_AHEAD)
 
 
 def _getdents_locked(h: _Handle, offset: int, bufsize: int) -> tuple[bytes, int]:
