@@ -266,6 +266,9 @@ cdef class VirtQueue:
     cdef unsigned char *_used
     # deferred READ copies of the current pop_serving (allocated on first use)
     cdef vfa_batch *_batch
+    # the responder whose C function (or NULL: none) _fn holds
+    cdef object _fn_owner
+    cdef vfa_respond_fn _fn
 
     def __cinit__(self, *args, **kwargs):
         self._batch = NULL
@@ -300,6 +303,8 @@ cdef class VirtQueue:
         self._notify_enabled = True
         self._broken = False
         self._pending_error = None
+        self._fn_owner = None
+        self._fn = NULL
         self._drop_views()
 
     cdef void _drop_views(self):
@@ -729,31 +734,39 @@ cdef class VirtQueue:
         to the full path. Chains it does not answer, or that this fast walk
         does not take (buffers crossing regions, more pieces, malformed),
         are walked again by the full path."""
-        return self._pop_serving(memory, operator.index(limit), responder, operator.index(byte_budget),
-                                 operator.index(signal_every), operator.index(notify_fd))
+        cdef list chains = []
+        cdef long long served = self._pop_serving_into(
+            chains, memory, operator.index(limit), responder, operator.index(byte_budget),
+            operator.index(signal_every), operator.index(notify_fd))
+        return chains, served
 
     def serve_kick(self, memory, limit, responder, byte_budget=0, signal_every=0, notify_fd=-1):
         """As the pure twin's: kicks disabled, :meth:`pop_serving` until the
         ring is empty, kicks enabled and the ring looked at once more, one
         last notification decision for what was answered, in one call."""
-        return self._serve_kick(memory, operator.index(limit), responder, operator.index(byte_budget),
-                                operator.index(signal_every), operator.index(notify_fd))
+        cdef list chains = []
+        cdef long long answered = self._serve_kick_into(
+            chains, memory, operator.index(limit), responder, operator.index(byte_budget),
+            operator.index(signal_every), operator.index(notify_fd))
+        return chains, answered
 
-    cdef tuple _serve_kick(self, memory, long long n, responder, long long budget, long long every, int fd):
+    cdef long long _serve_kick_into(self, list chains, memory, long long n, responder, long long budget,
+                                    long long every, int fd) except -1:
+        """serve_kick's work: the chains left to the full path are appended
+        to ``chains`` (empty on entry); returns how many were answered."""
         cdef long long answered = 0, served
         cdef uint64_t one = 1
-        cdef list chains
         self._disable(memory)
         try:
             while True:
-                chains, served = self._pop_serving(memory, n - answered, responder, budget, every, fd)
+                served = self._pop_serving_into(chains, memory, n - answered, responder, budget, every, fd)
                 answered += served
                 if PyList_GET_SIZE(chains) or answered >= n:
-                    return chains, answered
+                    return answered
                 if served:
                     continue  # a chunk ended the call, or the ring has more
                 if not self._enable(memory):
-                    return chains, answered
+                    return answered
                 self._disable(memory)
         finally:
             if answered and fd >= 0 and self._desc_gpa is not None and self._notify_due():
@@ -763,8 +776,10 @@ cdef class VirtQueue:
         """A :class:`KickServer` for this queue (of this implementation)."""
         return KickServer(self, device, handler, limit, byte_budget, signal_every, notify_fd, handoff)
 
-    cdef tuple _pop_serving(self, memory, long long n, responder, long long budget, long long every, int fd):
-        cdef list chains = []
+    cdef long long _pop_serving_into(self, list chains, memory, long long n, responder, long long budget,
+                                     long long every, int fd) except -1:
+        """pop_serving's work: the chains left to the full path are appended
+        to ``chains`` (empty on entry); returns how many were answered."""
         cdef long long served = 0
         cdef long long moved = 0, answered = 0
         cdef uint64_t one = 1
@@ -772,10 +787,15 @@ cdef class VirtQueue:
         cdef int head
         cdef vfa_respond_fn fn = NULL
         cdef vfa_batch *batch = NULL
-        cdef object capsule = getattr(responder, "c_responder", None)
+        cdef object capsule
         cdef object respond = None
-        if capsule is not None:
-            fn = <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
+        if responder is not self._fn_owner:
+            # the C function of a responder is looked up once (its capsule is fixed)
+            capsule = getattr(responder, "c_responder", None)
+            self._fn = NULL if capsule is None else <vfa_respond_fn>PyCapsule_GetPointer(capsule, VFA_RESPONDER_CAPSULE)
+            self._fn_owner = responder
+        fn = self._fn
+        if fn != NULL:
             if self._batch == NULL:
                 self._batch = <vfa_batch *>PyMem_Malloc(sizeof(vfa_batch))
             batch = self._batch  # NULL (out of memory): the responder copies at once
@@ -816,7 +836,7 @@ cdef class VirtQueue:
                 break
             chains.append(chain)
         served -= self._run_batch(chains)
-        return chains, served
+        return served
 
     cdef int _run_batch(self, list chains) except -1:
         """Run the deferred READ copies (vfa_copy_pool.h) and finish their
@@ -1079,6 +1099,7 @@ cdef class KickServer:
     cdef int _fd
     cdef object _wake
     cdef object _fail
+    cdef list _chains
 
     def __init__(self, VirtQueue queue, device, handler, limit, byte_budget, signal_every, notify_fd, handoff):
         self.queue = queue
@@ -1091,6 +1112,7 @@ cdef class KickServer:
         self.handoff = handoff
         self.armed = False
         self._fd = -1
+        self._chains = []
 
     def arm(self, on):
         """Serve the next kicks (``on``), or leave them to the leader."""
@@ -1109,13 +1131,17 @@ cdef class KickServer:
             self.armed = False
             return False
         try:
-            chains, answered = self.queue._serve_kick(self.device.memory, self.limit, responder, self.byte_budget,
-                                                      self.signal_every, self.notify_fd)
+            answered = self.queue._serve_kick_into(self._chains, self.device.memory, self.limit, responder,
+                                                   self.byte_budget, self.signal_every, self.notify_fd)
         except VringError as exc:
+            chains = self._chains
+            self._chains = []
             self.armed = False
-            self.handoff(None, exc)
+            self.handoff(chains or None, exc)
             return False
-        if PyList_GET_SIZE(chains):
+        if PyList_GET_SIZE(self._chains):
+            chains = self._chains
+            self._chains = []
             self.armed = False
             self.handoff(chains, None)
             return False

@@ -19,6 +19,7 @@
 #                       benchmark); its /usr/lib/python3.11 is also the untar workload's input
 #   e2fsprogs mount     benchmarks/guest_bench.py: a fresh ext4 (mkfs.ext4, mount -o loop)
 #                       for each boot's shared directory
+#   valgrind            benchmarks/instructions.py: instructions per request (callgrind)
 set -euo pipefail
 
 if [[ ${EUID} -ne 0 ]]; then
@@ -43,6 +44,7 @@ PACKAGES=(
     python3
     e2fsprogs
     mount
+    valgrind
 )
 
 installed() {
