@@ -232,7 +232,7 @@ class _Handle:
     inline_write: bool = False
     pins: int = 0
     closed: bool = False
-    #: serialises lseek+getdents64 on a directory fd, and the two below
+    #: serialises lseek+getdents64 on a directory fd, and the dir_* fields below
     lock: threading.Lock = attrs.Factory(threading.Lock)
     #: directory only: the host cookie the fd is at (-1: unknown); the
     #: raw records the last getdents64 returned, and the cookie they start
