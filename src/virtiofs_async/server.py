@@ -35,7 +35,8 @@ def make_server(
     Gives ``operations.run_blocking`` the runtime's worker pool, and
     ``run_preadv`` / ``run_pwritev`` its I/O pool. ``hiprio_coalesce``:
     seconds a kick of the hiprio queue (FORGETs) waits for the rest of a
-    burst before it is served (see ``DeviceConfig``; 0: at once)."""
+    burst before it is served (see ``DeviceConfig``; 0, the default: at
+    once)."""
     operations.run_blocking = runtime.run_in_thread  # type: ignore[method-assign]
     operations.run_preadv = runtime.preadv  # type: ignore[method-assign]
     operations.run_pwritev = runtime.pwritev  # type: ignore[method-assign]

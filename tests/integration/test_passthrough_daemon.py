@@ -152,10 +152,10 @@ def test_listing_opening_and_removing_are_answered_at_the_queue(run, sock_path, 
 
 
 def test_a_burst_of_forgets_is_served_in_a_few_passes(run, sock_path, share, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """FORGETs sent at once (a guest dropping its caches) wait on the hiprio
-    queue for the rest of the burst and are served together, 32 at a time
-    (requests get turns in between), each count taken down; with
-    hiprio_coalesce=0 each kick is served as it comes."""
+    """FORGETs sent at once (a guest dropping its caches), with
+    hiprio_coalesce > 0, wait on the hiprio queue for the rest of the burst
+    and are served together, 32 at a time (requests get turns in between),
+    each count taken down; by default each kick is served as it comes."""
     from virtiofs_async import transport
 
     passes: list[tuple[int, int]] = []
@@ -188,7 +188,7 @@ def test_a_burst_of_forgets_is_served_in_a_few_passes(run, sock_path, share, mon
         coalesced = await burst(rt, {"hiprio_coalesce": 0.05})
         assert sum(n for _, n in coalesced) == len(names) and len(coalesced) <= 5, coalesced
         assert max(n for _, n in coalesced) == 32, coalesced
-        at_once = await burst(rt, {"hiprio_coalesce": 0})
+        at_once = await burst(rt, {})  # the default: no coalescing
         # served from the wake-up, 32 at a time: the leader only takes what one turn left
         assert sum(n for _, n in at_once) <= len(names) - 32, at_once
 
