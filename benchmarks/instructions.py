@@ -12,7 +12,11 @@ refuses valgrind's syscalls), so only our daemon is measured.
 Operations: ``getattr`` (one GETATTR), ``lookup`` (one LOOKUP of a known
 name), ``list`` (what a guest's ``os.listdir`` of a 500-entry directory
 sends: OPENDIR, READDIRPLUS of a page, READDIRs to the end, RELEASEDIR,
-then FORGET of the READDIRPLUS entries).
+then FORGET of the READDIRPLUS entries), ``untar`` (what a guest's
+``tar -x`` sends per file of a few KiB: GETATTR of the directory, LOOKUP
+of the new name (ENOENT), CREATE, two WRITEs, SETATTR of the mtime, of
+the owner and of the mode, FLUSH, RELEASE: 11 requests, each file a new
+one in a directory that grows).
 
 Run: PYTHONPATH=src python benchmarks/instructions.py --op getattr --count 1000
 (add --callgrind-out FILE to keep the profile for callgrind_annotate).
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -28,10 +34,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from virtiofs_async.errors import FuseError
 from virtiofs_async.testing.client import FuseClient
 
 LIST_FILES = 500
-OPS = ("getattr", "lookup", "list")
+OPS = ("getattr", "lookup", "list", "untar")
 
 
 async def _listing(client: FuseClient, dnode: int) -> None:
@@ -49,6 +56,31 @@ async def _listing(client: FuseClient, dnode: int) -> None:
     for e in plus:
         if e.dirent.name not in (b".", b".."):
             await client.forget(e.entry.nodeid, 1)
+
+
+_UNTAR_DATA = bytes(range(256)) * 10 + bytes(783)
+
+
+async def _untar_file(client: FuseClient, dnode: int, name: bytes) -> None:
+    await client.getattr(dnode)
+    try:
+        await client.lookup(dnode, name)
+    except FuseError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    else:
+        raise AssertionError(f"{name!r} exists before its CREATE")
+    created = await client.create(dnode, name, 0o600, os.O_WRONLY | os.O_EXCL)
+    node, fh = created.entry.nodeid, created.open.fh
+    await client.write(node, fh, 0, _UNTAR_DATA[:2560])
+    await client.write(node, fh, 2560, _UNTAR_DATA[2560:])
+    await client.setattr(node, mtime_ns=1_700_000_000 * 10**9)
+    await client.setattr(node, uid=os.getuid(), gid=os.getgid(), lock_owner=0)
+    out = await client.setattr(node, mode=0o644)
+    if out.attr.size != len(_UNTAR_DATA):
+        raise AssertionError(f"{name!r}: size {out.attr.size}, wrote {len(_UNTAR_DATA)}")
+    await client.flush(node, fh)
+    await client.release(node, fh, os.O_WRONLY)
 
 
 def _summary(path: Path) -> int:
@@ -79,12 +111,16 @@ async def measure(op: str, count: int, workdir: Path, out: Path | None = None, w
                                       connect_timeout=120) as client:
             node = (await client.lookup(1, b"stat-target")).nodeid
             dnode = (await client.lookup(1, b"dir")).nodeid
+            unode = (await client.mkdir(1, b"untar", 0o755)).nodeid
+            files = iter(range(1 << 30))
 
             async def one() -> None:
                 if op == "getattr":
                     await client.getattr(node)
                 elif op == "lookup":
                     await client.lookup(1, b"stat-target")
+                elif op == "untar":
+                    await _untar_file(client, unode, b"f%06d.py" % next(files))
                 else:
                     await _listing(client, dnode)
 

@@ -21,10 +21,11 @@ from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
-from libc.errno cimport ENOENT, errno
+from libc.errno cimport EIO, ENOENT, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove, memset
-from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fstat, fstatat, struct_stat
+from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fchmodat, fstat, fstatat, struct_stat, utimensat
+from posix.time cimport timespec
 
 from posix.types cimport off_t
 from posix.uio cimport iovec
@@ -50,6 +51,7 @@ from vfa_hotpath cimport (
     vfa_st64,
 )
 
+import errno as _errno_mod
 import logging as _logging
 import os as _os
 
@@ -57,6 +59,10 @@ from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
 
 cdef object _log = _logging.getLogger("virtiofs_async.responder")
+
+
+cdef object _errno_name(int err):
+    return _errno_mod.errorcode.get(err, err)
 
 cdef extern from "<fcntl.h>" nogil:
     enum: AT_SYMLINK_NOFOLLOW
@@ -67,6 +73,14 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int fchownat(int dirfd, const char *path, unsigned int owner, unsigned int group, int flags)
+
+cdef extern from "<sys/stat.h>" nogil:
+    enum: UTIME_NOW
+    enum: UTIME_OMIT
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char *s, size_t n, const char *fmt, ...)
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
@@ -98,6 +112,8 @@ cdef enum:
     OPEN_OUT = 16        # fuse_open_out
     MKDIR_IN = 8         # fuse_mkdir_in
     ENTRY_OUT = 128      # fuse_entry_out
+    S_IFREG_BITS = 0o100000
+    S_IFLNK_BITS = 0o120000
 
 cdef uint32_t OP_GETATTR = int(_abi.Opcode.GETATTR)
 cdef uint32_t OP_LOOKUP = int(_abi.Opcode.LOOKUP)
@@ -120,6 +136,16 @@ cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
 cdef uint64_t NS = 1000000000
+cdef uint32_t FATTR_MODE = _abi.FATTR_MODE
+cdef uint32_t FATTR_UID = _abi.FATTR_UID
+cdef uint32_t FATTR_GID = _abi.FATTR_GID
+cdef uint32_t FATTR_SIZE = _abi.FATTR_SIZE
+cdef uint32_t FATTR_ATIME = _abi.FATTR_ATIME
+cdef uint32_t FATTR_MTIME = _abi.FATTR_MTIME
+cdef uint32_t FATTR_FH = _abi.FATTR_FH
+cdef uint32_t FATTR_ATIME_NOW = _abi.FATTR_ATIME_NOW
+cdef uint32_t FATTR_MTIME_NOW = _abi.FATTR_MTIME_NOW
+cdef uint32_t FATTR_KILL_SUIDGID = _abi.FATTR_KILL_SUIDGID
 
 
 cdef inline uint32_t _guest_rdev(unsigned long long dev) noexcept:
@@ -220,10 +246,13 @@ cdef class PassthroughResponder:
     cdef uint32_t _read_max, _write_max
     cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
     cdef object _readdirplus_cb, _mkdir_cb
+    cdef int _proc_fd
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
-                 readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None):
+                 readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
+                 int proc_fd=-1):
+        self._proc_fd = proc_fd if setattr is not None else -1
         self._readdirplus_cb = readdirplus
         self._mkdir_cb = mkdir
         self._remove_cb = remove
@@ -322,15 +351,103 @@ cdef class PassthroughResponder:
 
     cdef Py_ssize_t _setattr(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
                              Py_ssize_t room) except? -2:
-        """SETATTR through the backend's ``setattr`` callback: its
-        fuse_attr_out after a header, a header with its errno, or -1."""
+        """SETATTR: made here (``_setattr_host``) where it can be, else
+        through the backend's ``setattr`` callback: its fuse_attr_out after
+        a header, a header with its errno, or -1."""
         cdef uint64_t unique = vfa_ld64(request + 8)
+        cdef Py_ssize_t n
         if blen < SETATTR_IN or room < OUT_HEADER + ATTR_OUT:
             return -1
+        if self._proc_fd >= 0:
+            n = self._setattr_host(request, reply)
+            if n >= 0:
+                return n
         r = self._setattr_cb(vfa_ld64(request + 16),
                              PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER), SETATTR_IN),
                              vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
         return _callback_reply(r, unique, ATTR_OUT, reply)
+
+    cdef Py_ssize_t _setattr_host(self, const unsigned char *request, unsigned char *reply) except? -2:
+        """The host calls the backend's ``_w_setattr`` makes for a SETATTR
+        without FATTR_SIZE of an inode that has an O_PATH fd, in its order
+        (chmod, chown, utimensat through /proc/self/fd, then fstat, then
+        the suid/sgid drop FATTR_KILL_SUIDGID asks on a regular file), and
+        the reply; -1, with nothing done, for anything else (the callback
+        decides). A failing call's errno is the answer (what changed before
+        stays changed, as in the callback)."""
+        cdef const unsigned char *b = request + IN_HEADER
+        cdef uint32_t valid = vfa_ld32(b)
+        cdef uint64_t nodeid = vfa_ld64(request + 16)
+        cdef PyObject *found
+        cdef object node = None
+        cdef int fd, kind, i, err = 0
+        cdef uint32_t mode, new
+        cdef int64_t sec
+        cdef timespec times[2]
+        cdef struct_stat st
+        cdef char name[24]
+        if valid & FATTR_SIZE:
+            return -1  # truncation: the pool
+        if valid & FATTR_FH:
+            found = PyDict_GetItem(self._handles, vfa_ld64(b + 8))
+            if found != NULL and (<object>found).node.nodeid == nodeid:
+                node = (<object>found).node
+        if node is None:
+            found = PyDict_GetItem(self._inodes, nodeid)
+            if found == NULL:
+                return -1
+            node = <object>found
+        fd = node.fd
+        kind = node.kind
+        if fd < 0 or (valid & FATTR_MODE and kind == S_IFLNK_BITS):
+            return -1
+        # the times as the callback computes them: signed seconds plus
+        # nanoseconds, normalized (nanoseconds may exceed a second)
+        for i in range(2):
+            if valid & (FATTR_ATIME_NOW if i == 0 else FATTR_MTIME_NOW):
+                times[i].tv_sec = 0
+                times[i].tv_nsec = UTIME_NOW
+            elif valid & (FATTR_ATIME if i == 0 else FATTR_MTIME):
+                sec = <int64_t>vfa_ld64(b + 32 + 8 * i)
+                if sec > 0x7FFFFFFFFFFFFFF0:
+                    return -1
+                times[i].tv_sec = sec + vfa_ld32(b + 56 + 4 * i) // NS
+                times[i].tv_nsec = vfa_ld32(b + 56 + 4 * i) % NS
+            else:
+                times[i].tv_sec = 0
+                times[i].tv_nsec = UTIME_OMIT
+        snprintf(name, sizeof(name), b"%d", fd)
+        if valid & FATTR_MODE and fchmodat(self._proc_fd, name, vfa_ld32(b + 68) & 0o7777, 0) != 0:
+            err = errno
+        elif (valid & (FATTR_UID | FATTR_GID)
+              and fchownat(self._proc_fd, name, vfa_ld32(b + 76) if valid & FATTR_UID else <unsigned int>-1,
+                           vfa_ld32(b + 80) if valid & FATTR_GID else <unsigned int>-1, 0) != 0):
+            err = errno
+        elif (valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW)
+              and utimensat(self._proc_fd, name, times, 0) != 0):
+            err = errno
+        elif fstat(fd, &st) != 0:
+            err = errno
+        elif kind == S_IFREG_BITS and valid & FATTR_KILL_SUIDGID:
+            mode = <uint32_t>st.st_mode
+            new = mode & ~(<uint32_t>S_ISUID)
+            if new & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP):
+                new &= ~(<uint32_t>S_ISGID)
+            if new != mode and (fchmodat(self._proc_fd, name, new & 0o7777, 0) != 0 or fstat(fd, &st) != 0):
+                err = errno
+        if err == 0 and not _store_attr(reply + 32, nodeid, &st, 0):
+            _log.error("SETATTR nodeid=%d: attributes out of the protocol's range -> EIO", nodeid)
+            err = EIO
+        elif err != 0:
+            _log.info("SETATTR nodeid=%d -> %s", nodeid, _errno_name(err))
+        if err != 0:
+            _store_out_header(reply, OUT_HEADER, -err, vfa_ld64(request + 8))
+            return OUT_HEADER
+        _store_out_header(reply, ATTR_REPLY, 0, vfa_ld64(request + 8))
+        vfa_st64(reply + 16, self._attr_valid)
+        vfa_st32(reply + 24, self._attr_nsec)
+        vfa_st32(reply + 28, 0)
+        return ATTR_REPLY
 
     cdef Py_ssize_t _create(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
                             Py_ssize_t room) except? -2:

@@ -193,12 +193,18 @@ class PassthroughResponder:
         readdirplus: Callable[[int, int, int], bytes | None] | None = None,
         open: Callable[[int, int, bool], bytes | int | None] | None = None,
         mkdir: Callable[[int, bytes, int, int, int, int, int], bytes | int | None] | None = None,
+        proc_fd: int = -1,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
         # which use the guest's buffers themselves through its C entry
         # point; ``respond`` returns bytes and answers neither, in both
-        # twins. read_max also bounds READDIR's size.
+        # twins. read_max also bounds READDIR's size. proc_fd (an open
+        # /proc/self/fd, or -1) lets the compiled twin make a SETATTR's host
+        # calls itself where the backend's ``setattr`` would make them
+        # through it (an inode with an O_PATH fd, no truncation), in the
+        # same order with the same answers; this twin always calls
+        # ``setattr``, the reference for what those calls are.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

@@ -1511,8 +1511,11 @@ def _without_ctime(attr_reply: bytes) -> bytes:
     return attr_reply[:72] + attr_reply[80:88] + attr_reply[92:]
 
 
-def _setting(fs: PassthroughFS, cls: type) -> Any:
-    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, setattr=fs._setattr_inline)
+def _setting(fs: PassthroughFS, cls: type, proc_fd: bool = True) -> Any:
+    """A responder that answers SETATTR (the compiled twin makes the host
+    calls itself with ``proc_fd``, as the backend builds it)."""
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, setattr=fs._setattr_inline,
+               proc_fd=fs._proc_fd if proc_fd else -1)
 
 
 def test_setattr_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> None:
@@ -1553,6 +1556,101 @@ def test_setattr_at_the_queue_does_what_the_full_path_does(tmp_path: Any) -> Non
         for cls in _twins():
             assert _without_ctime(_setting(fs, cls).respond(req, 512)) == _without_ctime(m.full(req)[1])
     finally:
+        m.close()
+
+
+def _kill_req(nodeid: int, fh: int | None = None) -> bytes:
+    """SETATTR of the mtime with FATTR_KILL_SUIDGID (what a guest's write by
+    a non-owner asks with HANDLE_KILLPRIV_V2), through a handle if ``fh``."""
+    valid = abi.FATTR_MTIME | abi.FATTR_KILL_SUIDGID | (abi.FATTR_FH if fh is not None else 0)
+    return setattr_req(nodeid, valid, fh=fh or 0, times=(0, 1_600_000_000))
+
+
+def test_setattr_at_the_queue_drops_suid_and_sgid_as_the_full_path_does(tmp_path: Any) -> None:
+    """FATTR_KILL_SUIDGID on a regular file (by node id, and through a
+    handle of it): each twin, with and without making the host calls
+    itself, drops setuid and, with group execute, setgid, and answers the
+    full path's bytes; a directory keeps its bits; FATTR_ATIME_NOW and
+    FATTR_MTIME_NOW set the host's times to now."""
+    m = Mount(_fresh(tmp_path, "kill"))
+    try:
+        fs = m.fs
+        f, d = m.nodeids[b"f"], m.nodeids[b"d"]
+        path, dpath = os.path.join(m.root, "f"), os.path.join(m.root, "d")
+        fh = _open_via_session(m, f)
+        for cls in _twins():
+            for with_fd in (True, False):
+                for start, expected, handle in ((0o6755, 0o755, None), (0o6745, 0o2745, fh), (0o4644, 0o644, fh)):
+                    r = _setting(fs, cls, with_fd)
+                    os.chmod(path, start)
+                    answer = r.respond(_kill_req(f, handle), 512)
+                    assert stat.S_IMODE(os.lstat(path).st_mode) == expected, (cls, with_fd, oct(start))
+                    os.chmod(path, start)
+                    assert _without_ctime(answer) == _without_ctime(m.full(_kill_req(f, handle))[1])
+                os.chmod(dpath, 0o6755)
+                r.respond(_kill_req(d), 512)
+                assert stat.S_IMODE(os.lstat(dpath).st_mode) == 0o6755
+                os.chmod(dpath, 0o755)
+                before = os.lstat(path)
+                now = abi.FATTR_ATIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME | abi.FATTR_MTIME_NOW
+                answer = r.respond(setattr_req(f, now, times=(1, 1)), 512)
+                after = os.lstat(path)
+                assert answer is not None and len(answer) == 120
+                assert after.st_mtime_ns >= before.st_mtime_ns and after.st_mtime_ns > 10**18
+                assert struct.unpack_from("<QQ", answer, 56) == (after.st_atime_ns // 10**9, after.st_mtime_ns // 10**9)
+    finally:
+        m.close()
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def _set_immutable(path: str, on: bool) -> None:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        value = struct.unpack("<q", flags)[0]
+        value = value | FS_IMMUTABLE_FL if on else value & ~FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("<q", value))
+    finally:
+        os.close(fd)
+
+
+def test_setattr_at_the_queue_answers_the_hosts_refusal(tmp_path: Any, caplog: Any) -> None:
+    """The host refuses (an immutable file: EPERM even for root): each twin
+    answers the full path's errno, logs it, changes nothing, and keeps
+    answering afterwards."""
+    m = Mount(_fresh(tmp_path, "refused"))
+    path = os.path.join(m.root, "f")
+    try:
+        fs = m.fs
+        f = m.nodeids[b"f"]
+        try:
+            _set_immutable(path, True)
+        except OSError as exc:
+            pytest.fail(f"tmp_path's filesystem has no immutable flag ({exc}): the test needs one (ext4, xfs, btrfs)")
+        before = os.lstat(path)
+        for valid, kw in ((abi.FATTR_MODE, {"mode": 0o100600}), (abi.FATTR_UID, {"owner": (7, 0)}),
+                          (abi.FATTR_MTIME, {"times": (0, 5)})):
+            req = setattr_req(f, valid, **kw)
+            expected = m.full(req)[1]
+            assert expected == abi.fuse_out_header.pack(16, -errno.EPERM, 17)
+            for cls in _twins():
+                caplog.clear()
+                with caplog.at_level(logging.INFO):
+                    assert _setting(fs, cls).respond(req, 512) == expected
+                assert any("SETATTR" in r.getMessage() and "EPERM" in r.getMessage() for r in caplog.records)
+        assert os.lstat(path) == before
+        _set_immutable(path, False)
+        for cls in _twins():
+            assert len(_setting(fs, cls).respond(setattr_req(f, abi.FATTR_MODE, mode=0o100640), 512)) == 120
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+    finally:
+        with contextlib.suppress(OSError):
+            _set_immutable(path, False)
         m.close()
 
 

@@ -856,7 +856,7 @@ class PassthroughFS(Operations):
             flush=self._flush_inline, release=self._release_inline, readdir=self._readdir_inline,
             readdirplus=self._readdirplus_inline if lookups else None,
             create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
-            open=self._open_inline, mkdir=self._mkdir_inline,
+            open=self._open_inline, mkdir=self._mkdir_inline, proc_fd=-1 if self.readonly else self._proc_fd,
         )
 
     def _bypasses_intact(self) -> bool:
