@@ -21,7 +21,7 @@ from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
-from libc.errno cimport EIO, ENOENT, errno
+from libc.errno cimport EEXIST, EIO, ENOENT, ENOTEMPTY, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove, memset
 from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fchmodat, fstat, fstatat, struct_stat, utimensat
@@ -69,6 +69,8 @@ cdef extern from "<fcntl.h>" nogil:
     enum: O_PATH
     enum: O_NOFOLLOW
     enum: O_CLOEXEC
+    enum: O_CREAT
+    enum: O_EXCL
     int openat(int dirfd, const char *path, int flags, ...)
 
 cdef extern from "<unistd.h>" nogil:
@@ -76,6 +78,7 @@ cdef extern from "<unistd.h>" nogil:
     int fchownat(int dirfd, const char *path, unsigned int owner, unsigned int group, int flags)
 
 cdef extern from "<sys/stat.h>" nogil:
+    unsigned int umask(unsigned int mask)
     enum: UTIME_NOW
     enum: UTIME_OMIT
 
@@ -247,12 +250,22 @@ cdef class PassthroughResponder:
     cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
     cdef object _readdirplus_cb, _mkdir_cb
     cdef int _proc_fd
+    cdef object _created_cb, _create_gate
+    cdef uint32_t _create_allowed
+    cdef bint _create_host_ok, _create_switching, _create_umask
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
                  readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
-                 int proc_fd=-1):
-        self._proc_fd = proc_fd if setattr is not None else -1
+                 int proc_fd=-1, create_host=None):
+        self._proc_fd = proc_fd
+        # create_host: (created, allowed, switching, handles_umask, gate)
+        self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
+        if self._create_host_ok:
+            self._created_cb, allowed, switching, handles_umask, self._create_gate = create_host
+            self._create_allowed = allowed
+            self._create_switching = bool(switching)
+            self._create_umask = bool(handles_umask)
         self._readdirplus_cb = readdirplus
         self._mkdir_cb = mkdir
         self._remove_cb = remove
@@ -458,12 +471,107 @@ cdef class PassthroughResponder:
         cdef Py_ssize_t nlen = blen - CREATE_IN - 1
         cdef const unsigned char *name = body + CREATE_IN
         cdef uint64_t unique = vfa_ld64(request + 8)
+        cdef Py_ssize_t n
         if nlen < 1 or body[blen - 1] != 0 or room < OUT_HEADER + CREATE_BODY or not _component(name, nlen):
             return -1
+        if self._create_host_ok:
+            n = self._create_host(request, name, reply)
+            if n >= 0:
+                return n
         r = self._create_cb(vfa_ld64(request + 16), PyBytes_FromStringAndSize(<const char *>name, nlen),
                             vfa_ld32(body + 4), vfa_ld32(body), vfa_ld32(body + 8),
                             vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
         return _callback_reply(r, unique, CREATE_BODY, reply)
+
+    cdef Py_ssize_t _create_host(self, const unsigned char *request, const unsigned char *name,
+                                 unsigned char *reply) except? -2:
+        """CREATE as the backend's ``_w_create`` makes it, where it runs as
+        the daemon (a root caller, or no credential switching) in a known
+        directory where the backend's ``gate`` lets it run here (a
+        writable share, a block-device filesystem, a thread with a umask
+        of its own): open(name, O_CREAT|O_EXCL|O_NOFOLLOW) relative
+        to the parent's fd with the request's umask (0 unless the backend
+        handles the umask), fstat, an O_PATH fd of the new file through
+        /proc/self/fd, then the backend's ``created`` callback installs
+        the inode and the handle as its full path does; the reply. -1, with
+        nothing done, for anything else, and for an existing name without
+        O_EXCL (the callback opens it). A failing call's errno is the
+        answer, logged as the callback logs it."""
+        cdef const unsigned char *body = request + IN_HEADER
+        cdef uint64_t unique = vfa_ld64(request + 8), parent_id = vfa_ld64(request + 16)
+        cdef uint32_t flags = vfa_ld32(body), oflags
+        cdef PyObject *found
+        cdef int pfd, fd, opath, err = 0
+        cdef unsigned int old_mask
+        cdef struct_stat st
+        cdef char fdname[24]
+        if self._create_switching and (vfa_ld32(request + 24) != 0 or vfa_ld32(request + 28) != 0):
+            return -1  # runs as the caller: the callback switches credentials
+        found = PyDict_GetItem(self._inodes, parent_id)
+        if found == NULL:
+            return -1
+        parent = <object>found
+        if parent.kind != S_IFDIR_BITS:
+            return -1
+        pfd = parent.fd
+        if pfd < 0 or not self._create_gate(parent):
+            return -1
+        oflags = flags & self._create_allowed
+        old_mask = umask(vfa_ld32(body + 8) if self._create_umask else 0)
+        fd = openat(pfd, <const char *>name, <int>(oflags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC),
+                    vfa_ld32(body + 4) & 0o7777)
+        if fd < 0:
+            err = errno
+        umask(old_mask)
+        if fd < 0:
+            if err == EEXIST and not flags & O_EXCL:
+                return -1
+            return self._create_error(unique, parent_id, err, reply)
+        if fstat(fd, &st) != 0:
+            err = errno
+            close(fd)
+            return self._create_error(unique, parent_id, err, reply)
+        snprintf(fdname, sizeof(fdname), b"%d", fd)
+        opath = openat(self._proc_fd, fdname, O_PATH | O_CLOEXEC)
+        if opath < 0:
+            err = errno
+            close(fd)
+            return self._create_error(unique, parent_id, err, reply)
+        try:
+            nid, fh, open_flags = self._created_cb(opath, <unsigned long long>st.st_dev,
+                                                   <unsigned long long>st.st_ino, st.st_mode, fd, oflags)
+        except Exception:
+            close(fd)
+            _log.exception("CREATE nodeid=%d: installing the new inode failed -> EIO", parent_id)
+            _store_out_header(reply, OUT_HEADER, -EIO, unique)
+            return OUT_HEADER
+        if not _store_attr(reply + 56, nid, &st, 0):
+            _log.error("CREATE nodeid=%d: attributes out of the protocol's range -> EIO", parent_id)
+            _store_out_header(reply, OUT_HEADER, -EIO, unique)
+            return OUT_HEADER
+        _store_out_header(reply, OUT_HEADER + CREATE_BODY, 0, unique)
+        vfa_st64(reply + 16, nid)
+        vfa_st64(reply + 24, 0)  # generation
+        vfa_st64(reply + 32, self._entry_valid)
+        vfa_st64(reply + 40, self._attr_valid)
+        vfa_st32(reply + 48, self._entry_nsec)
+        vfa_st32(reply + 52, self._attr_nsec)
+        vfa_st64(reply + 144, fh)
+        vfa_st32(reply + 152, open_flags)
+        vfa_st32(reply + 156, 0)
+        return OUT_HEADER + CREATE_BODY
+
+    cdef Py_ssize_t _create_error(self, uint64_t unique, uint64_t parent_id, int err, unsigned char *reply):
+        """A failed CREATE's reply, logged as the backend's _inline_errno
+        logs it (ENOENT not at all, EEXIST at DEBUG, others at INFO)."""
+        if err == 0:
+            err = EIO
+        if err == EEXIST or err == ENOTEMPTY:
+            _log.debug("CREATE nodeid=%d -> %s", parent_id, _errno_name(err))
+        elif err != ENOENT:
+            _log.info("CREATE nodeid=%d -> %s", parent_id, _errno_name(err))
+        _store_out_header(reply, OUT_HEADER, -err, unique)
+        return OUT_HEADER
 
     cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):
         """READDIR's (READDIRPLUS's) reply body from the backend's

@@ -194,6 +194,7 @@ class PassthroughResponder:
         open: Callable[[int, int, bool], bytes | int | None] | None = None,
         mkdir: Callable[[int, bytes, int, int, int, int, int], bytes | int | None] | None = None,
         proc_fd: int = -1,
+        create_host: tuple[Any, ...] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -204,7 +205,12 @@ class PassthroughResponder:
         # calls itself where the backend's ``setattr`` would make them
         # through it (an inode with an O_PATH fd, no truncation), in the
         # same order with the same answers; this twin always calls
-        # ``setattr``, the reference for what those calls are.
+        # ``setattr``, the reference for what those calls are. create_host
+        # (the backend's ``created`` callback, the open flags it keeps,
+        # whether it switches credentials and handles the umask, and its
+        # gate for a parent directory) likewise lets the compiled twin make a CREATE's
+        # open, fstat and O_PATH reopen itself where ``create`` would make
+        # them as the daemon; this twin always calls ``create``.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

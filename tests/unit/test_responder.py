@@ -1343,7 +1343,10 @@ def _on_own_fs(fn: Any, *args: Any) -> None:
 
 
 def _creating(fs: PassthroughFS, cls: type) -> Any:
-    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, create=fs._create_inline)
+    """A responder that answers CREATE as the backend builds it (the
+    compiled twin makes the host calls itself where it can)."""
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, create=fs._create_inline,
+               proc_fd=fs._proc_fd, create_host=fs._create_host_config())
 
 
 def _created(m: Mount, reply: bytes, name: bytes, parent: int = abi.FUSE_ROOT_ID) -> int:
@@ -1472,6 +1475,45 @@ def _check_create_declines(tmp_path: Any, monkeypatch: Any) -> None:
         finally:
             os.chmod(os.path.join(root, "d"), 0o755)
         m.full(release_req(fh))
+    finally:
+        m.close()
+
+
+def test_the_compiled_twin_makes_create_and_setattr_host_calls_itself(tmp_path: Any, monkeypatch: Any) -> None:
+    """Given the backend's /proc/self/fd and create_host, the compiled twin
+    creates and changes attributes without the backend's Python host calls
+    (open_beneath, _w_setattr), with the full path's results; without them
+    it goes through those calls."""
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    _on_own_fs(_check_compiled_host_calls, tmp_path, monkeypatch)
+
+
+def _check_compiled_host_calls(tmp_path: Any, monkeypatch: Any) -> None:
+    from virtiofs_async.backends import _hostfs as hostfs
+
+    m = Mount(_fresh(tmp_path, "host-calls"))
+    try:
+        fs = m.fs
+        calls: list[str] = []
+        real_open, real_setattr = hostfs.open_beneath, fs._w_setattr
+        monkeypatch.setattr(hostfs, "open_beneath", lambda *a: calls.append("open") or real_open(*a))
+        monkeypatch.setattr(fs, "_w_setattr", lambda *a: calls.append("setattr") or real_setattr(*a))
+        cls = _cy_responder.PassthroughResponder
+        for host_calls in (True, False):
+            name = b"made-%d" % host_calls
+            r = cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
+                    create=fs._create_inline, setattr=fs._setattr_inline,
+                    proc_fd=fs._proc_fd if host_calls else -1,
+                    create_host=fs._create_host_config() if host_calls else None)
+            calls.clear()
+            fh = _created(m, r.respond(create_req(abi.FUSE_ROOT_ID, name), 512), name)
+            nodeid = m.lookup_via_session(abi.FUSE_ROOT_ID, name)
+            answer = r.respond(setattr_req(nodeid, abi.FATTR_MODE, mode=0o100604), 512)
+            assert calls == ([] if host_calls else ["open", "setattr"]), calls
+            assert stat.S_IMODE(os.lstat(os.path.join(m.root, name.decode())).st_mode) == 0o604
+            assert _without_ctime(answer) == _without_ctime(m.full(setattr_req(nodeid, abi.FATTR_MODE,
+                                                                                mode=0o100604))[1])
+            m.full(release_req(fh))
     finally:
         m.close()
 

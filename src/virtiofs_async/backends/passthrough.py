@@ -303,7 +303,8 @@ _RESPONDER_BYPASSES = (
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
     "_fast_namespace", "_plus_packer", "_readdirplus_packed", "_give_back", "_readdirplus_inline", "create",
-    "_w_create", "_create_inline", "_open_flags", "_new_handle", "_creds", "_umask",
+    "_w_create", "_create_inline", "_created_inline", "_create_host_config", "_create_gate",
+    "_open_flags", "_new_handle", "_creds", "_umask",
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
     "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent",
@@ -857,7 +858,35 @@ class PassthroughFS(Operations):
             readdirplus=self._readdirplus_inline if lookups else None,
             create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
             open=self._open_inline, mkdir=self._mkdir_inline, proc_fd=-1 if self.readonly else self._proc_fd,
+            create_host=self._create_host_config(),
         )
+
+    def _create_host_config(self) -> tuple[Any, ...] | None:
+        """What the compiled responder needs to make a CREATE's host calls
+        itself, as ``_w_create`` makes them (see ``_created_inline``); None
+        where those calls differ: a read-only share, file handles (the new
+        inode's handle is asked for), the write-back cache (a write-only
+        open is reopened read-write)."""
+        if self.readonly or self.writeback or self.file_handles != "never":
+            return None
+        allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
+        return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate)
+
+    def _create_gate(self, parent: _Inode) -> bool:
+        """Whether a CREATE in directory ``parent`` (a known directory with
+        an fd) runs inline on this thread, as ``_inline_parent`` decides."""
+        return not self.readonly and self._fast_namespace(parent) and _hostfs.umask_is_private()
+
+    def _created_inline(self, opath: int, dev: int, ino: int, mode: int, fd: int, oflags: int) -> tuple[int, int, int]:
+        """A file the compiled responder created (``fd`` open with
+        ``oflags``, ``opath`` an O_PATH fd of it: both consumed), installed
+        as ``_create_inline`` installs it (one lookup counted, a new
+        handle): its ``(nodeid, fh, fuse_open_out flags)``."""
+        node = self._adopt(opath, dev, ino, mode)
+        node.lookups += 1
+        fi = self._new_handle(node, fd, False, oflags)
+        return node.nodeid, fi.fh, (abi.FOPEN_DIRECT_IO if fi.direct_io else 0) | (
+            abi.FOPEN_KEEP_CACHE if fi.keep_cache else 0)
 
     def _bypasses_intact(self) -> bool:
         """Whether neither a subclass nor the instance replaces a method the
