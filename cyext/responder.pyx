@@ -237,6 +237,43 @@ cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsi
 
 
 @cython.final
+cdef class InlineGate:
+    """See :class:`virtiofs_async.responder.InlineGate`."""
+
+    cdef object _attr
+    cdef object _logger
+    cdef object _level
+    # the logger's own isEnabledFor cache (CPython's logging keeps one per
+    # logger, cleared in place whenever a level changes), or None
+    cdef dict _cache
+
+    def __init__(self, str attr, logger, int level=_logging.DEBUG):
+        self._attr = attr
+        self._logger = logger
+        self._level = level
+        cache = getattr(logger, "_cache", None)
+        self._cache = cache if type(cache) is dict else None
+
+    def __get__(self, obj, objtype):
+        cdef PyObject *known
+        if obj is None:
+            return self
+        value = getattr(obj, self._attr)
+        if value is None:
+            return None
+        # isEnabledFor's answer without its Python frame where the logger
+        # has it cached (a disabled logger is never enabled: asked, not cached)
+        if self._cache is not None and not self._logger.disabled:
+            known = PyDict_GetItem(self._cache, self._level)
+            if known != NULL:
+                return None if <object>known else value
+        return None if self._logger.isEnabledFor(self._level) else value
+
+    def __set__(self, obj, value):
+        raise AttributeError("inline_responder is read-only (the session sets what it gives)")
+
+
+@cython.final
 cdef class PassthroughResponder:
     """See :class:`virtiofs_async.responder.PassthroughResponder`."""
 
@@ -483,6 +520,26 @@ cdef class PassthroughResponder:
                             vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
         return _callback_reply(r, unique, CREATE_BODY, reply)
 
+    cdef object _known_dir(self, uint64_t nodeid):
+        """The table's inode ``nodeid`` if it is a directory with an fd, else None."""
+        cdef PyObject *found = PyDict_GetItem(self._inodes, nodeid)
+        if found == NULL:
+            return None
+        node = <object>found
+        if node.kind != S_IFDIR_BITS or node.fd < 0:
+            return None
+        return node
+
+    cdef void _store_entry_head(self, unsigned char *p, uint64_t nodeid) noexcept:
+        """The fuse_entry_out fields before its fuse_attr (node id,
+        generation 0, the timeouts) at ``p``."""
+        vfa_st64(p, nodeid)
+        vfa_st64(p + 8, 0)  # generation
+        vfa_st64(p + 16, self._entry_valid)
+        vfa_st64(p + 24, self._attr_valid)
+        vfa_st32(p + 32, self._entry_nsec)
+        vfa_st32(p + 36, self._attr_nsec)
+
     cdef Py_ssize_t _create_host(self, const unsigned char *request, const unsigned char *name,
                                  unsigned char *reply) except? -2:
         """CREATE as the backend's ``_w_create`` makes it, where it runs as
@@ -507,15 +564,10 @@ cdef class PassthroughResponder:
         cdef char fdname[24]
         if self._create_switching and (vfa_ld32(request + 24) != 0 or vfa_ld32(request + 28) != 0):
             return -1  # runs as the caller: the callback switches credentials
-        found = PyDict_GetItem(self._inodes, parent_id)
-        if found == NULL:
-            return -1
-        parent = <object>found
-        if parent.kind != S_IFDIR_BITS:
+        parent = self._known_dir(parent_id)
+        if parent is None or not self._create_gate(parent):
             return -1
         pfd = parent.fd
-        if pfd < 0 or not self._create_gate(parent):
-            return -1
         oflags = flags & self._create_allowed
         old_mask = umask(vfa_ld32(body + 8) if self._create_umask else 0)
         fd = openat(pfd, <const char *>name, <int>(oflags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC),
@@ -550,12 +602,7 @@ cdef class PassthroughResponder:
             _store_out_header(reply, OUT_HEADER, -EIO, unique)
             return OUT_HEADER
         _store_out_header(reply, OUT_HEADER + CREATE_BODY, 0, unique)
-        vfa_st64(reply + 16, nid)
-        vfa_st64(reply + 24, 0)  # generation
-        vfa_st64(reply + 32, self._entry_valid)
-        vfa_st64(reply + 40, self._attr_valid)
-        vfa_st32(reply + 48, self._entry_nsec)
-        vfa_st32(reply + 52, self._attr_nsec)
+        self._store_entry_head(reply + OUT_HEADER, nid)
         vfa_st64(reply + 144, fh)
         vfa_st32(reply + 152, open_flags)
         vfa_st32(reply + 156, 0)
@@ -685,15 +732,10 @@ cdef class PassthroughResponder:
         cdef uint32_t flags = 0
         if blen < 2 or body[nlen] != 0 or not _component(body, nlen):
             return -1
-        found = PyDict_GetItem(self._inodes, parent_id)
-        if found == NULL:
-            return -1
-        parent = <object>found
-        if parent.kind != S_IFDIR_BITS:
+        parent = self._known_dir(parent_id)
+        if parent is None:
             return -1
         pfd = parent.fd
-        if pfd < 0:
-            return -1
         memcpy(name, body, blen)  # with its NUL
         if fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0:
             if errno == ENOENT and room >= OUT_HEADER:
@@ -719,12 +761,7 @@ cdef class PassthroughResponder:
         if not _store_attr(reply + 56, nid, &st, flags):
             return -1
         _store_out_header(reply, ENTRY_REPLY, 0, unique)
-        vfa_st64(reply + 16, nid)
-        vfa_st64(reply + 24, 0)  # generation
-        vfa_st64(reply + 32, self._entry_valid)
-        vfa_st64(reply + 40, self._attr_valid)
-        vfa_st32(reply + 48, self._entry_nsec)
-        vfa_st32(reply + 52, self._attr_nsec)
+        self._store_entry_head(reply + OUT_HEADER, nid)
         node.lookups += 1
         return ENTRY_REPLY
 

@@ -259,6 +259,10 @@ cdef class VirtQueue:
     cdef object _pending_error
     # cached translation for memory.generation == _gen (0: nothing cached)
     cdef object _gen
+    # within one serve_kick: the memory object already checked (the
+    # frontend's messages, which change the table, are not handled
+    # until the call returns), else None
+    cdef object _checked
     cdef Region *_regions
     cdef Py_ssize_t _nregions
     cdef unsigned char *_desc
@@ -429,6 +433,8 @@ cdef class VirtQueue:
             off = 0
 
     cdef int _check_memory(self, memory) except -1:
+        if memory is self._checked:
+            return 0
         gen = memory.generation
         if gen is not self._gen and gen != self._gen:
             self._refresh(memory)
@@ -757,6 +763,7 @@ cdef class VirtQueue:
         cdef long long answered = 0, served
         cdef uint64_t one = 1
         self._disable(memory)
+        self._checked = memory
         try:
             while True:
                 served = self._pop_serving_into(chains, memory, n - answered, responder, budget, every, fd)
@@ -769,6 +776,7 @@ cdef class VirtQueue:
                     return answered
                 self._disable(memory)
         finally:
+            self._checked = None
             if answered and fd >= 0 and self._desc_gpa is not None and self._notify_due():
                 write(fd, &one, 8)  # EAGAIN: the counter is full, the driver wakes anyway
 

@@ -69,7 +69,7 @@ from typing import Any, Callable
 from .abi import fuse as abi
 from .codec import host_rdev_to_guest, split_timeout, wire_seconds
 
-__all__ = ["PassthroughResponder", "NAME_MAX"]
+__all__ = ["InlineGate", "PassthroughResponder", "NAME_MAX"]
 
 #: The longest component name a LOOKUP is answered for (the host's NAME_MAX).
 NAME_MAX = 255
@@ -159,6 +159,32 @@ def _callback_reply(r: bytes | int | None, unique: int, size: int) -> bytes | No
     if len(r) != size:
         raise ValueError(f"a responder callback gave a {len(r)}-byte body, not {size}")
     return _out_header_pack(_OUT_HEADER + size, 0, unique) + r
+
+
+class InlineGate:
+    """A read-only class attribute (a data descriptor) whose value on an
+    instance is the instance's attribute ``attr`` (a responder, or None),
+    and None while ``logger`` is enabled for ``level``: a session's
+    ``inline_responder``, read by the transport at every kick, so the
+    check costs no Python frame in the compiled twin."""
+
+    __slots__ = ("_attr", "_logger", "_level")
+
+    def __init__(self, attr: str, logger: logging.Logger, level: int = logging.DEBUG) -> None:
+        self._attr = attr
+        self._logger = logger
+        self._level = level
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj, self._attr)
+        if value is None or self._logger.isEnabledFor(self._level):
+            return None
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError("inline_responder is read-only (the session sets what it gives)")
 
 
 class PassthroughResponder:

@@ -174,6 +174,7 @@ class FuseSession:
         self._reinit_allowed = False
         #: The backend's inline responder for the current mount (see inline_responder).
         self._responder: Any | None = None
+        self._live_responder: Any | None = None
         handlers: dict[int, Callable[[Any], Awaitable[Body]]] = {
             abi.Opcode.INIT: self._init,
             abi.Opcode.DESTROY: self._destroy,
@@ -275,17 +276,20 @@ class FuseSession:
         written = _write_reply(writable, header.unique, 0, body)
         return written if written else self._reply_too_big(writable, header.unique, body, opcode)
 
-    @property
-    def inline_responder(self) -> Any | None:
-        """What the transport may offer small requests to before calling
-        :meth:`handle_request` (``VirtQueue.pop_serving``): the backend's
-        :meth:`~virtiofs_async.operations.Operations.inline_responder` once
-        FUSE_INIT has succeeded, while the mount lasts. None otherwise, and
-        while this module logs at DEBUG (every request is then logged here)."""
-        responder = self._responder
-        if responder is None or self.destroyed or self.negotiated is None or log.isEnabledFor(logging.DEBUG):
-            return None
-        return responder
+    #: What the transport may offer small requests to before calling
+    #: :meth:`handle_request` (``VirtQueue.pop_serving``): the backend's
+    #: :meth:`~virtiofs_async.operations.Operations.inline_responder` once
+    #: FUSE_INIT has succeeded, while the mount lasts (``_live_responder``,
+    #: kept by ``_update_live``). None otherwise, and while this module logs
+    #: at DEBUG (every request is then logged here). Read-only; read at
+    #: every kick, so a compiled descriptor when the compiled twins run.
+    inline_responder = _accel.InlineGate("_live_responder", log)
+
+    def _update_live(self) -> None:
+        """Recompute what ``inline_responder`` gives, after ``negotiated``,
+        ``destroyed`` or ``_responder`` changed."""
+        live = self.negotiated is not None and not self.destroyed
+        self._live_responder = self._responder if live else None
 
     def device_reset(self) -> None:
         """The transport stopped a queue (guest reset or reboot, VM pause):
@@ -298,6 +302,7 @@ class FuseSession:
         """The connection is gone: let the backend forget this mount."""
         if self.negotiated is not None and not self.destroyed:
             self.destroyed = True
+            self._update_live()
             try:
                 await self.operations.destroy()
             except Exception:
@@ -356,6 +361,7 @@ class FuseSession:
             log.info("FUSE_INIT after %s: starting a new mount", "FUSE_DESTROY" if self.destroyed else "a device reset")
             self.negotiated = None
             self._responder = None
+            self._update_live()
             if not self.destroyed:
                 self.destroyed = True
                 try:
@@ -398,6 +404,7 @@ class FuseSession:
             max_read=max_pages * 4096,
         )
         self._responder = ops.inline_responder(max_pages * 4096)
+        self._update_live()
         log.info("FUSE_INIT: guest 7.%d, agreed 7.%d, flags %#x, max_write %d", req.minor, minor, flags, max_write)
         return codec.InitOut(
             major=OUR_MAJOR,
@@ -414,6 +421,7 @@ class FuseSession:
 
     async def _destroy(self, req: codec.DestroyRequest) -> Body:
         self.destroyed = True
+        self._update_live()
         await self.operations.destroy()
         return None
 

@@ -2180,3 +2180,62 @@ def test_mkdir_replies_go_into_the_guests_buffers(reads: ReadRig) -> None:
         _made(m, reply[:n], b"split")
 
     _on_own_fs(check)
+
+
+def _gate_classes() -> list[type]:
+    out: list[type] = [pure.InlineGate]
+    if _cy_responder is not None:
+        out.append(_cy_responder.InlineGate)
+    return out
+
+
+@pytest.mark.parametrize("gate_cls", _gate_classes(), ids=lambda c: c.__module__)
+def test_the_inline_gate_gives_the_responder_unless_its_logger_is_at_debug(gate_cls: type) -> None:
+    """A session's inline_responder: the instance's attribute, None while
+    the logger is enabled for DEBUG (at once after each level change, also
+    through a parent's level and logging.disable), the attribute again when
+    the logger is disabled (nothing it logs would show); read-only."""
+    logger = logging.getLogger(f"virtiofs_async.test_gate.{gate_cls.__module__}")
+    parent = logger.parent
+    assert parent is not None
+
+    class Holder:
+        gate = gate_cls("_value", logger)
+
+        def __init__(self) -> None:
+            self._value: Any = None
+
+    h = Holder()
+    marker = object()
+    old_level, old_parent_level = logger.level, parent.level
+    try:
+        logger.setLevel(logging.INFO)
+        assert h.gate is None
+        h._value = marker
+        for _ in range(2):  # the second read finds the logger's cached answer
+            assert h.gate is marker
+        logger.setLevel(logging.DEBUG)
+        assert h.gate is None and h.gate is None
+        logger.setLevel(logging.NOTSET)
+        parent.setLevel(logging.DEBUG)
+        assert h.gate is None
+        logging.disable(logging.CRITICAL)
+        try:
+            assert h.gate is marker
+        finally:
+            logging.disable(logging.NOTSET)
+        assert h.gate is None
+        logger.disabled = True
+        try:
+            assert h.gate is marker and h.gate is marker
+        finally:
+            logger.disabled = False
+        parent.setLevel(logging.WARNING)
+        assert h.gate is marker
+        with pytest.raises(AttributeError):
+            h.gate = object()
+        assert isinstance(Holder.gate, gate_cls)
+    finally:
+        logger.setLevel(old_level)
+        parent.setLevel(old_parent_level)
+
