@@ -969,6 +969,12 @@ def scan_raw_dirents(raw, off):
     return after, last
 
 
+cdef enum:
+    # pack_raw_dirents checks a table of at most this many inodes without
+    # a lookup per record
+    _SMALL_TABLE = 16
+
+
 def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, dotdot):
     """As :func:`virtiofs_async.codec.pack_raw_dirents` (the contract): one
     pass over the host records, no objects but each unknown inode's key.
@@ -981,10 +987,27 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
     cdef int64_t d_off, last = -1
     cdef dict table
     cdef object node
+    # a small table's inode numbers on ``dev``: a record whose number is
+    # none of them is not in the table (no key built, no lookup)
+    cdef uint64_t c_dev = 0, key_dev = 0, key_ino = 0
+    cdef uint64_t small[_SMALL_TABLE]
+    cdef Py_ssize_t nsmall = -1, j
+    cdef bint maybe
     if not (PyBytes_CheckExact(raw) and PyDict_CheckExact(known) and 0 <= start
             and _as_u64(dot, &c_dot) and _as_u64(dotdot, &c_dotdot)):
         return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
     table = <dict>known
+    if len(table) <= _SMALL_TABLE and _as_u64(dev, &c_dev):
+        nsmall = 0
+        for key in table:
+            if not (type(key) is tuple and PyTuple_GET_SIZE(key) == 2
+                    and _as_u64(<object>PyTuple_GET_ITEM(key, 0), &key_dev)
+                    and _as_u64(<object>PyTuple_GET_ITEM(key, 1), &key_ino)):
+                nsmall = -1  # keys of another shape: look each record up
+                break
+            if key_dev == c_dev:
+                small[nsmall] = key_ino
+                nsmall += 1
     p = <const unsigned char *>PyBytes_AS_STRING(raw)
     length = PyBytes_GET_SIZE(raw)
     buf = <unsigned char *>PyMem_Malloc(cap)
@@ -1009,7 +1032,12 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
             elif c_dotdot and n == 2 and cname[0] == 0x2E and cname[1] == 0x2E:
                 ino = c_dotdot
             else:
-                node = table.get((dev, d_ino))
+                maybe = nsmall < 0
+                for j in range(nsmall if nsmall > 0 else 0):
+                    if small[j] == d_ino:
+                        maybe = True
+                        break
+                node = table.get((dev, d_ino)) if maybe else None
                 if node is None:
                     ino = d_ino
                 elif not _as_u64(node.nodeid, &ino):

@@ -445,6 +445,43 @@ def test_readdir_uses_host_offsets_and_resumes(fs: PassthroughFS, share: str) ->
     go(fs, body)
 
 
+def test_readdir_carries_a_known_inodes_node_id_where_it_is_not_the_host_number(
+    fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A READDIR record of an inode the tables know under another node id
+    than its host inode number (a synthetic id: here forced) carries that
+    id, every other record the host's number; once the inode is forgotten,
+    the host's number again (``_remapped`` follows the inode table)."""
+    for name in ("a", "b"):
+        open(host(share, name), "wb").close()
+    ino_a, ino_b = os.stat(host(share, "a")).st_ino, os.stat(host(share, "b")).st_ino
+    synthetic = (1 << 63) + 5
+
+    async def listing() -> dict[bytes, int]:
+        dirh = await fs.opendir(ROOT_INODE, ROOT)
+        reply = Collect()
+        await fs.readdir(dirh.fh, 0, reply)
+        await fs.releasedir(dirh.fh)
+        return {n: a.st_ino for n, a, _ in reply.entries}
+
+    async def body() -> None:
+        with monkeypatch.context() as p:
+            p.setattr(fs, "_alloc_nodeid", lambda ino: synthetic)
+            e = await fs.lookup(ROOT_INODE, b"a", ROOT)
+        assert e.st_ino == synthetic
+        b = await fs.lookup(ROOT_INODE, b"b", ROOT)
+        assert b.st_ino == ino_b
+        seen = await listing()
+        assert (seen[b"a"], seen[b"b"]) == (synthetic, ino_b)
+        assert set(fs._remapped) == {fs._root.key, (fs._root.dev, ino_a)}
+        await fs.forget([(synthetic, 1), (ino_b, 1)])
+        assert set(fs._remapped) == {fs._root.key}
+        seen = await listing()
+        assert (seen[b"a"], seen[b"b"]) == (ino_a, ino_b)
+
+    go(fs, body)
+
+
 def test_readdir_resumes_from_its_last_read_without_seeking(
     fs: PassthroughFS, share: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

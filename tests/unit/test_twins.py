@@ -1302,9 +1302,19 @@ def test_raw_dirents_of_a_real_directory(tmp_path) -> None:
     raw = buf[:n]
     records = codec.parse_linux_dirents64(raw, n, _HostDirent)
     dev = os.stat(tmp_path).st_dev
-    known = {(dev, r[0]): _Node(10**6 + k) for k, r in enumerate(records) if k % 3 == 0}
-    for pack, scan in ((codec.pack_raw_dirents, codec.scan_raw_dirents),
-                       (_cy_codec.pack_raw_dirents, _cy_codec.scan_raw_dirents)):
+    big = {(dev, r[0]): _Node(10**6 + k) for k, r in enumerate(records) if k % 3 == 0}
+    # a table of a few inodes (the compiled twin checks it without a lookup
+    # per record), with keys of another device and of other shapes
+    small = {(dev, r[0]): _Node(10**6 + k) for k, r in enumerate(records) if k % 60 == 7}
+    small[(dev + 1, records[1][0])] = _Node(3)
+    odd = dict(small)
+    odd[("dev", 5)] = _Node(4)
+    odd[(True, records[2][0])] = _Node(5)
+    cases = [(known, pack, scan) for known in (big, small, odd)
+             for pack, scan in ((codec.pack_raw_dirents, codec.scan_raw_dirents),
+                                (_cy_codec.pack_raw_dirents, _cy_codec.scan_raw_dirents))]
+    assert 2 < len(small) < 16
+    for known, pack, scan in cases:
         pos, i, pages = 0, 0, 0
         while pos < len(raw):
             packed, after, count, last = pack(raw, pos, 4096, known, dev, 5, 0)

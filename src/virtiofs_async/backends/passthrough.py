@@ -302,9 +302,9 @@ _RESPONDER_BYPASSES = (
     "_handle", "write", "_check_writable_fs", "forget", "_maybe_drop", "_adopt", "_install", "_register",
     "_lookup_at", "_alloc_nodeid", "flush", "release", "releasedir", "_drop_handle", "_closes_fast",
     "_close_handle_fd", "_flush_inline", "_release_inline", "readdir", "_readdir_batch", "_readdir_inline",
-    "_fast_namespace", "_plus_packer", "_readdirplus_packed", "_give_back", "_readdirplus_inline", "create",
-    "_w_create", "_create_inline", "_created_inline", "_create_host_config", "_create_gate",
-    "_open_flags", "_new_handle", "_creds", "_umask",
+    "_fast_namespace", "_key_node", "_unkey", "_plus_packer", "_readdirplus_packed", "_give_back",
+    "_readdirplus_inline", "create", "_w_create", "_create_inline", "_created_inline", "_create_host_config",
+    "_create_gate", "_open_flags", "_new_handle", "_creds", "_umask",
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
     "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent",
@@ -447,6 +447,9 @@ class PassthroughFS(Operations):
         self._root = _Inode(ROOT_INODE, (st.st_dev, st.st_ino), stat.S_IFDIR, root_fd, lookups=1)
         self._inodes: dict[int, _Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], _Inode] = {self._root.key: self._root}
+        #: The part of _by_key whose node id is not the host inode number
+        #: (the root, synthetic ids): what a READDIR record must translate.
+        self._remapped: dict[tuple[int, int], _Inode] = {self._root.key: self._root}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._next_synthetic = _FIRST_SYNTHETIC_NODEID
@@ -683,8 +686,21 @@ class PassthroughFS(Operations):
         nodeid = self._alloc_nodeid(ino)
         node = _Inode(nodeid, key, stat.S_IFMT(mode), fd, None, -1)
         self._inodes[nodeid] = node
-        self._by_key[key] = node
+        self._key_node(key, node)
         return node
+
+    def _key_node(self, key: tuple[int, int], node: _Inode) -> None:
+        """``node`` is now the table's inode for host key ``key``."""
+        self._by_key[key] = node
+        if node.nodeid != key[1]:
+            self._remapped[key] = node
+        else:
+            self._remapped.pop(key, None)
+
+    def _unkey(self, key: tuple[int, int]) -> None:
+        """Host key ``key`` has no inode in the table any more."""
+        del self._by_key[key]
+        self._remapped.pop(key, None)
 
     def _install(self, fd: int, st: os.stat_result, info: Any) -> _Inode:
         """The table's inode for a fresh lookup result (fd is consumed);
@@ -711,14 +727,14 @@ class PassthroughFS(Operations):
         if node is not None:
             # Same (dev, ino), another handle: the old inode is gone and its
             # number reused. The old record lives on for its holders only.
-            del self._by_key[key]
+            self._unkey(key)
         nodeid = self._alloc_nodeid(st.st_ino)
         if handle is not None:
             os.close(fd)
             fd = -1
         node = _Inode(nodeid, key, stat.S_IFMT(st.st_mode), fd, handle, mount_fd)
         self._inodes[nodeid] = node
-        self._by_key[key] = node
+        self._key_node(key, node)
         return node
 
     def _maybe_drop(self, node: _Inode) -> None:
@@ -728,7 +744,7 @@ class PassthroughFS(Operations):
         if self._inodes.get(node.nodeid) is node:
             del self._inodes[node.nodeid]
         if self._by_key.get(node.key) is node:
-            del self._by_key[node.key]
+            self._unkey(node.key)
         for fd in node.plocks.values():
             _close_quietly(fd)
         node.plocks.clear()
@@ -1707,7 +1723,8 @@ class PassthroughFS(Operations):
         from the host records (a READDIR reply carries a hundred entries);
         None when the reply is full, else the cookie after the last record
         (``raw`` was used up). A known inode's entry carries its node id,
-        any other the host's inode number."""
+        any other the host's inode number (the same number but for the
+        inodes in ``_remapped``, the only ones looked up)."""
         node = h.node
         dotdot = ROOT_INODE if node is self._root else 0
         end = len(raw)
@@ -1715,7 +1732,8 @@ class PassthroughFS(Operations):
         while start < end:
             # ``remaining`` is a hint: what does not fit now is packed again
             # against the room left after it (none: the reply is full).
-            records, after, count, last_packed = _pack_raw_dirents(raw, start, reply.remaining, self._by_key,
+            # _remapped: the known inodes whose entry differs from the host's
+            records, after, count, last_packed = _pack_raw_dirents(raw, start, reply.remaining, self._remapped,
                                                                    node.dev, node.nodeid, dotdot)
             added = reply.add_dirents(records, count) if count else 0
             if added < count or not count:
