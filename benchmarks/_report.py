@@ -95,15 +95,21 @@ def _fmt(value: float | None) -> str:
 
 
 def render_table(rows: Sequence[Row], daemons: Sequence[str], ours: str = "ours") -> str:
-    """A Markdown table: one line per row, each daemon's median (and the
-    number of runs), then ours/c, ours/rust and ours/best-peer ratios."""
+    """A Markdown table: one line per row, each daemon's median (with the
+    number of runs and, over several, the lowest and highest run: how far
+    one run moves), then ours/c, ours/rust and ours/best-peer ratios."""
     head = ["workload", "unit", *daemons, f"{ours}/c", f"{ours}/rust", f"{ours}/best peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.workload, row.unit + ("" if row.higher_is_better else " (lower is better)")]
         for d in daemons:
             values = row.samples.get(d)
-            cells.append(f"{_fmt(row.median(d))} (n={len(values)})" if values else "-")
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{_fmt(values[0])} (n=1)")
+            else:
+                cells.append(f"{_fmt(row.median(d))} (n={len(values)}, {_fmt(min(values))}-{_fmt(max(values))})")
         best = row.best_peer()
         for i, peer in enumerate(("c", "rust", best)):
             r = row.ratio(ours, peer) if peer else None

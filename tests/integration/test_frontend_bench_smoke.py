@@ -64,6 +64,22 @@ def test_every_variant_answers_every_workload(bench) -> None:  # type: ignore[no
     assert len(result.commands) == len(bench.ORDER)
 
 
+def test_tables_show_each_daemons_median_and_spread(bench) -> None:  # type: ignore[no-untyped-def]
+    """A cell gives the median, the number of runs and, over several runs,
+    the lowest and highest; the ratios are of the medians."""
+    from _report import Row, render_table
+
+    row = Row("guest", "readdir", "entries/s", True)
+    for ours, c in ((60_000, 70_000), (90_000, 75_000), (55_000, 100_000)):
+        row.add("ours", ours)
+        row.add("c", c)
+    row.add("rust", 50_000)
+    line = render_table([row], ["ours", "c", "rust"]).splitlines()[2]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[2:5] == ["60,000 (n=3, 55,000-90,000)", "75,000 (n=3, 70,000-100,000)", "50,000 (n=1)"]
+    assert cells[5:] == ["0.80", "1.20", "0.80 (c)"]
+
+
 def test_pattern_is_position_dependent(bench) -> None:  # type: ignore[no-untyped-def]
     a = bench.pattern(0, 8192)
     assert len(a) == 8192 and a[4096:4104] == (4096).to_bytes(8, "little")
