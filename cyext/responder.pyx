@@ -493,11 +493,7 @@ cdef class PassthroughResponder:
         if err != 0:
             _store_out_header(reply, OUT_HEADER, -err, vfa_ld64(request + 8))
             return OUT_HEADER
-        _store_out_header(reply, ATTR_REPLY, 0, vfa_ld64(request + 8))
-        vfa_st64(reply + 16, self._attr_valid)
-        vfa_st32(reply + 24, self._attr_nsec)
-        vfa_st32(reply + 28, 0)
-        return ATTR_REPLY
+        return self._attr_reply_head(reply, vfa_ld64(request + 8))
 
     cdef Py_ssize_t _create(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
                             Py_ssize_t room) except? -2:
@@ -530,6 +526,15 @@ cdef class PassthroughResponder:
             return None
         return node
 
+    cdef Py_ssize_t _attr_reply_head(self, unsigned char *reply, uint64_t unique) noexcept:
+        """An ATTR reply's header and fuse_attr_out fields before its
+        fuse_attr (stored at ``reply + 32``); the reply's length."""
+        _store_out_header(reply, ATTR_REPLY, 0, unique)
+        vfa_st64(reply + 16, self._attr_valid)
+        vfa_st32(reply + 24, self._attr_nsec)
+        vfa_st32(reply + 28, 0)
+        return ATTR_REPLY
+
     cdef void _store_entry_head(self, unsigned char *p, uint64_t nodeid) noexcept:
         """The fuse_entry_out fields before its fuse_attr (node id,
         generation 0, the timeouts) at ``p``."""
@@ -557,7 +562,6 @@ cdef class PassthroughResponder:
         cdef const unsigned char *body = request + IN_HEADER
         cdef uint64_t unique = vfa_ld64(request + 8), parent_id = vfa_ld64(request + 16)
         cdef uint32_t flags = vfa_ld32(body), oflags
-        cdef PyObject *found
         cdef int pfd, fd, opath, err = 0
         cdef unsigned int old_mask
         cdef struct_stat st
@@ -715,11 +719,7 @@ cdef class PassthroughResponder:
             return -1
         if not _store_attr(reply + 32, nodeid, &st, 0):
             return -1
-        _store_out_header(reply, ATTR_REPLY, 0, unique)
-        vfa_st64(reply + 16, self._attr_valid)
-        vfa_st32(reply + 24, self._attr_nsec)
-        vfa_st32(reply + 28, 0)
-        return ATTR_REPLY
+        return self._attr_reply_head(reply, unique)
 
     cdef Py_ssize_t _lookup(self, uint64_t unique, uint64_t parent_id, const unsigned char *body, Py_ssize_t blen,
                             unsigned char *reply, Py_ssize_t room) except? -2:

@@ -171,13 +171,18 @@ _FOPEN_FLAGS = (
 )
 
 
-def pack_open_out(fi: FileInfo) -> bytes:
-    """The ``fuse_open_out`` (OPEN, OPENDIR, CREATE) of ``fi``."""
+def open_flags(fi: FileInfo) -> int:
+    """The ``fuse_open_out.open_flags`` (FOPEN_*) of ``fi``."""
     flags = 0
     for name, flag in _FOPEN_FLAGS:
         if getattr(fi, name):
             flags |= flag
-    return abi.fuse_open_out.pack(fi.fh, flags, 0)
+    return flags
+
+
+def pack_open_out(fi: FileInfo) -> bytes:
+    """The ``fuse_open_out`` (OPEN, OPENDIR, CREATE) of ``fi``."""
+    return abi.fuse_open_out.pack(fi.fh, open_flags(fi), 0)
 
 
 @attrs.define(slots=True)

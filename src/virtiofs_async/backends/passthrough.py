@@ -124,6 +124,7 @@ from ..operations import (
     SetattrFields,
     SizedDirectoryReply,
     StatvfsData,
+    open_flags,
     pack_open_out,
     setattr_arguments,
 )
@@ -889,8 +890,9 @@ class PassthroughFS(Operations):
         return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate)
 
     def _create_gate(self, parent: _Inode) -> bool:
-        """Whether a CREATE in directory ``parent`` (a known directory with
-        an fd) runs inline on this thread, as ``_inline_parent`` decides."""
+        """Whether a CREATE or MKDIR in known directory ``parent`` runs
+        inline on this thread: a writable share, namespace calls inline on
+        its filesystem, a umask of the thread's own."""
         return not self.readonly and self._fast_namespace(parent) and _hostfs.umask_is_private()
 
     def _created_inline(self, opath: int, dev: int, ino: int, mode: int, fd: int, oflags: int) -> tuple[int, int, int]:
@@ -901,8 +903,7 @@ class PassthroughFS(Operations):
         node = self._adopt(opath, dev, ino, mode)
         node.lookups += 1
         fi = self._new_handle(node, fd, False, oflags)
-        return node.nodeid, fi.fh, (abi.FOPEN_DIRECT_IO if fi.direct_io else 0) | (
-            abi.FOPEN_KEEP_CACHE if fi.keep_cache else 0)
+        return node.nodeid, fi.fh, open_flags(fi)
 
     def _bypasses_intact(self) -> bool:
         """Whether neither a subclass nor the instance replaces a method the
@@ -1116,14 +1117,11 @@ class PassthroughFS(Operations):
         if not self.inline_metadata:
             return None
         try:
-            self._check_writable_fs()
             p = self._dir_node(parent)
             _check_name(name)
         except FuseError:
             return None
-        if not (self._fast_namespace(p) and _hostfs.umask_is_private()):
-            return None
-        return p
+        return p if self._create_gate(p) else None
 
     def _mkdir_inline(self, parent: int, name: bytes, mode: int, umask: int, uid: int, gid: int,
                       pid: int) -> bytes | int | None:
