@@ -57,6 +57,7 @@ import os as _os
 
 from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
+from virtiofs_async._cy_codec import pack_raw_dirents as _cy_pack_raw_dirents, scan_raw_dirents as _cy_scan_raw_dirents
 
 cdef object _log = _logging.getLogger("virtiofs_async.responder")
 
@@ -88,6 +89,13 @@ cdef extern from "<stdio.h>" nogil:
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+cdef extern from "<unistd.h>" nogil:
+    off_t lseek(int fd, off_t offset, int whence)
+    long syscall(long number, ...)
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_getdents64
 
 cdef extern from "<sys/sysmacros.h>" nogil:
     unsigned int major(unsigned long long dev)
@@ -290,12 +298,19 @@ cdef class PassthroughResponder:
     cdef object _created_cb, _create_gate
     cdef uint32_t _create_allowed
     cdef bint _create_host_ok, _create_switching, _create_umask
+    cdef object _rd_gate, _rd_remapped, _rd_root
+    cdef Py_ssize_t _rd_read_min, _rd_ahead
+    cdef bint _readdir_host_ok
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
                  readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
-                 int proc_fd=-1, create_host=None):
+                 int proc_fd=-1, create_host=None, readdir_host=None):
         self._proc_fd = proc_fd
+        # readdir_host: (gate, remapped, root, read_min, ahead), with the handles
+        self._readdir_host_ok = readdir_host is not None and readdir is not None and handles is not None
+        if self._readdir_host_ok:
+            self._rd_gate, self._rd_remapped, self._rd_root, self._rd_read_min, self._rd_ahead = readdir_host
         # create_host: (created, allowed, switching, handles_umask, gate)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
@@ -639,10 +654,85 @@ cdef class PassthroughResponder:
         size = vfa_ld32(request + 56)
         if size == 0 or size > self._read_max or room < OUT_HEADER + <Py_ssize_t>size:
             return None
+        if self._readdir_host_ok and callback is self._readdir_cb:
+            return self._readdir_host(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
         body = callback(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
         if body is None or not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > <Py_ssize_t>size:
             return None
         return body
+
+    cdef object _readdir_host(self, uint64_t fh, uint64_t offset, uint32_t size):
+        """READDIR as the backend's ``readdir`` callback (``_readdir_inline``)
+        makes it, without its Python frames: the same handle checks and
+        ``gate``, the same host reads (``_getdents_locked``: the rest of the
+        handle's last getdents64 result, found from its hint or by a scan,
+        else one getdents64, seeking only when the fd is elsewhere) and the
+        same records (``pack_raw_dirents`` with the ``remapped`` table), the
+        handle's ``dir_*`` state left as the callback leaves it. The body,
+        or None for the full path (which also answers the errors)."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef Py_ssize_t remaining = size, start, end, count, n
+        cdef uint64_t dotdot
+        cdef int64_t pos = <int64_t>offset, last
+        if found == NULL or offset > OFF_MAX:
+            return None
+        h = <object>found
+        if not h.is_dir or h.closed:
+            return None
+        node = h.node
+        if not self._rd_gate(node):
+            return None
+        dotdot = ROOT_ID if node is self._rd_root else 0
+        dev = node.key[0]
+        nid = node.nodeid
+        parts = []
+        try:
+            while True:
+                raw, start = self._getdents_locked(h, pos, max(self._rd_read_min, remaining * self._rd_ahead))
+                end = PyBytes_GET_SIZE(raw)
+                if start >= end:
+                    break
+                last = -1
+                while start < end:
+                    records, start, count, last = _cy_pack_raw_dirents(raw, start, remaining, self._rd_remapped,
+                                                                       dev, nid, dotdot)
+                    if count == 0:
+                        return b"".join(parts)  # full (a later request finds its cookie in ``raw``)
+                    parts.append(records)
+                    remaining -= PyBytes_GET_SIZE(records)
+                    h.dir_hint = (raw, start, last)
+                pos = last
+        except (OSError, ValueError):
+            h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
+            return None
+        return b"".join(parts)
+
+    cdef tuple _getdents_locked(self, h, int64_t offset, Py_ssize_t bufsize):
+        """The backend's ``_getdents_locked``: ``(raw, start)``."""
+        cdef Py_ssize_t start
+        with h.lock:
+            raw = h.dir_raw
+            if offset and PyBytes_GET_SIZE(raw):
+                if offset == h.dir_read_from:
+                    return raw, 0
+                hint = h.dir_hint
+                if hint is not None and (<tuple>hint)[0] is raw and (<tuple>hint)[2] == offset:
+                    start = (<tuple>hint)[1]
+                else:
+                    start = _cy_scan_raw_dirents(raw, offset)[0]
+                if 0 <= start < PyBytes_GET_SIZE(raw):
+                    return raw, start
+            raw = getdents_raw(h.fd, None if offset == h.dir_pos and offset else offset, bufsize)
+            try:
+                last = _cy_scan_raw_dirents(raw, -1)[1]
+            except ValueError as exc:
+                h.dir_pos = -1
+                raise OSError(EIO, f"corrupt getdents64 result: {exc}") from None
+            h.dir_raw = raw
+            h.dir_read_from = offset
+            h.dir_hint = None
+            h.dir_pos = last if PyBytes_GET_SIZE(raw) else offset
+            return raw, 0
 
     cdef Py_ssize_t _readdir(self, const unsigned char *request, Py_ssize_t n, const iovec *reply, int count,
                              Py_ssize_t room) except? -2:
@@ -1027,6 +1117,45 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
     if r > 0:
         vfa_scatter(reply, count, small, r)
     return r
+
+
+def getdents_raw(int fd, offset, Py_ssize_t bufsize=32768):
+    """See :func:`virtiofs_async.backends._hostfs.getdents_raw` (the
+    contract): one getdents64 call without ctypes. The bytes after each
+    record's name are zeros (the kernel leaves them as the buffer had them)."""
+    cdef long n
+    cdef off_t off
+    cdef char *buf
+    cdef Py_ssize_t pos = 0, reclen
+    cdef const char *nul
+    if bufsize <= 0:
+        raise ValueError("bufsize must be positive")
+    if offset is not None:
+        off = offset
+        if lseek(fd, off, 0) < 0:
+            PyErr_SetFromErrno(OSError)
+    buf = <char *>PyMem_Malloc(bufsize)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            n = syscall(SYS_getdents64, fd, buf, <size_t>bufsize)
+        if n < 0:
+            PyErr_SetFromErrno(OSError)
+        # zero each record's padding (linux_dirent64: d_reclen at 16, the
+        # name from 19); a malformed record is left to the parsers to refuse
+        while pos + 19 < n:
+            reclen = (<unsigned char>buf[pos + 16]) | (<unsigned char>buf[pos + 17]) << 8
+            if reclen < 20 or pos + reclen > n:
+                break
+            nul = <const char *>memchr(buf + pos + 19, 0, reclen - 19)
+            if nul == NULL:
+                break
+            memset(<char *>nul, 0, buf + pos + reclen - nul)
+            pos += reclen
+        return PyBytes_FromStringAndSize(buf, n)
+    finally:
+        PyMem_Free(buf)
 
 
 cdef object _CAPSULE = PyCapsule_New(<void *>_respond_c, VFA_RESPONDER_CAPSULE, NULL)

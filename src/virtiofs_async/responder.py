@@ -221,6 +221,7 @@ class PassthroughResponder:
         mkdir: Callable[[int, bytes, int, int, int, int, int], bytes | int | None] | None = None,
         proc_fd: int = -1,
         create_host: tuple[Any, ...] | None = None,
+        readdir_host: tuple[Any, ...] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -237,6 +238,12 @@ class PassthroughResponder:
         # gate for a parent directory) likewise lets the compiled twin make a CREATE's
         # open, fstat and O_PATH reopen itself where ``create`` would make
         # them as the daemon; this twin always calls ``create``.
+        # readdir_host (the backend's gate for a directory's inode, its
+        # ``remapped`` table, its root inode, the least getdents64 buffer
+        # and the read-ahead factor) lets the compiled twin answer a READDIR
+        # as ``readdir`` does (the same checks, host reads, records and
+        # handle state) without calling it; this twin always calls
+        # ``readdir``.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

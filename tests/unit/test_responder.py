@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from virtiofs_async import _accel, codec
 from virtiofs_async import responder as pure
 from virtiofs_async.abi import fuse as abi
+from virtiofs_async.backends import passthrough
 from virtiofs_async.backends.passthrough import PassthroughFS
 from virtiofs_async.session import FuseSession
 
@@ -444,7 +445,7 @@ def test_readdirplus_packed_in_one_call_gives_the_python_loops_bytes(tmp_path: A
     os.utime(root + "/sub/file-000", ns=(-5_000_000_123, 1_000_000_007))
     packed, loop = Mount(root), Mount(root)
     try:
-        loop.fs._plus_packer = lambda: None  # type: ignore[method-assign]
+        loop.fs._plus_packer = lambda checked=False: None  # type: ignore[method-assign]
         assert packed.fs._plus_packer() is not None
         for name in (b"", b"d"):
             nodeid = packed.nodeids[name]
@@ -1197,9 +1198,18 @@ def _listing_dir(m: Mount, name: str, count: int) -> int:
     return m.lookup_via_session(abi.FUSE_ROOT_ID, name.encode())
 
 
-def _reading(fs: PassthroughFS, cls: type) -> Any:
-    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, read_max=1 << 20,
-               readdir=fs._readdir_inline)
+def _reading(fs: PassthroughFS, cls: type, host_calls: bool = False, **kw: Any) -> Any:
+    """A responder answering READDIR through the backend's ``readdir``
+    callback, or (``host_calls``) with the host calls the compiled twin
+    makes itself."""
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, **{
+        "read_max": 1 << 20, "readdir": fs._readdir_inline,
+        "readdir_host": fs._readdir_host_config() if host_calls else None,
+        "handles": fs._handles if host_calls else None, **kw})
+
+
+def _readers(fs: PassthroughFS) -> list[tuple[type, bool]]:
+    return [(cls, host_calls) for cls in _twins() for host_calls in (False, True)]
 
 
 def _next_offset(reply: bytes) -> int | None:
@@ -1214,10 +1224,10 @@ def test_readdir_at_the_queue_lists_what_the_full_path_lists(tmp_path: Any) -> N
     m = Mount(str(tmp_path))
     try:
         d = _listing_dir(m, "many", 150)
-        for cls in _twins():
-            r = _reading(m.fs, cls)
+        for cls, host_calls in _readers(m.fs):
+            r = _reading(m.fs, cls, host_calls)
             mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
-            offset, names, replies = 0, [], 0
+            offset, names, replies, offsets = 0, [], 0, []
             while True:
                 size = 200 + 37 * (replies % 5)  # room left over at different places
                 answer = r.respond(readdir_req(mine, offset, size), 512)
@@ -1229,13 +1239,52 @@ def test_readdir_at_the_queue_lists_what_the_full_path_lists(tmp_path: Any) -> N
                     break
                 names += [e.name for e in codec.iter_dirents(answer[16:])]
                 offset = nxt
+                offsets.append(offset)
             assert sorted(names) == sorted([b".", b".."] + [n.encode() for n in os.listdir(os.path.join(m.root, "many"))])
             assert replies > 20
+            # seekdir back to an earlier cookie: found by a scan of the last read
+            for back in (offsets[3], offsets[-2]):
+                answer = r.respond(readdir_req(mine, back, 300), 512)
+                assert answer is not None and answer == m.full(readdir_req(theirs, back, 300), 512)[1]
             # rewinding reads the directory as it is now
             os.unlink(os.path.join(m.root, "many", "entry-0000-"))
             answer = r.respond(readdir_req(mine, 0, 480), 512)
             assert answer == m.full(readdir_req(theirs, 0, 480), 512)[1]
             open(os.path.join(m.root, "many", "entry-0000-"), "w").close()
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(_cy_responder is None, reason="the compiled twin is not built")
+def test_compiled_readdir_makes_the_host_calls_itself(tmp_path: Any, monkeypatch: Any) -> None:
+    """Given the backend's readdir_host, the compiled twin answers a whole
+    listing without calling ``readdir`` (and without the backend's
+    ``_getdents_locked``), with the callback's bytes; without it, every
+    READDIR goes through the callback."""
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        d = _listing_dir(m, "calls", 300)
+        calls: list[str] = []
+        real_inline, real_locked = fs._readdir_inline, passthrough._getdents_locked
+        monkeypatch.setattr(fs, "_readdir_inline", lambda *a: calls.append("readdir") or real_inline(*a))
+        monkeypatch.setattr(passthrough, "_getdents_locked", lambda *a: calls.append("getdents") or real_locked(*a))
+        for host_calls in (True, False):
+            r = _reading(fs, _cy_responder.PassthroughResponder, host_calls)
+            mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
+            calls.clear()
+            offset, replies = 0, 0
+            while True:
+                answer = r.respond(readdir_req(mine, offset, 480), 512)
+                assert answer == m.full(readdir_req(theirs, offset, 480), 512)[1]
+                replies += 1
+                offset = _next_offset(answer)
+                if offset is None:
+                    break
+            if host_calls:
+                assert calls.count("readdir") == 0
+            else:
+                assert calls.count("readdir") == replies
     finally:
         m.close()
 
@@ -1247,8 +1296,8 @@ def test_what_readdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkey
     try:
         fs = m.fs
         d = _listing_dir(m, "few", 5)
-        for cls in _twins():
-            r = _reading(fs, cls)
+        for cls, host_calls in _readers(fs):
+            r = _reading(fs, cls, host_calls)
             dh = _open_via_session(m, d, directory=True)
             fh = _open_via_session(m, m.nodeids[b"f"])
             assert r.respond(readdir_req(dh, 0, 300), 512) is not None
@@ -1259,7 +1308,7 @@ def test_what_readdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkey
             assert r.respond(readdir_req(dh, 0, 497), 512) is None  # the reply could take 513 bytes
             assert r.respond(readdir_req(dh, 0, 300)[:-1], 512) is None  # short body
             assert r.respond(readdir_req(dh, 0, 300, extlen=1), 512) is None
-            small = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True, read_max=256, readdir=fs._readdir_inline)
+            small = _reading(fs, cls, host_calls, read_max=256)
             assert small.respond(readdir_req(dh, 0, 257), 512) is None
             assert small.respond(readdir_req(dh, 0, 256), 512) is not None
             without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True, read_max=1 << 20)
@@ -1268,19 +1317,33 @@ def test_what_readdir_at_the_queue_leaves_to_the_full_path(tmp_path: Any, monkey
             with monkeypatch.context() as p:
                 p.setattr(passthrough, "_on_block_device", lambda dev: False)
                 assert r.respond(readdir_req(dh, 0, 300), 512) is None
+            # a closed handle (RELEASEDIR on its way)
+            with monkeypatch.context() as p:
+                p.setattr(fs._handles[dh], "closed", True)
+                assert r.respond(readdir_req(dh, 0, 300), 512) is None
             # a failing getdents64: nothing answered, and the full path,
             # which meets the same error, answers it
             first = r.respond(readdir_req(dh, 0, 120), 512)
             offset = _next_offset(first)
-            with monkeypatch.context() as p:
-                def failing(*args: Any) -> Any:
-                    raise OSError(errno.EIO, "injected")
-                p.setattr(_hostfs, "getdents_raw", failing)
+            with monkeypatch.context() as p, open(os.path.join(m.root, "f"), "rb") as not_a_dir:
+                # the seek to the hash cookie (past a file's size limit)
+                # gives EINVAL, or getdents64 ENOTDIR
+                p.setattr(fs._handles[dh], "fd", not_a_dir.fileno())
                 p.setattr(fs._handles[dh], "dir_raw", b"")  # nothing buffered: the host is asked
                 assert r.respond(readdir_req(dh, offset, 300), 512) is None
                 assert fs._handles[dh].dir_pos == -1
                 n, reply = m.full(readdir_req(dh, offset, 300), 512)
-                assert abi.fuse_out_header.unpack_from(reply)[1] == -errno.EIO
+                assert abi.fuse_out_header.unpack_from(reply)[1] in (-errno.EINVAL, -errno.ENOTDIR)
+            # a corrupt getdents64 result: the same
+            with monkeypatch.context() as p:
+                def corrupt(*args: Any) -> bytes:
+                    return b"\x01" * 30
+                p.setattr(_hostfs, "getdents_raw", corrupt)
+                if host_calls and cls is not pure.PassthroughResponder:
+                    p.setattr(_cy_responder, "getdents_raw", corrupt)
+                p.setattr(fs._handles[dh], "dir_raw", b"")
+                assert r.respond(readdir_req(dh, offset, 300), 512) is None
+                assert fs._handles[dh].dir_pos == -1
             # and then the listing goes on from there, as the full path's would
             other = _open_via_session(m, d, directory=True)
             m.full(readdir_req(other, 0, 120), 512)

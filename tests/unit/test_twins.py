@@ -1465,3 +1465,48 @@ def test_fuse_protocol_error_carries_unique_in_both() -> None:
             fn([wire])
         assert (info.value.unique, info.value.errno) == (4242, errno.EINVAL)
     assert abi.FUSE_NAME_MAX == 1024  # names are not length-checked by the decoder (pure semantics)
+
+
+def test_getdents_raw_twins_agree(tmp_path) -> None:
+    """The compiled getdents_raw (no ctypes) against _hostfs's ctypes one:
+    the same records from the start, from a cookie and from where the fd
+    is (no seek), the same empty result at the end, the same errors; the
+    padding after each name is zeros (no bytes of an earlier call)."""
+    from virtiofs_async import _cy_responder
+    from virtiofs_async.backends import _hostfs
+
+    for i in range(300):
+        (tmp_path / f"name-{i:04d}-{'y' * (i % 11)}").touch()
+    twins = (_cy_responder.getdents_raw, _hostfs.getdents_raw_ctypes)
+    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in twins]
+    try:
+        firsts = [g(fd, 0, 2048) for g, fd in zip(twins, fds)]
+        assert len(firsts[0]) == len(firsts[1]) > 0
+        assert _hostfs.parse_raw(firsts[0]) == _hostfs.parse_raw(firsts[1])
+        assert _hostfs.parse_raw(firsts[0])[-1].off == codec.scan_raw_dirents(firsts[0], -1)[1]
+        cookie = codec.scan_raw_dirents(firsts[0], -1)[1]
+        middle = _hostfs.parse_raw(firsts[0])[len(_hostfs.parse_raw(firsts[0])) // 2][1]
+        for offset in (None, middle, cookie):  # where the fd is; back to a cookie; on again
+            got = [g(fd, offset, 4096) for g, fd in zip(twins, fds)]
+            assert _hostfs.parse_raw(got[0]) == _hostfs.parse_raw(got[1])
+        ends = [g(fd, 0x7FFFFFFFFFFFFFFF, 4096) for g, fd in zip(twins, fds)]
+        assert ends == [b"", b""]
+        # zero padding in the compiled one (its buffer is fresh each call)
+        raw = _cy_responder.getdents_raw(fds[0], 0, 32768)
+        pos = 0
+        while pos < len(raw):
+            reclen = struct.unpack_from("<H", raw, pos + 16)[0]
+            name_end = raw.index(b"\0", pos + 19)
+            assert raw[name_end:pos + reclen] == bytes(pos + reclen - name_end)
+            pos += reclen
+        # errors: a bad fd, a file, a buffer too small for one record
+        with open(tmp_path / "name-0000-", "rb") as f:
+            for fd, err in ((-1, errno.EBADF), (f.fileno(), errno.ENOTDIR), (fds[0], errno.EINVAL)):
+                bufsize = 8 if fd == fds[0] else 4096
+                for g in twins:
+                    with pytest.raises(OSError) as info:
+                        g(fd, 0 if fd == fds[0] else None, bufsize)
+                    assert info.value.errno == err
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import attrs
 
+from .. import _accel
 from .._accel import parse_linux_dirents64 as _parse_dirents
 
 T = TypeVar("T")
@@ -409,6 +410,13 @@ def getdents_raw(fd: int, offset: int | None, bufsize: int = 32768) -> bytes:
         raise OSError(errno.ENOSYS, "getdents64 unavailable")
     _check(n)
     return ctypes.string_at(buf, n)
+
+
+#: The reference above, through ctypes; the compiled twin (the same
+#: contract, no ctypes call) where the compiled implementation is active.
+getdents_raw_ctypes = getdents_raw
+if _accel.getdents_raw is not None:
+    getdents_raw = _accel.getdents_raw  # noqa: F811
 
 
 def parse_raw(raw: bytes, start: int = 0) -> list[Dirent]:

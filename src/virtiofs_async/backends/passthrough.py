@@ -876,6 +876,7 @@ class PassthroughFS(Operations):
             create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
             open=self._open_inline, mkdir=self._mkdir_inline, proc_fd=-1 if self.readonly else self._proc_fd,
             create_host=self._create_host_config(),
+            readdir_host=self._readdir_host_config(),
         )
 
     def _create_host_config(self) -> tuple[Any, ...] | None:
@@ -888,6 +889,13 @@ class PassthroughFS(Operations):
             return None
         allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
         return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate)
+
+    def _readdir_host_config(self) -> tuple[Any, ...]:
+        """What the compiled responder needs to answer a READDIR as
+        ``_readdir_inline`` does without calling it: the gate for the
+        handle's directory, the ``_remapped`` table, the root inode, and
+        ``_getdents_size``'s READDIR terms."""
+        return (self._fast_namespace, self._remapped, self._root, _READDIR_READ, _READDIR_AHEAD)
 
     def _create_gate(self, parent: _Inode) -> bool:
         """Whether a CREATE or MKDIR in known directory ``parent`` runs
@@ -915,12 +923,13 @@ class PassthroughFS(Operations):
                 return False
         return True
 
-    def _plus_packer(self) -> Any | None:
+    def _plus_packer(self, checked: bool = False) -> Any | None:
         """A responder whose ``pack_readdirplus`` builds READDIRPLUS records
         (lookups included) in one call, or None where LOOKUP would not run
-        inline or a bypassed method is replaced. Rebuilt when the timeouts
-        change."""
-        if not self.inline_metadata or self.file_handles != "never" or not self._bypasses_intact():
+        inline or a bypassed method is replaced (``checked``: the caller
+        knows none is, as the inline responder's callbacks do). Rebuilt
+        when the timeouts change."""
+        if not self.inline_metadata or self.file_handles != "never" or not (checked or self._bypasses_intact()):
             return None
         key = (self.entry_timeout, self.attr_timeout, self.announce_submounts)
         cached = getattr(self, "_packer_cache", None)
@@ -1677,7 +1686,8 @@ class PassthroughFS(Operations):
         h = self._handles.get(fh)
         if h is None or not h.is_dir or h.closed or not 0 <= offset <= _OFF_MAX or not self._fast_namespace(h.node):
             return None
-        packer = self._plus_packer() if plus else None
+        # built with the responder, which exists only with the bypassed methods intact
+        packer = self._plus_packer(checked=True) if plus else None
         if plus and packer is None:
             return None
         reply = _InlineDirents(size, plus)
