@@ -301,12 +301,19 @@ cdef class PassthroughResponder:
     cdef object _rd_gate, _rd_remapped, _rd_root
     cdef Py_ssize_t _rd_read_min, _rd_ahead
     cdef bint _readdir_host_ok
+    cdef object _tb_remapped, _tb_root, _tb_inode_cls
+    cdef uint64_t _tb_first_synthetic
+    cdef bint _tables_ok
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
                  readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
-                 int proc_fd=-1, create_host=None, readdir_host=None):
+                 int proc_fd=-1, create_host=None, readdir_host=None, tables=None):
         self._proc_fd = proc_fd
+        # tables: (remapped, root, inode class, first synthetic node id)
+        self._tables_ok = tables is not None and adopt is not None and drop is not None
+        if self._tables_ok:
+            self._tb_remapped, self._tb_root, self._tb_inode_cls, self._tb_first_synthetic = tables
         # readdir_host: (gate, remapped, root, read_min, ahead), with the handles
         self._readdir_host_ok = readdir_host is not None and readdir is not None and handles is not None
         if self._readdir_host_ok:
@@ -772,6 +779,58 @@ cdef class PassthroughResponder:
         _store_out_header(reply, OUT_HEADER, -<int>r, unique)
         return OUT_HEADER
 
+    cdef object _adopt_node(self, int fd, unsigned long long dev, unsigned long long ino, unsigned int mode):
+        """The backend's ``adopt(fd, dev, ino, mode)`` (fd consumed), made
+        here with ``tables`` where its node id is the host's inode number:
+        the known inode (fd closed), else a new one of the backend's inode
+        class, in ``inodes`` and ``by_key`` (and out of ``remapped``), with
+        no lookups counted. A synthetic node id, or no ``tables``: the
+        callback."""
+        cdef PyObject *found
+        key = (dev, ino)
+        found = PyDict_GetItem(self._by_key, key)
+        if found != NULL:
+            close(fd)
+            return <object>found
+        if not self._tables_ok or ino <= ROOT_ID or ino >= self._tb_first_synthetic \
+                or PyDict_GetItem(self._inodes, ino) != NULL:
+            return self._adopt(fd, dev, ino, mode)
+        node = self._tb_inode_cls(ino, key, mode & S_IFMT_BITS, fd, None, -1)
+        self._inodes[ino] = node
+        self._by_key[key] = node
+        if self._tb_remapped:
+            self._tb_remapped.pop(key, None)
+        return node
+
+    cdef _drop_node(self, node):
+        """The backend's ``drop(node)``, made here with ``tables`` for an
+        inode that holds no POSIX lock fds: nothing when it is still
+        counted, opened or pinned, the root, or gone already; else marked
+        gone, out of ``inodes``, ``by_key`` and ``remapped`` (where it is
+        the one there), its O_PATH fd closed. Otherwise: the callback."""
+        cdef PyObject *found
+        cdef int fd
+        if not self._tables_ok or node.plocks or node.lock_pids:
+            self._drop(node)
+            return
+        if node.lookups > 0 or node.opens > 0 or node.pins > 0 or node is self._tb_root or node.gone:
+            return
+        node.gone = True
+        nodeid = node.nodeid
+        found = PyDict_GetItem(self._inodes, nodeid)
+        if found != NULL and <object>found is node:
+            del self._inodes[nodeid]
+        key = node.key
+        found = PyDict_GetItem(self._by_key, key)
+        if found != NULL and <object>found is node:
+            del self._by_key[key]
+            if self._tb_remapped:
+                self._tb_remapped.pop(key, None)
+        fd = node.fd
+        if fd >= 0:
+            close(fd)  # errors ignored, as the callback's
+            node.fd = -1
+
     cdef Py_ssize_t _forget(self, uint64_t nodeid, const unsigned char *body, Py_ssize_t blen) except? -2:
         cdef PyObject *found
         cdef uint64_t n
@@ -785,7 +844,7 @@ cdef class PassthroughResponder:
         if node.lookups <= n:
             node.lookups = 0
             try:
-                self._drop(node)
+                self._drop_node(node)
             except Exception:
                 # Answered all the same: the count is already down, and the
                 # full path must not take it down again.
@@ -928,8 +987,8 @@ cdef class PassthroughResponder:
                         node = <object>found
                     else:
                         try:
-                            node = self._adopt(fd, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino,
-                                               st.st_mode)
+                            node = self._adopt_node(fd, <unsigned long long>st.st_dev,
+                                                    <unsigned long long>st.st_ino, st.st_mode)
                         except BaseException:
                             close(fd)
                             raise
@@ -972,7 +1031,7 @@ cdef class PassthroughResponder:
             close(fd)
             return None
         try:
-            return self._adopt(fd, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino, st.st_mode)
+            return self._adopt_node(fd, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino, st.st_mode)
         except BaseException:
             close(fd)
             raise

@@ -222,6 +222,7 @@ class PassthroughResponder:
         proc_fd: int = -1,
         create_host: tuple[Any, ...] | None = None,
         readdir_host: tuple[Any, ...] | None = None,
+        tables: tuple[Any, ...] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -243,7 +244,11 @@ class PassthroughResponder:
         # and the read-ahead factor) lets the compiled twin answer a READDIR
         # as ``readdir`` does (the same checks, host reads, records and
         # handle state) without calling it; this twin always calls
-        # ``readdir``.
+        # ``readdir``. tables (the backend's ``remapped`` table, root inode,
+        # inode class and first synthetic node id) lets the compiled twin
+        # make ``adopt``'s and ``drop``'s table updates itself where they
+        # are plain (see its ``_adopt_node``, ``_drop_node``); this twin
+        # always calls them.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

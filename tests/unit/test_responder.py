@@ -2302,3 +2302,91 @@ def test_the_inline_gate_gives_the_responder_unless_its_logger_is_at_debug(gate_
         logger.setLevel(old_level)
         parent.setLevel(old_parent_level)
 
+
+
+def _tables_state(fs: PassthroughFS) -> tuple[Any, ...]:
+    """The inode tables as the guest and the host see them."""
+    return (sorted((nid, node.key, node.kind, node.lookups, node.fd >= 0, node.gone)
+                   for nid, node in fs._inodes.items()),
+            sorted((key, node.nodeid) for key, node in fs._by_key.items()),
+            sorted((key, node.nodeid) for key, node in fs._remapped.items()),
+            fs.held_fds())
+
+
+@pytest.mark.skipif(_cy_responder is None, reason="the compiled twin is not built")
+def test_compiled_tables_install_and_drop_as_the_callbacks_do(tmp_path: Any, monkeypatch: Any) -> None:
+    """With ``tables`` the compiled twin installs (LOOKUP of a new name,
+    READDIRPLUS) and drops (FORGET) plain inodes itself, without ``adopt``
+    and ``drop``: the same replies and the same tables, node ids, fds and
+    ``_remapped`` as a mount whose responder goes through the callbacks.
+    What is not plain goes to the callbacks: a host inode number that is a
+    node id already (a synthetic id), an inode holding POSIX lock fds."""
+    # the backend's READDIRPLUS packer is the compiled twin, in the pure run too
+    monkeypatch.setattr(_accel, "PassthroughResponder", _cy_responder.PassthroughResponder)
+    root = str(tmp_path / "t")
+    os.makedirs(root + "/dir")
+    for i in range(40):
+        open(f"{root}/dir/n-{i:02d}", "w").close()
+    mounts = [Mount(root), Mount(root)]
+    calls: list[list[str]] = [[], []]
+    try:
+        responders, dnodes = [], []
+        for i, m in enumerate(mounts):
+            fs = m.fs
+            dnodes.append(m.lookup_via_session(abi.FUSE_ROOT_ID, b"dir"))
+            adopt, drop = fs._adopt, fs._maybe_drop
+            # counted wherever the backend calls them (the READDIRPLUS packer too)
+            fs._adopt = lambda *a, c=calls[i], f=adopt: c.append("adopt") or f(*a)  # type: ignore[method-assign]
+            fs._maybe_drop = lambda node, c=calls[i], f=drop: c.append("drop") or f(node)  # type: ignore[method-assign]
+            if i == 1:
+                fs._tables_config = lambda: None  # type: ignore[method-assign]
+            responders.append(_cy_responder.PassthroughResponder(
+                fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, fs._handles, 1 << 20,
+                adopt=fs._adopt, drop=fs._maybe_drop, readdirplus=fs._readdirplus_inline,
+                readdir=fs._readdir_inline, tables=fs._tables_config()))
+        # a node id taken by the host inode number of dir/n-07 (the same in both)
+        ino = os.lstat(f"{root}/dir/n-07").st_ino
+        for m in mounts:
+            m.fs._inodes[ino] = passthrough._Inode(ino, (0, ino), stat.S_IFREG, -1, lookups=1)
+        replies: list[list[bytes]] = [[], []]
+        for i, (m, r, dnode) in enumerate(zip(mounts, responders, dnodes)):
+            for name in (b"n-00", b"n-01", b"n-07"):
+                replies[i].append(r.respond(lookup_req(dnode, name), 512))
+            dh = _open_via_session(m, dnode, directory=True)
+            plus, _ = _walk_plus(m, lambda req, r=r: r.respond(req, 512), dh, [496, 300])
+            replies[i] += plus
+            m.full(release_req(dh, True))
+        assert replies[0] == replies[1]
+        assert _tables_state(mounts[0].fs) == _tables_state(mounts[1].fs)
+        synthetic = mounts[0].fs._by_key[(os.lstat(f"{root}/dir/n-07").st_dev, ino)]
+        assert synthetic.nodeid >= passthrough._FIRST_SYNTHETIC_NODEID
+        assert calls[0].count("adopt") == 1  # n-07's synthetic id only
+        assert calls[1].count("adopt") == 40  # each file once: LOOKUP's three, READDIRPLUS's others
+        for c in calls:
+            c.clear()  # (RELEASEDIR's full path asked drop about dir)
+        # lock fds on n-01: its drop goes to the callback, which closes them
+        lock_fds = []
+        for m in mounts:
+            node = m.fs._by_key[(os.lstat(f"{root}/dir/n-01").st_dev, os.lstat(f"{root}/dir/n-01").st_ino)]
+            fd = os.open(f"{root}/dir/n-01", os.O_RDONLY)
+            node.plocks[77] = fd
+            lock_fds.append(fd)
+        forgotten = []
+        for m, r in zip(mounts, responders):
+            nodes = [node for node in m.fs._inodes.values()
+                     if node.nodeid != abi.FUSE_ROOT_ID and node.key[0] != 0 and node.lookups]
+            for node in nodes:
+                assert r.respond(forget_req(node.nodeid, node.lookups), 512) == b""  # no reply
+            forgotten.append(len(nodes))
+        assert _tables_state(mounts[0].fs) == _tables_state(mounts[1].fs)
+        assert forgotten[0] == forgotten[1] > 40
+        assert calls[0].count("drop") == 1  # n-01 only
+        assert calls[1].count("drop") == forgotten[1]
+        for fd in lock_fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        gone = [node for node in mounts[0].fs._inodes.values() if node.key[0] != 0 and node.nodeid != 1]
+        assert gone == []  # every counted inode dropped, fds closed (held_fds compared above)
+    finally:
+        for m in mounts:
+            m.close()

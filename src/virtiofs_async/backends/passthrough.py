@@ -308,7 +308,8 @@ _RESPONDER_BYPASSES = (
     "_create_gate", "_open_flags", "_new_handle", "_creds", "_umask",
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
-    "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent",
+    "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent", "_readdir_host_config",
+    "_tables_config",
 )
 
 
@@ -876,7 +877,7 @@ class PassthroughFS(Operations):
             create=self._create_inline, setattr=self._setattr_inline, remove=self._remove_inline,
             open=self._open_inline, mkdir=self._mkdir_inline, proc_fd=-1 if self.readonly else self._proc_fd,
             create_host=self._create_host_config(),
-            readdir_host=self._readdir_host_config(),
+            readdir_host=self._readdir_host_config(), tables=self._tables_config() if lookups else None,
         )
 
     def _create_host_config(self) -> tuple[Any, ...] | None:
@@ -896,6 +897,14 @@ class PassthroughFS(Operations):
         handle's directory, the ``_remapped`` table, the root inode, and
         ``_getdents_size``'s READDIR terms."""
         return (self._fast_namespace, self._remapped, self._root, _READDIR_READ, _READDIR_AHEAD)
+
+    def _tables_config(self) -> tuple[Any, ...]:
+        """What the compiled responder needs to make ``_adopt`` and
+        ``_maybe_drop``'s table updates itself where they are plain (a node
+        id that is the host's inode number; an inode without POSIX lock
+        fds): the ``_remapped`` table, the root, the inode class and the
+        first synthetic node id."""
+        return (self._remapped, self._root, _Inode, _FIRST_SYNTHETIC_NODEID)
 
     def _create_gate(self, parent: _Inode) -> bool:
         """Whether a CREATE or MKDIR in known directory ``parent`` runs
@@ -936,7 +945,7 @@ class PassthroughFS(Operations):
         if cached is None or cached[0] != key:
             cached = (key, _accel.PassthroughResponder(
                 self._inodes, self._by_key, self.entry_timeout, self.attr_timeout, self.announce_submounts, True,
-                adopt=self._adopt,
+                adopt=self._adopt, drop=self._maybe_drop, tables=self._tables_config(),
             ))
             self._packer_cache = cached
         return cached[1]
