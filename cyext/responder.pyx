@@ -57,7 +57,11 @@ import os as _os
 
 from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
-from virtiofs_async._cy_codec import pack_raw_dirents as _cy_pack_raw_dirents, scan_raw_dirents as _cy_scan_raw_dirents
+from virtiofs_async._cy_codec import (
+    pack_raw_dirents as _cy_pack_raw_dirents,
+    parse_linux_dirents64 as _cy_parse_linux_dirents64,
+    scan_raw_dirents as _cy_scan_raw_dirents,
+)
 
 cdef object _log = _logging.getLogger("virtiofs_async.responder")
 
@@ -298,8 +302,8 @@ cdef class PassthroughResponder:
     cdef object _created_cb, _create_gate
     cdef uint32_t _create_allowed
     cdef bint _create_host_ok, _create_switching, _create_umask
-    cdef object _rd_gate, _rd_remapped, _rd_root
-    cdef Py_ssize_t _rd_read_min, _rd_ahead
+    cdef object _rd_gate, _rd_remapped, _rd_root, _rd_record_cls
+    cdef Py_ssize_t _rd_read_min, _rd_ahead, _rd_plus_min
     cdef bint _readdir_host_ok
     cdef object _tb_remapped, _tb_root, _tb_inode_cls
     cdef uint64_t _tb_first_synthetic
@@ -314,10 +318,11 @@ cdef class PassthroughResponder:
         self._tables_ok = tables is not None and adopt is not None and drop is not None
         if self._tables_ok:
             self._tb_remapped, self._tb_root, self._tb_inode_cls, self._tb_first_synthetic = tables
-        # readdir_host: (gate, remapped, root, read_min, ahead), with the handles
+        # readdir_host: (gate, remapped, root, read_min, ahead, plus_min, record class), with the handles
         self._readdir_host_ok = readdir_host is not None and readdir is not None and handles is not None
         if self._readdir_host_ok:
-            self._rd_gate, self._rd_remapped, self._rd_root, self._rd_read_min, self._rd_ahead = readdir_host
+            (self._rd_gate, self._rd_remapped, self._rd_root, self._rd_read_min, self._rd_ahead, self._rd_plus_min,
+             self._rd_record_cls) = readdir_host
         # create_host: (created, allowed, switching, handles_umask, gate)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
@@ -663,6 +668,8 @@ cdef class PassthroughResponder:
             return None
         if self._readdir_host_ok and callback is self._readdir_cb:
             return self._readdir_host(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
+        if self._readdir_host_ok and self._adopt is not None:
+            return self._readdirplus_host(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
         body = callback(vfa_ld64(request + 40), vfa_ld64(request + 48), size)
         if body is None or not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > <Py_ssize_t>size:
             return None
@@ -713,6 +720,72 @@ cdef class PassthroughResponder:
             h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
             return None
         return b"".join(parts)
+
+    cdef object _readdirplus_host(self, uint64_t fh, uint64_t offset, uint32_t size):
+        """READDIRPLUS as the backend's ``readdirplus`` callback
+        (``_readdir_inline`` with ``plus``) makes it, without its Python
+        frames: the checks and host reads of :meth:`_readdir_host` (a
+        getdents64 of a quarter of the room, at least ``plus_min`` bytes),
+        the records and lookups of :meth:`pack_readdirplus` (this
+        responder's timeouts: the backend's at its making); on a failure
+        every lookup counted is given back. The body, or None for the full
+        path."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef Py_ssize_t remaining = size, start, end, i, j, total
+        cdef uint64_t dotdot
+        cdef int64_t pos = <int64_t>offset
+        if found == NULL or offset > OFF_MAX:
+            return None
+        h = <object>found
+        if not h.is_dir or h.closed:
+            return None
+        node = h.node
+        if not self._rd_gate(node):
+            return None
+        dotdot = ROOT_ID if node is self._rd_root else 0
+        nid = node.nodeid
+        parts = []
+        taken = []
+        try:
+            while True:
+                raw, start = self._getdents_locked(h, pos, max(self._rd_plus_min, remaining // 4))
+                end = PyBytes_GET_SIZE(raw)
+                if start >= end:
+                    break
+                try:
+                    batch = _cy_parse_linux_dirents64(memoryview(raw)[start:], end - start, self._rd_record_cls)
+                except ValueError as exc:
+                    raise OSError(EIO, f"corrupt getdents64 result: {exc}") from None
+                total = len(batch)
+                i = 0
+                while i < total:
+                    counted = []
+                    try:
+                        records, j = self.pack_readdirplus(h.fd, node, batch, i, remaining, nid, dotdot, counted)
+                    except BaseException:
+                        self._give_back(counted)
+                        raise
+                    if counted:
+                        parts.append(records)
+                        remaining -= PyBytes_GET_SIZE(records)
+                        taken += counted
+                    if j == i:
+                        return b"".join(parts)  # the next one does not fit
+                    i = j
+                pos = batch[total - 1][1]
+        except (OSError, ValueError):
+            self._give_back(taken)
+            h.dir_pos = -1  # where the fd is: unknown (the full path seeks)
+            return None
+        return b"".join(parts)
+
+    cdef _give_back(self, list counted):
+        """The backend's ``_give_back``: one lookup less for each counted
+        inode (None: ``.``/``..``), dropped when that was its last."""
+        for child in counted:
+            if child is not None:
+                child.lookups -= 1
+                self._drop_node(child)
 
     cdef tuple _getdents_locked(self, h, int64_t offset, Py_ssize_t bufsize):
         """The backend's ``_getdents_locked``: ``(raw, start)``."""

@@ -240,11 +240,12 @@ class PassthroughResponder:
         # open, fstat and O_PATH reopen itself where ``create`` would make
         # them as the daemon; this twin always calls ``create``.
         # readdir_host (the backend's gate for a directory's inode, its
-        # ``remapped`` table, its root inode, the least getdents64 buffer
-        # and the read-ahead factor) lets the compiled twin answer a READDIR
-        # as ``readdir`` does (the same checks, host reads, records and
-        # handle state) without calling it; this twin always calls
-        # ``readdir``. tables (the backend's ``remapped`` table, root inode,
+        # ``remapped`` table, its root inode, the least getdents64 buffers
+        # of READDIR and READDIRPLUS, the read-ahead factor and its host
+        # record class) lets the compiled twin answer a READDIR as
+        # ``readdir`` does (the same checks, host reads, records and handle
+        # state), and a READDIRPLUS as ``readdirplus`` does, without calling
+        # them; this twin always calls them. tables (the backend's ``remapped`` table, root inode,
         # inode class and first synthetic node id) lets the compiled twin
         # make ``adopt``'s and ``drop``'s table updates itself where they
         # are plain (see its ``_adopt_node``, ``_drop_node``); this twin

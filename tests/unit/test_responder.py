@@ -1988,9 +1988,15 @@ def readdirplus_req(fh: int, offset: int, size: int, unique: int = 23, **kw: Any
     return request(READDIRPLUS, 0, abi.fuse_read_in.pack(fh, offset, size, 0, 0, 0, 0), unique, **kw)
 
 
-def _reading_plus(fs: PassthroughFS, cls: type) -> Any:
+def _reading_plus(fs: PassthroughFS, cls: type, host_calls: bool = False) -> Any:
+    """A responder answering READDIRPLUS through the backend's
+    ``readdirplus`` callback, or (``host_calls``) with the host calls and
+    table updates the compiled twin makes itself."""
     return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, read_max=1 << 20,
-               adopt=fs._adopt, readdirplus=fs._readdirplus_inline)
+               adopt=fs._adopt, drop=fs._maybe_drop, readdirplus=fs._readdirplus_inline,
+               readdir=fs._readdir_inline if host_calls else None, handles=fs._handles if host_calls else None,
+               readdir_host=fs._readdir_host_config() if host_calls else None,
+               tables=fs._tables_config() if host_calls else None)
 
 
 def _walk_plus(m: Mount, respond: Any, fh: int, sizes: list[int]) -> tuple[list[bytes], dict[int, int]]:
@@ -2017,8 +2023,8 @@ def test_readdirplus_at_the_queue_lists_and_counts_what_the_full_path_does(tmp_p
     m = Mount(str(tmp_path))
     try:
         d = _listing_dir(m, "plus", 40)
-        for cls in _twins():
-            r = _reading_plus(m.fs, cls)
+        for cls, host_calls in _readers(m.fs):
+            r = _reading_plus(m.fs, cls, host_calls)
             for sizes in ([496], [333, 250, 400]):  # room for at least one record
                 mine, theirs = _open_via_session(m, d, directory=True), _open_via_session(m, d, directory=True)
                 got, counted = _walk_plus(m, lambda req: r.respond(req, 512), mine, sizes)
@@ -2041,8 +2047,11 @@ def test_what_readdirplus_at_the_queue_leaves_to_the_full_path(tmp_path: Any, mo
         d = _listing_dir(m, "long", 0)
         for i in range(60):
             open(os.path.join(m.root, "long", f"{i:03d}" + "n" * 120), "w").close()
-        for cls in _twins():
-            r = _reading_plus(fs, cls)
+        short = _listing_dir(m, "short", 0)
+        for i in range(20):
+            open(os.path.join(m.root, "short", f"s{i:02d}"), "w").close()
+        for cls, host_calls in _readers(fs):
+            r = _reading_plus(fs, cls, host_calls)
             dh = _open_via_session(m, d, directory=True)
             fh = _open_via_session(m, m.nodeids[b"f"])
             counts = m.counts()
@@ -2060,22 +2069,35 @@ def test_what_readdirplus_at_the_queue_leaves_to_the_full_path(tmp_path: Any, mo
                 p.setattr(fs, "inline_metadata", False)  # no compiled packer: the full path's loop
                 assert r.respond(readdirplus_req(dh, 0, 496), 512) is None
             assert m.counts() == counts
-            # the host fails on the second getdents64 of one reply: the
-            # lookups of the records packed before it are given back
-            real = _hostfs.getdents_raw
+            # the host fails on the second getdents64 of one reply (the
+            # first gives three records, which fit): the lookups of the
+            # records packed before it are given back
+            real = _hostfs.getdents_raw_ctypes
             calls = []
 
-            def second_fails(*args: Any) -> Any:
-                calls.append(args)
+            def second_fails(fd: int, offset: Any, bufsize: int = 32768) -> bytes:
+                calls.append(offset)
                 if len(calls) > 1:
                     raise OSError(errno.EIO, "injected")
-                return real(*args)
+                return real(fd, offset, 72)
 
+            sh = _open_via_session(m, short, directory=True)
             with monkeypatch.context() as p:
                 p.setattr(_hostfs, "getdents_raw", second_fails)
-                assert fs._readdirplus_inline(dh, 0, 16384) is None
-            assert len(calls) == 2 and fs._handles[dh].dir_pos == -1
+                if _cy_responder is not None:
+                    p.setattr(_cy_responder, "getdents_raw", second_fails)
+                assert r.respond(readdirplus_req(sh, 0, 496), 512) is None
+            assert len(calls) == 2 and fs._handles[sh].dir_pos == -1
             assert m.counts() == counts
+            m.full(release_req(sh, True))
+            # a corrupt getdents64 result: the same
+            with monkeypatch.context() as p:
+                p.setattr(_hostfs, "getdents_raw", lambda *a: b"\x02" * 40)
+                if host_calls and cls is not pure.PassthroughResponder:
+                    p.setattr(_cy_responder, "getdents_raw", lambda *a: b"\x02" * 40)
+                p.setattr(fs._handles[dh], "dir_raw", b"")
+                assert r.respond(readdirplus_req(dh, 0, 496), 512) is None
+            assert fs._handles[dh].dir_pos == -1 and m.counts() == counts
             # the listing then goes as the full path's does
             other = _open_via_session(m, d, directory=True)
             assert _walk_plus(m, lambda req: r.respond(req, 512), dh, [496])[0] == \

@@ -892,11 +892,12 @@ class PassthroughFS(Operations):
         return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate)
 
     def _readdir_host_config(self) -> tuple[Any, ...]:
-        """What the compiled responder needs to answer a READDIR as
-        ``_readdir_inline`` does without calling it: the gate for the
-        handle's directory, the ``_remapped`` table, the root inode, and
-        ``_getdents_size``'s READDIR terms."""
-        return (self._fast_namespace, self._remapped, self._root, _READDIR_READ, _READDIR_AHEAD)
+        """What the compiled responder needs to answer a READDIR (and a
+        READDIRPLUS) as ``_readdir_inline`` does without calling it: the
+        gate for the handle's directory, the ``_remapped`` table, the root
+        inode, ``_getdents_size``'s terms and the host record class."""
+        return (self._fast_namespace, self._remapped, self._root, _READDIR_READ, _READDIR_AHEAD, _GETDENTS_MIN,
+                _hostfs.Dirent)
 
     def _tables_config(self) -> tuple[Any, ...]:
         """What the compiled responder needs to make ``_adopt`` and
