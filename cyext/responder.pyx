@@ -95,6 +95,7 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
 cdef extern from "<unistd.h>" nogil:
+    int dup(int fd)
     off_t lseek(int fd, off_t offset, int whence)
     long syscall(long number, ...)
 
@@ -308,12 +309,16 @@ cdef class PassthroughResponder:
     cdef object _tb_remapped, _tb_root, _tb_inode_cls
     cdef uint64_t _tb_first_synthetic
     cdef bint _tables_ok
+    cdef object _close_gate
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
                  readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
-                 int proc_fd=-1, create_host=None, readdir_host=None, tables=None):
+                 int proc_fd=-1, create_host=None, readdir_host=None, tables=None, close_host=None):
         self._proc_fd = proc_fd
+        # close_host: the backend's gate for an inode's filesystem (with tables and the handles)
+        self._close_gate = close_host if tables is not None and adopt is not None and drop is not None \
+            and handles is not None and flush is not None and release is not None else None
         # tables: (remapped, root, inode class, first synthetic node id)
         self._tables_ok = tables is not None and adopt is not None and drop is not None
         if self._tables_ok:
@@ -675,6 +680,17 @@ cdef class PassthroughResponder:
             return None
         return body
 
+    cdef object _dir_handle(self, uint64_t fh, uint64_t offset):
+        """Directory handle ``fh`` if the callbacks would list it here (open,
+        a directory, ``offset`` an off_t, ``gate`` agreeing), else None."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        if found == NULL or offset > OFF_MAX:
+            return None
+        h = <object>found
+        if not h.is_dir or h.closed or not self._rd_gate(h.node):
+            return None
+        return h
+
     cdef object _readdir_host(self, uint64_t fh, uint64_t offset, uint32_t size):
         """READDIR as the backend's ``readdir`` callback (``_readdir_inline``)
         makes it, without its Python frames: the same handle checks and
@@ -684,18 +700,13 @@ cdef class PassthroughResponder:
         same records (``pack_raw_dirents`` with the ``remapped`` table), the
         handle's ``dir_*`` state left as the callback leaves it. The body,
         or None for the full path (which also answers the errors)."""
-        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
         cdef Py_ssize_t remaining = size, start, end, count, n
         cdef uint64_t dotdot
         cdef int64_t pos = <int64_t>offset, last
-        if found == NULL or offset > OFF_MAX:
-            return None
-        h = <object>found
-        if not h.is_dir or h.closed:
+        h = self._dir_handle(fh, offset)
+        if h is None:
             return None
         node = h.node
-        if not self._rd_gate(node):
-            return None
         dotdot = ROOT_ID if node is self._rd_root else 0
         dev = node.key[0]
         nid = node.nodeid
@@ -730,18 +741,13 @@ cdef class PassthroughResponder:
         responder's timeouts: the backend's at its making); on a failure
         every lookup counted is given back. The body, or None for the full
         path."""
-        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
         cdef Py_ssize_t remaining = size, start, end, i, j, total
         cdef uint64_t dotdot
         cdef int64_t pos = <int64_t>offset
-        if found == NULL or offset > OFF_MAX:
-            return None
-        h = <object>found
-        if not h.is_dir or h.closed:
+        h = self._dir_handle(fh, offset)
+        if h is None:
             return None
         node = h.node
-        if not self._rd_gate(node):
-            return None
         dotdot = ROOT_ID if node is self._rd_root else 0
         nid = node.nodeid
         parts = []
@@ -842,15 +848,74 @@ cdef class PassthroughResponder:
         if opcode == OP_FLUSH:
             if self._flush is None:
                 return -1
-            r = self._flush(vfa_ld64(body), vfa_ld64(body + 16))
+            if self._close_gate is not None:
+                r = self._flush_host(vfa_ld64(body), vfa_ld64(body + 16))
+            else:
+                r = self._flush(vfa_ld64(body), vfa_ld64(body + 16))
         else:
             if self._release is None:
                 return -1
-            r = self._release(vfa_ld64(body), opcode == OP_RELEASEDIR)
+            if self._close_gate is not None:
+                r = self._release_host(vfa_ld64(body), opcode == OP_RELEASEDIR)
+            else:
+                r = self._release(vfa_ld64(body), opcode == OP_RELEASEDIR)
         if r < 0:
             return -1
         _store_out_header(reply, OUT_HEADER, -<int>r, unique)
         return OUT_HEADER
+
+    cdef bint _closes_fast(self, h) except -1:
+        """The backend's ``_closes_fast(h)``: the handle's inode holds its
+        O_PATH fd, is not gone, and ``close_host`` lets its filesystem's
+        calls run inline."""
+        node = h.node
+        return node.fd >= 0 and not node.gone and bool(self._close_gate(node))
+
+    cdef int _flush_host(self, uint64_t fh, uint64_t lock_owner) except? -2:
+        """The backend's ``flush`` callback (``_flush_inline``) made here: -1
+        for a handle it does not know, a lock owner with POSIX locks on the
+        inode, or a file whose close may wait; else a dup of the handle's
+        fd closed, and 0 or that close's errno."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef int fd, err = 0
+        if found == NULL:
+            return -1
+        h = <object>found
+        node = h.node
+        if lock_owner in node.plocks or lock_owner in node.lock_pids or not self._closes_fast(h):
+            return -1
+        fd = dup(<int>h.fd)
+        if fd < 0 or close(fd) != 0:
+            err = errno or EIO
+        return err
+
+    cdef int _release_host(self, uint64_t fh, bint is_dir) except? -2:
+        """The backend's ``release`` callback (``_release_inline``) made
+        here: 0 for an unknown handle; -1, nothing done, where the full path
+        closes in the pool (the last reference to its inode, or a file
+        whose close may wait); else the handle out of the table and closed,
+        its inode's open count down (and the inode dropped at 0, as
+        ``drop`` does), its fd closed unless a request still uses it."""
+        cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef int fd
+        if found == NULL:
+            return 0
+        h = <object>found
+        node = h.node
+        if not is_dir and h.pins == 0 and h.fd >= 0:
+            if (node.opens == 1 and node.lookups <= 0 and node.pins <= 0 and node is not self._tb_root) \
+                    or not self._closes_fast(h):
+                return -1
+        del self._handles[fh]
+        h.closed = True
+        node.opens -= 1
+        self._drop_node(node)
+        if h.pins == 0:
+            fd = h.fd
+            if fd >= 0:
+                close(fd)  # errors ignored, as the callback's
+                h.fd = -1
+        return 0
 
     cdef object _adopt_node(self, int fd, unsigned long long dev, unsigned long long ino, unsigned int mode):
         """The backend's ``adopt(fd, dev, ino, mode)`` (fd consumed), made

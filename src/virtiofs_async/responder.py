@@ -223,6 +223,7 @@ class PassthroughResponder:
         create_host: tuple[Any, ...] | None = None,
         readdir_host: tuple[Any, ...] | None = None,
         tables: tuple[Any, ...] | None = None,
+        close_host: Callable[[Any], bool] | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -249,7 +250,10 @@ class PassthroughResponder:
         # inode class and first synthetic node id) lets the compiled twin
         # make ``adopt``'s and ``drop``'s table updates itself where they
         # are plain (see its ``_adopt_node``, ``_drop_node``); this twin
-        # always calls them.
+        # always calls them. close_host (the backend's gate for an inode's
+        # filesystem), with tables, lets the compiled twin make FLUSH's and
+        # RELEASE's closes and table updates as ``flush`` and ``release``
+        # make them; this twin always calls those.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

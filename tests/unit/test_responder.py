@@ -495,9 +495,14 @@ def test_pack_readdirplus_twins_agree(tmp_path: Any) -> None:
         m.close()
 
 
-def _closing(fs: PassthroughFS, cls: type) -> Any:
+def _closing(fs: PassthroughFS, cls: type, host_calls: bool = False) -> Any:
+    """A responder answering FLUSH and RELEASE(DIR) through the backend's
+    callbacks, or (``host_calls``) with the closes and table updates the
+    compiled twin makes itself."""
     return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
-               flush=fs._flush_inline, release=fs._release_inline)
+               flush=fs._flush_inline, release=fs._release_inline, adopt=fs._adopt, drop=fs._maybe_drop,
+               handles=fs._handles if host_calls else None, tables=fs._tables_config() if host_calls else None,
+               close_host=fs._fast_namespace if host_calls else None)
 
 
 def _open_via_session(m: Mount, nodeid: int, directory: bool = False) -> int:
@@ -523,8 +528,8 @@ def test_flush_and_release_at_the_queue_do_what_the_full_path_does(mount: Mount)
     as the full path leaves them."""
     fs = mount.fs
     ok = abi.fuse_out_header.pack(16, 0, 9)
-    for cls in _twins():
-        r = _closing(fs, cls)
+    for cls, host_calls in _readers(fs):
+        r = _closing(fs, cls, host_calls)
         fds = fs.held_fds()
         fh = _open_via_session(mount, mount.nodeids[b"f"])
         assert fs.held_fds() == fds + 1
@@ -537,14 +542,49 @@ def test_flush_and_release_at_the_queue_do_what_the_full_path_does(mount: Mount)
         dh = _open_via_session(mount, mount.nodeids[b"d"], directory=True)
         assert r.respond(release_req(dh, directory=True), 16) == ok
         assert dh not in fs._handles and fs.held_fds() == fds
+        # a FLUSH whose close fails answers its errno (the handle's fd is
+        # not open: EBADF, as the full path's dup gives)
+        fh = _open_via_session(mount, mount.nodeids[b"f"])
+        real_fd = fs._handles[fh].fd
+        fs._handles[fh].fd = 1 << 20
+        try:
+            assert r.respond(flush_req(fh), 16) == abi.fuse_out_header.pack(16, -errno.EBADF, 9) \
+                == mount.full(flush_req(fh), 16)[1]
+        finally:
+            fs._handles[fh].fd = real_fd
+        assert r.respond(release_req(fh), 16) == ok and fs.held_fds() == fds
+
+
+@pytest.mark.skipif(_cy_responder is None, reason="the compiled twin is not built")
+def test_compiled_flush_and_release_make_the_closes_themselves(mount: Mount, monkeypatch: Any) -> None:
+    """Given close_host and the tables, the compiled twin answers FLUSH,
+    RELEASE and RELEASEDIR without the backend's callbacks (or ``drop``,
+    for a plain inode); without them, through the callbacks."""
+    fs = mount.fs
+    calls: list[str] = []
+    for name in ("_flush_inline", "_release_inline", "_maybe_drop"):
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for host_calls in (True, False):
+        r = _closing(fs, _cy_responder.PassthroughResponder, host_calls)
+        calls.clear()
+        fh = _open_via_session(mount, mount.nodeids[b"f"])
+        assert r.respond(flush_req(fh), 16) is not None
+        assert r.respond(release_req(fh), 16) is not None and fh not in fs._handles
+        dh = _open_via_session(mount, mount.nodeids[b"d"], directory=True)
+        assert r.respond(release_req(dh, directory=True), 16) is not None and dh not in fs._handles
+        if host_calls:
+            assert calls == []
+        else:
+            assert calls == ["_flush_inline", "_release_inline", "_maybe_drop", "_release_inline", "_maybe_drop"]
 
 
 def test_what_flush_and_release_leave_to_the_full_path(tmp_path: Any) -> None:
     m = Mount(str(tmp_path))
     try:
         fs = m.fs
-        for cls in _twins():
-            r = _closing(fs, cls)
+        for cls, host_calls in _readers(fs):
+            r = _closing(fs, cls, host_calls)
             fh = _open_via_session(m, m.nodeids[b"f"])
             assert r.respond(flush_req(fh)[:-1], 16) is None  # short body
             assert r.respond(flush_req(fh), 15) is None  # no room for the reply
@@ -557,6 +597,11 @@ def test_what_flush_and_release_leave_to_the_full_path(tmp_path: Any) -> None:
             saved, node.lookups = node.lookups, 0
             assert r.respond(release_req(fh), 16) is None and fh in fs._handles
             node.lookups = saved
+            # a filesystem whose calls go to the pool
+            with pytest.MonkeyPatch.context() as p:
+                p.setattr(passthrough, "_on_block_device", lambda dev: False)
+                assert r.respond(flush_req(fh), 16) is None
+                assert r.respond(release_req(fh), 16) is None and fh in fs._handles
             assert r.respond(release_req(fh), 16) is not None and fh not in fs._handles
         # without callbacks, none of them is answered
         plain = pure.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
