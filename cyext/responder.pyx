@@ -300,7 +300,7 @@ cdef class PassthroughResponder:
     cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
     cdef object _readdirplus_cb, _mkdir_cb
     cdef int _proc_fd
-    cdef object _created_cb, _create_gate
+    cdef object _created_cb, _create_gate, _opened_cb
     cdef uint32_t _create_allowed
     cdef bint _create_host_ok, _create_switching, _create_umask
     cdef object _rd_gate, _rd_remapped, _rd_root, _rd_record_cls
@@ -331,7 +331,7 @@ cdef class PassthroughResponder:
         # create_host: (created, allowed, switching, handles_umask, gate)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
-            self._created_cb, allowed, switching, handles_umask, self._create_gate = create_host
+            self._created_cb, allowed, switching, handles_umask, self._create_gate, self._opened_cb = create_host
             self._create_allowed = allowed
             self._create_switching = bool(switching)
             self._create_umask = bool(handles_umask)
@@ -626,8 +626,21 @@ cdef class PassthroughResponder:
             close(fd)
             return self._create_error(unique, parent_id, err, reply)
         try:
-            nid, fh, open_flags = self._created_cb(opath, <unsigned long long>st.st_dev,
-                                                   <unsigned long long>st.st_ino, st.st_mode, fd, oflags)
+            if self._tables_ok:
+                # ``created`` as it is made: the inode installed (here, where
+                # that is plain), one lookup counted, then the handle
+                try:
+                    node = self._adopt_node(opath, <unsigned long long>st.st_dev, <unsigned long long>st.st_ino,
+                                            st.st_mode)
+                except BaseException:
+                    close(opath)
+                    raise
+                node.lookups += 1
+                nid = node.nodeid
+                fh, open_flags = self._opened_cb(node, fd, oflags)
+            else:
+                nid, fh, open_flags = self._created_cb(opath, <unsigned long long>st.st_dev,
+                                                       <unsigned long long>st.st_ino, st.st_mode, fd, oflags)
         except Exception:
             close(fd)
             _log.exception("CREATE nodeid=%d: installing the new inode failed -> EIO", parent_id)

@@ -236,8 +236,10 @@ class PassthroughResponder:
         # same order with the same answers; this twin always calls
         # ``setattr``, the reference for what those calls are. create_host
         # (the backend's ``created`` callback, the open flags it keeps,
-        # whether it switches credentials and handles the umask, and its
-        # gate for a parent directory) likewise lets the compiled twin make a CREATE's
+        # whether it switches credentials and handles the umask, its gate
+        # for a parent directory, and its ``opened`` callback, the handle
+        # half of ``created`` for when ``tables`` lets the compiled twin
+        # install the inode) likewise lets the compiled twin make a CREATE's
         # open, fstat and O_PATH reopen itself where ``create`` would make
         # them as the daemon; this twin always calls ``create``.
         # readdir_host (the backend's gate for a directory's inode, its

@@ -1606,18 +1606,30 @@ def _check_compiled_host_calls(tmp_path: Any, monkeypatch: Any) -> None:
         real_open, real_setattr = hostfs.open_beneath, fs._w_setattr
         monkeypatch.setattr(hostfs, "open_beneath", lambda *a: calls.append("open") or real_open(*a))
         monkeypatch.setattr(fs, "_w_setattr", lambda *a: calls.append("setattr") or real_setattr(*a))
+        for name in ("_adopt", "_opened_inline"):
+            real = getattr(fs, name)
+            monkeypatch.setattr(fs, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
         cls = _cy_responder.PassthroughResponder
-        for host_calls in (True, False):
-            name = b"made-%d" % host_calls
+        for host_calls, tables in ((True, True), (True, False), (False, False)):
+            name = b"made-%d-%d" % (host_calls, tables)
             r = cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
                     create=fs._create_inline, setattr=fs._setattr_inline,
                     proc_fd=fs._proc_fd if host_calls else -1,
-                    create_host=fs._create_host_config() if host_calls else None)
+                    create_host=fs._create_host_config() if host_calls else None,
+                    adopt=fs._adopt, drop=fs._maybe_drop, tables=fs._tables_config() if tables else None)
             calls.clear()
             fh = _created(m, r.respond(create_req(abi.FUSE_ROOT_ID, name), 512), name)
+            # the inode installed as the backend does: one lookup, the host inode number as node id
+            node = fs._handles[fh].node
+            assert node.lookups == 1 and node.nodeid == os.lstat(os.path.join(m.root, name.decode())).st_ino
+            assert fs._by_key[node.key] is node and fs._inodes[node.nodeid] is node
             nodeid = m.lookup_via_session(abi.FUSE_ROOT_ID, name)
+            assert nodeid == node.nodeid
             answer = r.respond(setattr_req(nodeid, abi.FATTR_MODE, mode=0o100604), 512)
-            assert calls == ([] if host_calls else ["open", "setattr"]), calls
+            # (the full path's LOOKUP finds the inode: no adopt)
+            want = ["_opened_inline"] if tables else ["_adopt", "_opened_inline"] if host_calls else \
+                ["open", "_adopt", "setattr"]
+            assert calls == want, calls
             assert stat.S_IMODE(os.lstat(os.path.join(m.root, name.decode())).st_mode) == 0o604
             assert _without_ctime(answer) == _without_ctime(m.full(setattr_req(nodeid, abi.FATTR_MODE,
                                                                                 mode=0o100604))[1])

@@ -309,7 +309,7 @@ _RESPONDER_BYPASSES = (
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
     "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent", "_readdir_host_config",
-    "_tables_config",
+    "_tables_config", "_opened_inline",
 )
 
 
@@ -890,7 +890,8 @@ class PassthroughFS(Operations):
         if self.readonly or self.writeback or self.file_handles != "never":
             return None
         allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
-        return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate)
+        return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate,
+                self._opened_inline)
 
     def _readdir_host_config(self) -> tuple[Any, ...]:
         """What the compiled responder needs to answer a READDIR (and a
@@ -921,8 +922,16 @@ class PassthroughFS(Operations):
         handle): its ``(nodeid, fh, fuse_open_out flags)``."""
         node = self._adopt(opath, dev, ino, mode)
         node.lookups += 1
+        fh, flags = self._opened_inline(node, fd, oflags)
+        return node.nodeid, fh, flags
+
+    def _opened_inline(self, node: _Inode, fd: int, oflags: int) -> tuple[int, int]:
+        """The second half of ``_created_inline`` (the compiled responder,
+        given the tables, installs the inode and counts the lookup itself):
+        a new handle of ``node`` for ``fd`` (consumed), as ``(fh,
+        fuse_open_out flags)``."""
         fi = self._new_handle(node, fd, False, oflags)
-        return node.nodeid, fi.fh, open_flags(fi)
+        return fi.fh, open_flags(fi)
 
     def _bypasses_intact(self) -> bool:
         """Whether neither a subclass nor the instance replaces a method the
