@@ -24,7 +24,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport EEXIST, EIO, ENOENT, ENOTEMPTY, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove, memset
-from posix.stat cimport S_ISDIR, S_ISGID, S_ISUID, S_IXGRP, fchmodat, fstat, fstatat, struct_stat, utimensat
+from posix.stat cimport S_ISDIR, S_ISREG, S_ISGID, S_ISUID, S_IXGRP, fchmodat, fstat, fstatat, struct_stat, utimensat
 from posix.time cimport timespec
 
 from posix.types cimport off_t
@@ -71,6 +71,7 @@ cdef object _errno_name(int err):
 
 cdef extern from "<fcntl.h>" nogil:
     enum: AT_SYMLINK_NOFOLLOW
+    enum: AT_REMOVEDIR
     enum: O_PATH
     enum: O_NOFOLLOW
     enum: O_CLOEXEC
@@ -96,6 +97,7 @@ cdef extern from "<sys/uio.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int dup(int fd)
+    int unlinkat(int dirfd, const char *path, int flags)
     off_t lseek(int fd, off_t offset, int whence)
     long syscall(long number, ...)
 
@@ -250,6 +252,19 @@ cdef Py_ssize_t _callback_reply(object r, uint64_t unique, Py_ssize_t size, unsi
 
 
 @cython.final
+cdef int _host_errno(str what, uint64_t nodeid, int err):
+    """A failed host call's errno (0: EIO) for an answer, logged as the
+    backend's _inline_errno logs it (ENOENT not at all, EEXIST and ENOTEMPTY
+    at DEBUG, others at INFO)."""
+    if err == 0:
+        err = EIO
+    if err == EEXIST or err == ENOTEMPTY:
+        _log.debug("%s nodeid=%d -> %s", what, nodeid, _errno_name(err))
+    elif err != ENOENT:
+        _log.info("%s nodeid=%d -> %s", what, nodeid, _errno_name(err))
+    return err
+
+
 cdef class InlineGate:
     """See :class:`virtiofs_async.responder.InlineGate`."""
 
@@ -310,12 +325,20 @@ cdef class PassthroughResponder:
     cdef uint64_t _tb_first_synthetic
     cdef bint _tables_ok
     cdef object _close_gate
+    cdef uint64_t _fast_drop_bytes
+    cdef bint _remove_host_ok
 
     def __init__(self, dict inodes, dict by_key, entry_timeout, attr_timeout, announce_submounts, lookups,
                  dict handles=None, read_max=0, write_max=0, adopt=None, drop=None, flush=None, release=None,
                  readdir=None, create=None, setattr=None, remove=None, open=None, readdirplus=None, mkdir=None,
-                 int proc_fd=-1, create_host=None, readdir_host=None, tables=None, close_host=None):
+                 int proc_fd=-1, create_host=None, readdir_host=None, tables=None, close_host=None,
+                 remove_host=None):
         self._proc_fd = proc_fd
+        # remove_host: the largest file whose last link goes inline (with readdir_host's gate)
+        self._remove_host_ok = remove_host is not None and remove is not None and readdir_host is not None \
+            and readdir is not None and handles is not None
+        if self._remove_host_ok:
+            self._fast_drop_bytes = remove_host
         # close_host: the backend's gate for an inode's filesystem (with tables and the handles)
         self._close_gate = close_host if tables is not None and adopt is not None and drop is not None \
             and handles is not None and flush is not None and release is not None else None
@@ -410,9 +433,12 @@ cdef class PassthroughResponder:
             if (length < IN_HEADER + 2 or request[length - 1] != 0 or room < OUT_HEADER
                     or not _component(request + IN_HEADER, <Py_ssize_t>length - IN_HEADER - 1)):
                 return -1
-            r = self._remove_cb(nodeid, PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER),
-                                                                  <Py_ssize_t>length - IN_HEADER - 1),
-                                opcode == OP_RMDIR)
+            if self._remove_host_ok:
+                r = self._remove_host(nodeid, <const char *>(request + IN_HEADER), opcode == OP_RMDIR)
+            else:
+                r = self._remove_cb(nodeid, PyBytes_FromStringAndSize(<const char *>(request + IN_HEADER),
+                                                                      <Py_ssize_t>length - IN_HEADER - 1),
+                                    opcode == OP_RMDIR)
             return _callback_reply(r, unique, 0, reply)
         if (opcode == OP_OPEN or opcode == OP_OPENDIR) and self._open_cb is not None:
             if length < IN_HEADER + OPEN_IN or room < OUT_HEADER + OPEN_OUT:
@@ -430,6 +456,33 @@ cdef class PassthroughResponder:
                                vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
             return _callback_reply(r, unique, ENTRY_OUT, reply)
         return -1
+
+    cdef object _remove_host(self, uint64_t parent_id, const char *name, bint is_dir):
+        """UNLINK / RMDIR of ``name`` (a checked component, NUL-terminated)
+        as the backend's ``remove`` callback (``_remove_inline``) makes it:
+        None, nothing done, for an unknown parent, one that is not a
+        directory with an O_PATH fd, one ``gate`` keeps off this thread, or
+        the last link of a regular file larger than ``remove_host`` bytes
+        that no inode of the tables holds open (freeing its blocks goes to
+        the pool); else unlinkat(2) relative to the parent's fd: 0 or its
+        errno."""
+        cdef PyObject *found = PyDict_GetItem(self._inodes, parent_id)
+        cdef struct_stat st
+        cdef int pfd
+        if found == NULL:
+            return None
+        parent = <object>found
+        if parent.kind != S_IFDIR_BITS or parent.fd < 0 or not self._rd_gate(parent):
+            return None
+        pfd = parent.fd
+        if (fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 and S_ISREG(st.st_mode) and st.st_nlink <= 1
+                and <uint64_t>st.st_blocks * 512 > self._fast_drop_bytes):
+            found = PyDict_GetItem(self._by_key, (<unsigned long long>st.st_dev, <unsigned long long>st.st_ino))
+            if found == NULL or (<object>found).fd < 0 or (<object>found).gone:
+                return None
+        if unlinkat(pfd, name, AT_REMOVEDIR if is_dir else 0) != 0:
+            return _host_errno("RMDIR" if is_dir else "UNLINK", parent_id, errno)
+        return 0
 
     cdef Py_ssize_t _setattr(self, const unsigned char *request, Py_ssize_t blen, unsigned char *reply,
                              Py_ssize_t room) except? -2:
@@ -658,15 +711,8 @@ cdef class PassthroughResponder:
         return OUT_HEADER + CREATE_BODY
 
     cdef Py_ssize_t _create_error(self, uint64_t unique, uint64_t parent_id, int err, unsigned char *reply):
-        """A failed CREATE's reply, logged as the backend's _inline_errno
-        logs it (ENOENT not at all, EEXIST at DEBUG, others at INFO)."""
-        if err == 0:
-            err = EIO
-        if err == EEXIST or err == ENOTEMPTY:
-            _log.debug("CREATE nodeid=%d -> %s", parent_id, _errno_name(err))
-        elif err != ENOENT:
-            _log.info("CREATE nodeid=%d -> %s", parent_id, _errno_name(err))
-        _store_out_header(reply, OUT_HEADER, -err, unique)
+        """A failed CREATE's reply (see :func:`_host_errno`)."""
+        _store_out_header(reply, OUT_HEADER, -_host_errno("CREATE", parent_id, err), unique)
         return OUT_HEADER
 
     cdef object _readdir_body(self, const unsigned char *request, Py_ssize_t n, Py_ssize_t room):

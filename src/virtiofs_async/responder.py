@@ -224,6 +224,7 @@ class PassthroughResponder:
         readdir_host: tuple[Any, ...] | None = None,
         tables: tuple[Any, ...] | None = None,
         close_host: Callable[[Any], bool] | None = None,
+        remove_host: int | None = None,
     ) -> None:
         # handles (fh -> handle: fd, nowait_read, inline_write, closed),
         # read_max and write_max serve the compiled twin's READ and WRITE,
@@ -255,7 +256,11 @@ class PassthroughResponder:
         # always calls them. close_host (the backend's gate for an inode's
         # filesystem), with tables, lets the compiled twin make FLUSH's and
         # RELEASE's closes and table updates as ``flush`` and ``release``
-        # make them; this twin always calls those.
+        # make them; this twin always calls those. remove_host (the
+        # largest file whose last link the backend removes inline), with
+        # readdir_host's gate, lets the compiled twin make UNLINK's and
+        # RMDIR's checks and unlinkat as ``remove`` makes them; this twin
+        # always calls ``remove``.
         self._inodes = inodes
         self._by_key = by_key
         self._entry_valid = split_timeout(entry_timeout)

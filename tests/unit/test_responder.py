@@ -1830,8 +1830,14 @@ def open_req(nodeid: int, flags: int, directory: bool = False, unique: int = 19,
     return request(OPENDIR if directory else OPEN, nodeid, abi.fuse_open_in.pack(flags, 0), unique, **kw)
 
 
-def _removing(fs: PassthroughFS, cls: type) -> Any:
-    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, remove=fs._remove_inline)
+def _removing(fs: PassthroughFS, cls: type, host_calls: bool = False) -> Any:
+    """A responder answering UNLINK and RMDIR through the backend's
+    ``remove`` callback, or (``host_calls``) with the checks and unlinkat
+    the compiled twin makes itself (given as the backend gives them)."""
+    return cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True, remove=fs._remove_inline,
+               readdir=fs._readdir_inline if host_calls else None, handles=fs._handles if host_calls else None,
+               readdir_host=fs._readdir_host_config() if host_calls else None,
+               remove_host=None if not host_calls or fs.readonly else passthrough._FAST_DROP_BYTES)
 
 
 def _opening(fs: PassthroughFS, cls: type) -> Any:
@@ -1843,16 +1849,22 @@ def _host_state(m: Mount) -> tuple[Any, ...]:
     return listing, m.fs.held_fds(), m.counts(), dict(m.fs._handles)
 
 
-def test_unlink_and_rmdir_at_the_queue_do_what_the_full_path_does(tmp_path: Any) -> None:
+def test_unlink_and_rmdir_at_the_queue_do_what_the_full_path_does(tmp_path: Any, monkeypatch: Any) -> None:
     """Each twin removes a file and an empty directory as the full path
     would (the inode the guest still knows stays in the tables until its
-    FORGET), and answers a failing removal with the full path's bytes."""
+    FORGET), and answers a failing removal with the full path's bytes; the
+    compiled one given remove_host without the backend's callback."""
     root = _fresh(tmp_path, "remove")
     m = Mount(root)
     try:
         fs = m.fs
-        for k, cls in enumerate(_twins()):
-            r = _removing(fs, cls)
+        calls: list[bytes] = []
+        real = fs._remove_inline
+        monkeypatch.setattr(fs, "_remove_inline", lambda parent, name, is_dir: calls.append(name)
+                            or real(parent, name, is_dir))
+        for k, (cls, host_calls) in enumerate(_readers(fs)):
+            r = _removing(fs, cls, host_calls)
+            calls.clear()
             open(os.path.join(root, f"file-{k}"), "wb").close()
             os.mkdir(os.path.join(root, f"dir-{k}"))
             known = m.lookup_via_session(abi.FUSE_ROOT_ID, b"file-%d" % k)
@@ -1874,6 +1886,8 @@ def test_unlink_and_rmdir_at_the_queue_do_what_the_full_path_does(tmp_path: Any)
                 assert mine == abi.fuse_out_header.pack(16, -err, 17), (req, mine)
                 assert _host_state(m) == state
                 assert m.full(req)[1] == mine
+            compiled_host = host_calls and cls is not pure.PassthroughResponder
+            assert len(calls) == (0 if compiled_host else 6), calls  # the 2 removals and the 4 failures
     finally:
         m.close()
 
@@ -1888,8 +1902,8 @@ def test_what_unlink_and_rmdir_at_the_queue_leave_to_the_full_path(tmp_path: Any
         with open(os.path.join(root, "large"), "wb") as f:
             f.truncate(passthrough._FAST_DROP_BYTES * 2)
             os.posix_fallocate(f.fileno(), 0, passthrough._FAST_DROP_BYTES * 2)
-        for cls in _twins():
-            r = _removing(fs, cls)
+        for cls, host_calls in _readers(fs):
+            r = _removing(fs, cls, host_calls)
             state = _host_state(m)
             for name in (b".", b"..", b"a/b", b"x" * 256, b"a\0b", b""):
                 assert r.respond(remove_req(abi.FUSE_ROOT_ID, name), 16) is None, name
@@ -1904,8 +1918,8 @@ def test_what_unlink_and_rmdir_at_the_queue_leave_to_the_full_path(tmp_path: Any
                 p.setattr(passthrough, "_on_block_device", lambda dev: False)  # namespace calls in the pool
                 assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
             with monkeypatch.context() as p:
-                p.setattr(fs, "readonly", True)
-                assert r.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
+                p.setattr(fs, "readonly", True)  # (a responder is made for a share as it is)
+                assert _removing(fs, cls, host_calls).respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
             without = cls(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
             assert without.respond(remove_req(abi.FUSE_ROOT_ID, b"f"), 16) is None
             assert _host_state(m) == state

@@ -878,7 +878,7 @@ class PassthroughFS(Operations):
             open=self._open_inline, mkdir=self._mkdir_inline, proc_fd=-1 if self.readonly else self._proc_fd,
             create_host=self._create_host_config(),
             readdir_host=self._readdir_host_config(), tables=self._tables_config() if lookups else None,
-            close_host=self._fast_namespace,
+            close_host=self._fast_namespace, remove_host=None if self.readonly else _FAST_DROP_BYTES,
         )
 
     def _create_host_config(self) -> tuple[Any, ...] | None:
