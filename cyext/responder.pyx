@@ -759,7 +759,7 @@ cdef class PassthroughResponder:
         same records (``pack_raw_dirents`` with the ``remapped`` table), the
         handle's ``dir_*`` state left as the callback leaves it. The body,
         or None for the full path (which also answers the errors)."""
-        cdef Py_ssize_t remaining = size, start, end, count, n
+        cdef Py_ssize_t remaining = size, start, end, count
         cdef uint64_t dotdot
         cdef int64_t pos = <int64_t>offset, last
         h = self._dir_handle(fh, offset)
