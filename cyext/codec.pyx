@@ -52,7 +52,9 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove, memset
 
-from vfa_hotpath cimport vfa_ld16, vfa_ld32, vfa_ld64, vfa_reserve, vfa_st32, vfa_st64
+from vfa_hotpath cimport (
+    vfa_ld16, vfa_ld32, vfa_ld64, vfa_name_len, vfa_put_dirent, vfa_raw_record, vfa_reserve, vfa_st32, vfa_st64,
+)
 
 import types
 
@@ -850,8 +852,11 @@ cdef inline bint _store_dirent(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t 
     vfa_st64(p + 8, off)
     vfa_st32(p + 16, <uint32_t>n)
     vfa_st32(p + 20, typ)
+    if need - 8 >= 24:
+        vfa_st64(p + need - 8, 0)  # the padding (at most 7 bytes) zeroed, then the name over its start
+    else:
+        memset(p + 24 + n, 0, need - 24 - n)
     memcpy(p + 24, name, n)
-    memset(p + 24 + n, 0, need - 24 - n)
     return True
 
 
@@ -919,23 +924,23 @@ def pack_host_dirents(entries, Py_ssize_t start, Py_ssize_t room, known, dev, do
 
 
 cdef Py_ssize_t _raw_record(const unsigned char *p, Py_ssize_t length, Py_ssize_t pos,
-                            Py_ssize_t *name_len) except -1:
+                            Py_ssize_t *name_len, int *slash) except -1:
     """Check the getdents64 record of ``p[:length]`` at ``pos`` as the pure
-    twin's ``_raw_dirent`` does (the same ValueErrors); its length, and its
-    name's in ``name_len``."""
+    twin's ``_raw_dirent`` does (the same ValueErrors); its length, its
+    name's in ``name_len``, and ``slash`` set when that name holds a '/'.
+    (The loops take ``vfa_raw_record``'s answer and come here for its -1.)"""
     cdef uint16_t rec16
-    cdef Py_ssize_t reclen
-    cdef const unsigned char *nul
+    cdef Py_ssize_t reclen, n
     if length - pos < 19:
         raise ValueError(f"truncated getdents64 record at {pos}")
     memcpy(&rec16, p + pos + 16, 2)
     reclen = rec16
     if reclen <= 19 or pos + reclen > length:
         raise ValueError(f"getdents64 record at {pos} has length {reclen}")
-    nul = <const unsigned char *>memchr(p + pos + 19, 0, reclen - 19)
-    if nul == NULL:
+    n = vfa_name_len(p + pos + 19, reclen - 19, length - pos - 19, slash)
+    if n < 0:
         raise ValueError(f"getdents64 record at {pos} has no NUL-terminated name")
-    name_len[0] = nul - (p + pos + 19)
+    name_len[0] = n
     return reclen
 
 
@@ -949,6 +954,7 @@ def scan_raw_dirents(raw, off):
     cdef const unsigned char *p
     cdef Py_ssize_t length, pos = 0, after = -1, reclen, n
     cdef int64_t want, last = -1, d_off
+    cdef int slash = 0
     cdef bint any_want = True
     if not (PyBytes_CheckExact(raw) and PyLong_CheckExact(off)):
         return _pure_scan_raw_dirents(raw, off)
@@ -960,7 +966,9 @@ def scan_raw_dirents(raw, off):
     p = <const unsigned char *>PyBytes_AS_STRING(raw)
     length = PyBytes_GET_SIZE(raw)
     while pos < length:
-        reclen = _raw_record(p, length, pos, &n)
+        reclen = vfa_raw_record(p, length, pos, &n, &slash)
+        if reclen < 0:
+            reclen = _raw_record(p, length, pos, &n, &slash)
         memcpy(&d_off, p + pos + 8, 8)
         last = d_off
         pos += reclen
@@ -983,6 +991,7 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
     cdef const char *cname
     cdef Py_ssize_t length, pos, reclen, n, need, used = 0, count = 0, cap = 8192
     cdef unsigned char *buf
+    cdef unsigned char *out
     cdef uint64_t ino = 0, d_ino, c_dot = 0, c_dotdot = 0
     cdef int64_t d_off, last = -1
     cdef dict table
@@ -993,6 +1002,7 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
     cdef uint64_t small[_SMALL_TABLE]
     cdef Py_ssize_t nsmall = -1, j
     cdef bint maybe
+    cdef int slash
     if not (PyBytes_CheckExact(raw) and PyDict_CheckExact(known) and 0 <= start
             and _as_u64(dot, &c_dot) and _as_u64(dotdot, &c_dotdot)):
         return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
@@ -1016,12 +1026,15 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
     try:
         pos = start
         while pos < length:
-            reclen = _raw_record(p, length, pos, &n)
-            need = (24 + n + 7) & ~7
+            slash = 0
+            reclen = vfa_raw_record(p, length, pos, &n, &slash)
+            if reclen < 0:
+                reclen = _raw_record(p, length, pos, &n, &slash)
+            need = 24 + ((n + 7) & ~7)
             if used + need > room:
                 break
             cname = <const char *>(p + pos + 19)
-            if n == 0 or n > 1024 or memchr(cname, 0x2F, n) != NULL:
+            if n == 0 or n > 1024 or slash:
                 raise ValueError(f"invalid directory entry name {PyBytes_FromStringAndSize(cname, n)[:64]!r}")
             memcpy(&d_ino, p + pos, 8)
             memcpy(&d_off, p + pos + 8, 8)
@@ -1031,6 +1044,8 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
                 ino = c_dot
             elif c_dotdot and n == 2 and cname[0] == 0x2E and cname[1] == 0x2E:
                 ino = c_dotdot
+            elif nsmall == 0:
+                ino = d_ino  # no inode of ``dev`` in the table
             else:
                 maybe = nsmall < 0
                 for j in range(nsmall if nsmall > 0 else 0):
@@ -1042,8 +1057,10 @@ def pack_raw_dirents(raw, Py_ssize_t start, Py_ssize_t room, known, dev, dot, do
                     ino = d_ino
                 elif not _as_u64(node.nodeid, &ino):
                     return _pure_pack_raw_dirents(raw, start, room, known, dev, dot, dotdot)
-            if not _store_dirent(&buf, &cap, used, need, ino, <uint64_t>d_off, p[pos + 18], cname, n):
+            out = vfa_reserve(&buf, &cap, used, need)
+            if out == NULL:
                 raise MemoryError()
+            vfa_put_dirent(out, need, ino, <uint64_t>d_off, p[pos + 18], p + pos + 19, n, length - pos - 19)
             used += need
             count += 1
             last = d_off

@@ -16,7 +16,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
@@ -40,6 +40,7 @@ from vfa_hotpath cimport (
     VFA_RESPONDER_CAPSULE,
     VFA_RESPONDER_IOV_MAX,
     VFA_RESPONDER_REPLY_MAX,
+    vfa_name_len,
     vfa_reserve,
     vfa_scatter,
     vfa_ld16,
@@ -229,9 +230,10 @@ cdef inline void _store_out_header(unsigned char *p, uint32_t length, int error,
 cdef inline bint _component(const unsigned char *name, Py_ssize_t nlen) noexcept:
     """Whether ``name`` (``nlen`` bytes, its NUL after them) is a single
     component other than ``.`` and ``..`` (the pure twin's _component)."""
+    cdef int slash = 0
     if nlen < 1 or nlen > NAME_MAX:
         return False
-    if memchr(name, 0, nlen) != NULL or memchr(name, ord('/'), nlen) != NULL:
+    if vfa_name_len(name, nlen, nlen, &slash) >= 0 or slash:
         return False
     return not (name[0] == ord('.') and (nlen == 1 or (nlen == 2 and name[1] == ord('.'))))
 
@@ -1378,19 +1380,18 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
 def getdents_raw(int fd, offset, Py_ssize_t bufsize=32768):
     """See :func:`virtiofs_async.backends._hostfs.getdents_raw` (the
     contract): one getdents64 call without ctypes. The bytes after each
-    record's name are zeros (the kernel leaves them as the buffer had them)."""
+    record's name are zeros: the buffer starts zeroed, and the kernel writes
+    each record's header, name and NUL, never its padding."""
     cdef long n
     cdef off_t off
     cdef char *buf
-    cdef Py_ssize_t pos = 0, reclen
-    cdef const char *nul
     if bufsize <= 0:
         raise ValueError("bufsize must be positive")
     if offset is not None:
         off = offset
         if lseek(fd, off, 0) < 0:
             PyErr_SetFromErrno(OSError)
-    buf = <char *>PyMem_Malloc(bufsize)
+    buf = <char *>PyMem_Calloc(1, bufsize)
     if buf == NULL:
         raise MemoryError()
     try:
@@ -1398,17 +1399,6 @@ def getdents_raw(int fd, offset, Py_ssize_t bufsize=32768):
             n = syscall(SYS_getdents64, fd, buf, <size_t>bufsize)
         if n < 0:
             PyErr_SetFromErrno(OSError)
-        # zero each record's padding (linux_dirent64: d_reclen at 16, the
-        # name from 19); a malformed record is left to the parsers to refuse
-        while pos + 19 < n:
-            reclen = (<unsigned char>buf[pos + 16]) | (<unsigned char>buf[pos + 17]) << 8
-            if reclen < 20 or pos + reclen > n:
-                break
-            nul = <const char *>memchr(buf + pos + 19, 0, reclen - 19)
-            if nul == NULL:
-                break
-            memset(<char *>nul, 0, buf + pos + reclen - nul)
-            pos += reclen
         return PyBytes_FromStringAndSize(buf, n)
     finally:
         PyMem_Free(buf)

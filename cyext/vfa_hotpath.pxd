@@ -57,3 +57,11 @@ cdef extern from "vfa_hotpath.h" nogil:
     void vfa_scatter(const iovec *iov, int count, const unsigned char *src, Py_ssize_t n)
     # room for ``need`` more bytes in a PyMem buffer (NULL: out of memory)
     unsigned char *vfa_reserve(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t used, Py_ssize_t need)
+    # a NUL-terminated name's length (-1: no NUL in ``avail`` bytes); ``slash`` set on a '/'
+    Py_ssize_t vfa_name_len(const unsigned char *name, Py_ssize_t avail, Py_ssize_t readable, int *slash)
+    # a getdents64 record's length (-1: malformed), its name's, a '/' in it
+    Py_ssize_t vfa_raw_record(const unsigned char *p, Py_ssize_t length, Py_ssize_t pos, Py_ssize_t *name_len,
+                              int *slash)
+    # one fuse_dirent of ``need`` = 24 + round8(n) bytes, zero padded
+    void vfa_put_dirent(unsigned char *out, Py_ssize_t need, uint64_t ino, uint64_t off, uint32_t typ,
+                        const unsigned char *name, Py_ssize_t n, Py_ssize_t readable)

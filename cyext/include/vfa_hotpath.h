@@ -174,4 +174,98 @@ static inline unsigned char *vfa_reserve(unsigned char **buf, Py_ssize_t *cap, P
     }
     return *buf + used;
 }
+/* -- directory entry names ---------------------------------------------------
+ * The length of the NUL-terminated name at ``name``: the index of its first
+ * NUL byte among the first ``avail`` bytes, or -1 when there is none there.
+ * ``*slash`` is set to 1 when a '/' comes before that NUL (left alone
+ * otherwise). ``readable`` (>= ``avail``) bytes may be read from ``name``:
+ * eight at a time while that many remain, so a short name costs a word or
+ * two instead of a library call. The lowest byte flagged by the zero-byte
+ * test below is always a real match (its false positives sit above one). */
+static inline Py_ssize_t vfa_name_len(const unsigned char *name, Py_ssize_t avail, Py_ssize_t readable, int *slash)
+{
+    Py_ssize_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    const uint64_t slashes = 0x2F2F2F2F2F2F2F2FULL;
+    while (i < avail && i + 8 <= readable) {
+        uint64_t v, x, zero, sl;
+        memcpy(&v, name + i, 8);
+        x = v ^ slashes;
+        zero = (v - ones) & ~v & highs;
+        sl = (x - ones) & ~x & highs;
+        if (zero) {
+            Py_ssize_t k = (Py_ssize_t)(__builtin_ctzll(zero) >> 3);
+            if (i + k >= avail)
+                return -1;
+            if (sl && (Py_ssize_t)(__builtin_ctzll(sl) >> 3) < k)
+                *slash = 1;
+            return i + k;
+        }
+        if (sl)
+            *slash = 1;  /* a real '/' in this word: the name has one, or no NUL in reach */
+        i += 8;
+    }
+#endif
+    for (; i < avail; i++) {
+        if (name[i] == 0)
+            return i;
+        if (name[i] == '/')
+            *slash = 1;
+    }
+    return -1;
+}
+/* -- getdents64 records to fuse_dirents ----------------------------------------
+ * The host-endian linux_dirent64 record of ``p[:length]`` at ``pos``: its
+ * length, its name's (up to the first NUL) in ``*name_len``, ``*slash`` set
+ * on a '/' in that name; -1 when the record is cut short, overruns the data
+ * or has no NUL (the caller's full check then says which). */
+static inline Py_ssize_t vfa_raw_record(const unsigned char *p, Py_ssize_t length, Py_ssize_t pos,
+                                        Py_ssize_t *name_len, int *slash)
+{
+    uint16_t rec;
+    Py_ssize_t reclen, n;
+    if (length - pos < 19)
+        return -1;
+    memcpy(&rec, p + pos + 16, 2);
+    reclen = rec;
+    if (reclen <= 19 || pos + reclen > length)
+        return -1;
+    n = vfa_name_len(p + pos + 19, reclen - 19, length - pos - 19, slash);
+    if (n < 0)
+        return -1;
+    *name_len = n;
+    return reclen;
+}
+
+/* Write one fuse_dirent of ``need`` = 24 + round8(n) bytes at ``out``: the
+ * name's n bytes, then zeros to the end. The name is copied a word at a
+ * time when ``readable`` bytes may be read from ``name`` (round8(n) needed),
+ * the bytes after the name in the last word cleared. */
+static inline void vfa_put_dirent(unsigned char *out, Py_ssize_t need, uint64_t ino, uint64_t off, uint32_t typ,
+                                  const unsigned char *name, Py_ssize_t n, Py_ssize_t readable)
+{
+    Py_ssize_t span = need - 24;
+    vfa_st64(out, ino);
+    vfa_st64(out + 8, off);
+    vfa_st32(out + 16, (uint32_t)n);
+    vfa_st32(out + 20, typ);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (span <= readable) {
+        uint64_t v;
+        for (Py_ssize_t i = 0; i < span; i += 8) {
+            memcpy(&v, name + i, 8);
+            memcpy(out + 24 + i, &v, 8);
+        }
+        if (n & 7) {
+            memcpy(&v, out + need - 8, 8);
+            v &= (1ULL << (8 * (n & 7))) - 1;  /* the low bytes are the name's */
+            memcpy(out + need - 8, &v, 8);
+        }
+        return;
+    }
+#endif
+    memset(out + 24 + n, 0, (size_t)(span - n));
+    memcpy(out + 24, name, (size_t)n);
+}
 #endif /* VFA_HOTPATH_H */

@@ -1218,9 +1218,12 @@ def test_pack_host_dirents_of_a_real_directory(tmp_path) -> None:
         assert len(pages) > 2
 
 
-def _linux_dirent64(ino: int, off: int, dtype: int, name: bytes) -> bytes:
-    reclen = (19 + len(name) + 1 + 7) & ~7
-    return struct.pack("=QqHB", ino, off, reclen, dtype) + name + b"\0" * (reclen - 19 - len(name))
+def _linux_dirent64(ino: int, off: int, dtype: int, name: bytes, junk: bytes = b"") -> bytes:
+    """One record; ``junk`` after the name's NUL (where the kernel leaves
+    the buffer's old bytes), then zeros to the 8-byte boundary."""
+    reclen = (19 + len(name) + 1 + len(junk) + 7) & ~7
+    after = (junk + bytes(reclen))[:reclen - 20 - len(name)]
+    return struct.pack("=QqHB", ino, off, reclen, dtype) + name + b"\0" + after
 
 
 @st.composite
@@ -1240,7 +1243,10 @@ def raw_dirent_batches(draw):
         off = draw(st.integers(0, 2**63 - 1) | st.sampled_from([-1, 5]))
         rec = (ino, off, draw(st.integers(0, 15)), draw(names))
         recs.append(rec)
-        raw += _linux_dirent64(*rec)
+        # bytes after the NUL: not the name's (a '/' there is no error),
+        # and not copied into the packed record's zero padding
+        junk = draw(st.sampled_from([b""] * 6 + [b"\xff" * 7, b"/", b"\x01/\xff", b"\xfe" * 12]))
+        raw += _linux_dirent64(*rec, junk)
         bounds.append(len(raw))
     tail = draw(st.sampled_from(["none"] * 8 + ["cut", "reclen", "nonul"]))
     if tail == "cut" and raw:
@@ -1275,8 +1281,10 @@ def test_raw_dirent_twins_agree(case) -> None:
     scanned = outcome(codec.scan_raw_dirents, raw, want)
     same_outcome(scanned, outcome(_cy_codec.scan_raw_dirents, raw, want))
     bounds = [0]
-    for r in recs:
-        bounds.append(bounds[-1] + len(_linux_dirent64(*r)))
+    pos = 0
+    for _ in recs:
+        pos += struct.unpack_from("=H", raw, pos + 16)[0] if pos + 18 <= len(raw) else 0
+        bounds.append(pos)
     clean = len(raw) == bounds[-1]
     if scanned[0] == "ok" and clean:
         after, last = scanned[1]
