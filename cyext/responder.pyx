@@ -16,7 +16,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
@@ -42,6 +42,7 @@ from vfa_hotpath cimport (
     VFA_RESPONDER_REPLY_MAX,
     vfa_name_len,
     vfa_reserve,
+    vfa_zero_span,
     vfa_scatter,
     vfa_ld16,
     vfa_ld32,
@@ -1380,18 +1381,22 @@ cdef Py_ssize_t _respond_c(object self, const unsigned char *request, Py_ssize_t
 def getdents_raw(int fd, offset, Py_ssize_t bufsize=32768):
     """See :func:`virtiofs_async.backends._hostfs.getdents_raw` (the
     contract): one getdents64 call without ctypes. The bytes after each
-    record's name are zeros: the buffer starts zeroed, and the kernel writes
-    each record's header, name and NUL, never its padding."""
+    record's name are zeros (the kernel leaves them as the buffer had them):
+    each record's NUL found a word at a time, the padding after it (within
+    the record's last word for the kernel's records) cleared."""
     cdef long n
     cdef off_t off
     cdef char *buf
+    cdef unsigned char *p
+    cdef Py_ssize_t pos = 0, reclen, k
+    cdef int slash = 0
     if bufsize <= 0:
         raise ValueError("bufsize must be positive")
     if offset is not None:
         off = offset
         if lseek(fd, off, 0) < 0:
             PyErr_SetFromErrno(OSError)
-    buf = <char *>PyMem_Calloc(1, bufsize)
+    buf = <char *>PyMem_Malloc(bufsize)
     if buf == NULL:
         raise MemoryError()
     try:
@@ -1399,6 +1404,18 @@ def getdents_raw(int fd, offset, Py_ssize_t bufsize=32768):
             n = syscall(SYS_getdents64, fd, buf, <size_t>bufsize)
         if n < 0:
             PyErr_SetFromErrno(OSError)
+        # zero each record's padding (linux_dirent64: d_reclen at 16, the
+        # name from 19); a malformed record is left to the parsers to refuse
+        p = <unsigned char *>buf
+        while pos + 19 < n:
+            reclen = p[pos + 16] | p[pos + 17] << 8
+            if reclen < 20 or pos + reclen > n:
+                break
+            k = vfa_name_len(p + pos + 19, reclen - 19, n - pos - 19, &slash)
+            if k < 0:
+                break
+            vfa_zero_span(p + pos, 20 + k, reclen)  # from the byte after the NUL
+            pos += reclen
         return PyBytes_FromStringAndSize(buf, n)
     finally:
         PyMem_Free(buf)

@@ -62,6 +62,8 @@ cdef extern from "vfa_hotpath.h" nogil:
     # a getdents64 record's length (-1: malformed), its name's, a '/' in it
     Py_ssize_t vfa_raw_record(const unsigned char *p, Py_ssize_t length, Py_ssize_t pos, Py_ssize_t *name_len,
                               int *slash)
+    # zero rec[from:size] (size >= 8)
+    void vfa_zero_span(unsigned char *rec, Py_ssize_t from_, Py_ssize_t size)
     # one fuse_dirent of ``need`` = 24 + round8(n) bytes, zero padded
     void vfa_put_dirent(unsigned char *out, Py_ssize_t need, uint64_t ino, uint64_t off, uint32_t typ,
                         const unsigned char *name, Py_ssize_t n, Py_ssize_t readable)

@@ -268,4 +268,23 @@ static inline void vfa_put_dirent(unsigned char *out, Py_ssize_t need, uint64_t 
     memset(out + 24 + n, 0, (size_t)(span - n));
     memcpy(out + 24, name, (size_t)n);
 }
+/* Zero ``rec[from:size]`` of a record of ``size`` >= 8 bytes: one masked
+ * word when that span lies within the last eight bytes (a kernel record's
+ * padding after its name's NUL always does), else memset. */
+static inline void vfa_zero_span(unsigned char *rec, Py_ssize_t from, Py_ssize_t size)
+{
+    if (from >= size)
+        return;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (size - from <= 8 && size >= 8) {
+        uint64_t v;
+        int keep = (int)(8 - (size - from));  /* the word's low bytes, before ``from`` */
+        memcpy(&v, rec + size - 8, 8);
+        v = keep ? v & ((1ULL << (8 * keep)) - 1) : 0;
+        memcpy(rec + size - 8, &v, 8);
+        return;
+    }
+#endif
+    memset(rec + from, 0, (size_t)(size - from));
+}
 #endif /* VFA_HOTPATH_H */

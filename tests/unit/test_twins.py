@@ -1499,14 +1499,16 @@ def test_getdents_raw_twins_agree(tmp_path) -> None:
             assert _hostfs.parse_raw(got[0]) == _hostfs.parse_raw(got[1])
         ends = [g(fd, 0x7FFFFFFFFFFFFFFF, 4096) for g, fd in zip(twins, fds)]
         assert ends == [b"", b""]
-        # zero padding in the compiled one (its buffer is fresh each call)
-        raw = _cy_responder.getdents_raw(fds[0], 0, 32768)
-        pos = 0
-        while pos < len(raw):
-            reclen = struct.unpack_from("<H", raw, pos + 16)[0]
-            name_end = raw.index(b"\0", pos + 19)
-            assert raw[name_end:pos + reclen] == bytes(pos + reclen - name_end)
-            pos += reclen
+        # zero padding in the compiled one, also when its buffer is the
+        # block an earlier call freed (records at other positions then)
+        for offset in (0, middle, 0):
+            raw = _cy_responder.getdents_raw(fds[0], offset, 32768)
+            pos = 0
+            while pos < len(raw):
+                reclen = struct.unpack_from("<H", raw, pos + 16)[0]
+                name_end = raw.index(b"\0", pos + 19)
+                assert raw[name_end:pos + reclen] == bytes(pos + reclen - name_end)
+                pos += reclen
         # errors: a bad fd, a file, a buffer too small for one record
         with open(tmp_path / "name-0000-", "rb") as f:
             for fd, err in ((-1, errno.EBADF), (f.fileno(), errno.ENOTDIR), (fds[0], errno.EINVAL)):
