@@ -848,15 +848,7 @@ cdef inline bint _store_dirent(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t 
     cdef unsigned char *p = vfa_reserve(buf, cap, used, need)
     if p == NULL:
         return False
-    vfa_st64(p, ino)
-    vfa_st64(p + 8, off)
-    vfa_st32(p + 16, <uint32_t>n)
-    vfa_st32(p + 20, typ)
-    if need - 8 >= 24:
-        vfa_st64(p + need - 8, 0)  # the padding (at most 7 bytes) zeroed, then the name over its start
-    else:
-        memset(p + 24 + n, 0, need - 24 - n)
-    memcpy(p + 24, name, n)
+    vfa_put_dirent(p, need, ino, off, typ, <const unsigned char *>name, n, 0)
     return True
 
 

@@ -337,11 +337,6 @@ cdef class PassthroughResponder:
                  int proc_fd=-1, create_host=None, readdir_host=None, tables=None, close_host=None,
                  remove_host=None):
         self._proc_fd = proc_fd
-        # remove_host: the largest file whose last link goes inline (with readdir_host's gate)
-        self._remove_host_ok = remove_host is not None and remove is not None and readdir_host is not None \
-            and readdir is not None and handles is not None
-        if self._remove_host_ok:
-            self._fast_drop_bytes = remove_host
         # close_host: the backend's gate for an inode's filesystem (with tables and the handles)
         self._close_gate = close_host if tables is not None and adopt is not None and drop is not None \
             and handles is not None and flush is not None and release is not None else None
@@ -354,6 +349,10 @@ cdef class PassthroughResponder:
         if self._readdir_host_ok:
             (self._rd_gate, self._rd_remapped, self._rd_root, self._rd_read_min, self._rd_ahead, self._rd_plus_min,
              self._rd_record_cls) = readdir_host
+        # remove_host: the largest file whose last link goes inline (with readdir_host's gate)
+        self._remove_host_ok = remove_host is not None and remove is not None and self._readdir_host_ok
+        if self._remove_host_ok:
+            self._fast_drop_bytes = remove_host
         # create_host: (created, allowed, switching, handles_umask, gate)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
