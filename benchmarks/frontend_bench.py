@@ -434,9 +434,18 @@ class BenchResult:
     failures: list[str]
 
 
+def run_order(variants: Sequence[Variant], run_no: int) -> list[Variant]:
+    """The variants in run ``run_no``'s order (from 1): rotated by one each
+    run, so that no daemon always follows the same one (each session
+    inherits the page cache and writeback the one before it left)."""
+    k = (run_no - 1) % len(variants) if variants else 0
+    return [*variants[k:], *variants[:k]]
+
+
 def measure(cfg: Config, log: Callable[[str], None] = print, *, keep_dir: Path | None = None) -> BenchResult:
-    """Run ``cfg.runs`` interleaved rounds over ``cfg.variants``. A session
-    that fails is logged and recorded in ``failures``; the others go on."""
+    """Run ``cfg.runs`` interleaved rounds over ``cfg.variants`` (see
+    :func:`run_order`). A session that fails is logged and recorded in
+    ``failures``; the others go on."""
     chosen = variants(cfg.variants)
     rows = {name: Row("frontend", name, unit, True) for name, unit, _ in WORKLOADS if cfg.runs_workload(name)}
     rss = Row("frontend", "daemon peak RSS (VmHWM)", "MiB", False)
@@ -448,7 +457,7 @@ def measure(cfg: Config, log: Callable[[str], None] = print, *, keep_dir: Path |
     root = Path(tempfile.mkdtemp(prefix="vfa-fbench-", dir=keep_dir or "/tmp"))
     try:
         for run_no in range(1, cfg.runs + 1):
-            for variant in chosen:
+            for variant in run_order(chosen, run_no):
                 workdir = root / f"run{run_no}-{variant.name}"
                 workdir.mkdir()
                 started = time.monotonic()

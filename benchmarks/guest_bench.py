@@ -1,16 +1,17 @@
-"""Guest-level benchmark: a Linux guest (QEMU, TCG) working on a virtio-fs
-share served by QEMU's C virtiofsd, the Rust virtiofsd and ours.
+"""Guest-level benchmark: a Linux guest (QEMU, TCG) working on virtio-fs
+shares served by QEMU's C virtiofsd, the Rust virtiofsd and ours.
 
-Each boot gets two virtio-fs devices: ``root``, the host's ``/`` read-only
-(QEMU's C virtiofsd, ``cache=always``, in a private mount namespace), into
-which the guest chroots to run the host's ``python3``, ``fio`` and ``tar``;
-and ``fs0``, a fresh empty host directory served by the daemon under test
-(``cache=auto``) and mounted on ``/mnt`` inside the chroot.  The guest side
-of this file (``--guest-plan``, standard library only) runs the phases of a
-plan written by the host, drops the guest's caches before each one (``sync;
-echo 3 > /proc/sys/vm/drop_caches``) and prints one ``BENCH {json}`` line per
-phase on the guest's results channel (ttyS1); the host parses them (fio's
-own JSON output included).
+One guest serves every daemon: it boots with ``root``, the host's ``/``
+read-only (QEMU's C virtiofsd, ``cache=always``, in a private mount
+namespace), into which it chroots to run the host's ``python3``, ``fio``
+and ``tar``, and one device per daemon under test (tag ``fs-DAEMON``), each
+serving a fresh empty host directory (``cache=auto``), mounted on
+``/mnt/DAEMON`` inside the chroot.  The guest side of this file
+(``--guest-plan``, standard library only) runs the phases of a plan written
+by the host, drops the guest's caches before each measurement (``sync; echo
+3 > /proc/sys/vm/drop_caches``) and prints one ``BENCH {json}`` line per
+phase, daemon and round on the guest's results channel (ttyS1); the host
+parses them (fio's own JSON output included).
 
 Phases: fio sequential write then read (1 MiB blocks, MiB/s); fio 4 KiB
 random read then random write (psync, O_DIRECT so that every I/O is one
@@ -22,8 +23,11 @@ readdir counts listed entries per second); extracting an uncompressed
 tarball of the Python standard library with GNU tar (seconds, copied into
 the guest's RAM before the phase).
 
-Runs are interleaved (run 1 of c, rust, ours; run 2 ...), one boot per
-daemon per run.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
+Runs are rounds, interleaved phase by phase in the one guest: round 1
+runs fio on c, rust, ours, then meta on c, rust, ours, ...; each round
+rotates the daemons' order (round 2 starts with rust), so that every daemon
+is measured next to the others, under the same host load and guest state,
+and none is always first.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
 [--full] [--runs N]`` prints the table.
 """
 from __future__ import annotations
@@ -56,14 +60,38 @@ PHASES: tuple[str, ...] = ("fio", "meta", "untar")
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 STDLIB = Path("/usr/lib/python3.11")
 GUEST_PYTHON = "/usr/bin/python3"
-#: Inside the guest's chroot (the host's root): where the daemon under test
-#: is mounted, and the guest's own RAM (a bind of the initramfs's tmpfs).
+#: Inside the guest's chroot (the host's root): a tmpfs holding a mount
+#: point per daemon under test (``/mnt/DAEMON``), and the guest's own RAM
+#: (a bind of the initramfs's tmpfs).
 GUEST_MOUNT = "/mnt"
 GUEST_TMP = "/tmp"
-SEQ_FILE = "seq.dat"
-META_DIR = "meta"
-UNTAR_DIR = "untar"
 MIB = 1 << 20
+
+
+def seq_file(round_no: int) -> str:
+    """The fio file of round ``round_no`` (from 1), in each daemon's share."""
+    return f"seq-{round_no}.dat"
+
+
+def untar_dir(round_no: int) -> str:
+    """The extraction directory of round ``round_no``."""
+    return f"untar-{round_no}"
+
+
+def meta_dir(round_no: int) -> str:
+    """The metadata phase's directory of round ``round_no`` (removed by it)."""
+    return f"meta-{round_no}"
+
+
+def device_tag(daemon: str) -> str:
+    """The virtio-fs tag of ``daemon``'s device."""
+    return f"fs-{daemon}"
+
+
+def daemon_order(daemons: Sequence[str], round_no: int) -> list[str]:
+    """The daemons in round ``round_no``'s order: rotated by one each round."""
+    k = (round_no - 1) % len(daemons)
+    return [*daemons[k:], *daemons[:k]]
 
 
 class GuestBenchError(RuntimeError):
@@ -153,8 +181,10 @@ def _drop_guest_caches() -> None:
         f.write("3")
 
 
-def _emit(record: Mapping[str, Any]) -> None:
-    print("BENCH " + json.dumps(record, separators=(",", ":")), flush=True)
+def _emit(phase: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """One ``BENCH`` line: ``record`` tagged with ``phase``'s daemon and round."""
+    tagged = {**record, "daemon": phase["daemon"], "round": phase["round"]}
+    print("BENCH " + json.dumps(tagged, separators=(",", ":")), flush=True)
 
 
 def _guest_fio(phase: Mapping[str, Any]) -> None:
@@ -163,7 +193,7 @@ def _guest_fio(phase: Mapping[str, Any]) -> None:
     # cwd: fio writes each job's exec_prerun output there.
     subprocess.run(phase["argv"], check=True, stdout=subprocess.DEVNULL, cwd=GUEST_TMP)
     with open(phase["output"]) as f:
-        _emit({"key": phase["key"], "fio": json.load(f)})
+        _emit(phase, {"key": "fio", "fio": json.load(f)})
 
 
 def _guest_meta(phase: Mapping[str, Any]) -> None:
@@ -177,13 +207,13 @@ def _guest_meta(phase: Mapping[str, Any]) -> None:
     start = time.perf_counter()
     for path in paths:
         os.close(os.open(path, flags, 0o644))
-    _emit({"key": "create", "seconds": time.perf_counter() - start, "ops": count})
+    _emit(phase, {"key": "create", "seconds": time.perf_counter() - start, "ops": count})
 
     _drop_guest_caches()
     start = time.perf_counter()
     for path in paths:
         os.stat(path)
-    _emit({"key": "stat", "seconds": time.perf_counter() - start, "ops": count})
+    _emit(phase, {"key": "stat", "seconds": time.perf_counter() - start, "ops": count})
 
     listed, seconds = 0, 0.0
     for _ in range(phase["readdir_passes"]):
@@ -194,13 +224,13 @@ def _guest_meta(phase: Mapping[str, Any]) -> None:
         if len(names) != count:
             raise RuntimeError(f"readdir listed {len(names)} entries, created {count}")
         listed += len(names)
-    _emit({"key": "readdir", "seconds": seconds, "ops": listed})
+    _emit(phase, {"key": "readdir", "seconds": seconds, "ops": listed})
 
     _drop_guest_caches()
     start = time.perf_counter()
     for path in paths:
         os.unlink(path)
-    _emit({"key": "unlink", "seconds": time.perf_counter() - start, "ops": count})
+    _emit(phase, {"key": "unlink", "seconds": time.perf_counter() - start, "ops": count})
     os.rmdir(directory)
 
 
@@ -211,7 +241,7 @@ def _guest_untar(phase: Mapping[str, Any]) -> None:
     subprocess.run(phase["warmup"], check=True, stdout=subprocess.DEVNULL)
     start = time.perf_counter()
     subprocess.run(phase["argv"], check=True)
-    _emit({"key": "untar", "seconds": time.perf_counter() - start})
+    _emit(phase, {"key": "untar", "seconds": time.perf_counter() - start})
 
 
 def _guest_sha256(phase: Mapping[str, Any]) -> None:
@@ -220,7 +250,7 @@ def _guest_sha256(phase: Mapping[str, Any]) -> None:
     with open(phase["path"], "rb") as f:
         while chunk := f.read(MIB):
             digest.update(chunk)
-    _emit({"key": "sha256", "path": phase["path"], "sha256": digest.hexdigest()})
+    _emit(phase, {"key": "sha256", "path": phase["path"], "sha256": digest.hexdigest()})
 
 
 _GUEST_PHASES: dict[str, Callable[[Mapping[str, Any]], None]] = {
@@ -235,7 +265,8 @@ def guest_main(plan_path: str) -> int:
     with open(plan_path) as f:
         plan = json.load(f)
     for phase in plan["phases"]:
-        print(f"# phase {phase['key']}", flush=True)  # diagnostics: the host stamps lines
+        # diagnostics (the host stamps lines), and the order, for the tests
+        print(f"# phase {phase['kind']} {phase['daemon']} {phase['round']}", flush=True)
         _GUEST_PHASES[phase["kind"]](phase)
     print("BENCH-END", flush=True)
     return 0
@@ -253,20 +284,20 @@ FIO_JOBS: tuple[tuple[str, str, str, bool], ...] = (
     ("rand_read", "randread", "4k", True),
     ("rand_write", "randwrite", "4k", True),
 )
-FIO_OUTPUT = f"{GUEST_TMP}/fio.json"
 DROP_CACHES_SH = "sync; echo 3 > /proc/sys/vm/drop_caches"
 
 
-def fio_argv(sizes: Sizes) -> list[str]:
+def fio_argv(sizes: Sizes, filename: str, output: str) -> list[str]:
     """One fio command running :data:`FIO_JOBS` one after the other
-    (``stonewall``), each on the fio file and preceded by a drop of the
-    guest's caches (``exec_prerun``).  One process: fio links ~60 shared
-    libraries, and loading them again after each drop costs seconds under
-    TCG.  Random jobs use O_DIRECT and run ``sizes.random_seconds``."""
+    (``stonewall``), each on ``filename`` (a new file) and preceded by a
+    drop of the guest's caches (``exec_prerun``); JSON results in
+    ``output``.  One process: fio links ~60 shared libraries, and loading
+    them again after each drop costs seconds under TCG.  Random jobs use
+    O_DIRECT and run ``sizes.random_seconds``."""
     argv = [
-        "fio", f"--filename={GUEST_MOUNT}/{SEQ_FILE}", f"--size={sizes.seq_mib}M",
+        "fio", f"--filename={filename}", f"--size={sizes.seq_mib}M",
         "--ioengine=psync", "--fallocate=none", f"--exec_prerun=sh -c '{DROP_CACHES_SH}'",
-        "--output-format=json", f"--output={FIO_OUTPUT}",
+        "--output-format=json", f"--output={output}",
     ]
     for i, (name, rw, block, random_io) in enumerate(FIO_JOBS):
         argv += [f"--name={name}", f"--rw={rw}", f"--bs={block}"]
@@ -279,20 +310,37 @@ def fio_argv(sizes: Sizes) -> list[str]:
     return argv
 
 
-def make_plan(sizes: Sizes, phases: Sequence[str] = PHASES) -> list[dict[str, Any]]:
-    """The guest's ``phases`` (and the checksum), in order (JSON-serialisable)."""
-    untar_dir = f"{GUEST_MOUNT}/{UNTAR_DIR}"
-    plan: list[dict[str, Any]] = [
-        {"kind": "fio", "key": "fio", "output": FIO_OUTPUT, "argv": fio_argv(sizes)},
-        {"kind": "meta", "key": "meta", "dir": f"{GUEST_MOUNT}/{META_DIR}",
-         "files": sizes.files, "readdir_passes": sizes.readdir_passes},
-        {"kind": "untar", "key": "untar", "dir": untar_dir, "warmup": ["tar", "--version"],
-         "argv": ["tar", "-xf", f"{GUEST_TMP}/stdlib.tar", "-C", untar_dir]},
-    ]
-    plan = [phase for phase in plan if phase["kind"] in phases]
+def _phase(kind: str, sizes: Sizes, daemon: str, round_no: int) -> dict[str, Any]:
+    """Phase ``kind`` of round ``round_no`` on ``daemon``'s share."""
+    mount = f"{GUEST_MOUNT}/{daemon}"
+    where = {"daemon": daemon, "round": round_no}
+    if kind == "fio":
+        output = f"{GUEST_TMP}/fio-{daemon}-{round_no}.json"
+        return {"kind": "fio", **where, "output": output,
+                "argv": fio_argv(sizes, f"{mount}/{seq_file(round_no)}", output)}
+    if kind == "meta":
+        return {"kind": "meta", **where, "dir": f"{mount}/{meta_dir(round_no)}", "files": sizes.files,
+                "readdir_passes": sizes.readdir_passes}
+    if kind == "untar":
+        target = f"{mount}/{untar_dir(round_no)}"
+        return {"kind": "untar", **where, "dir": target, "warmup": ["tar", "--version"],
+                "argv": ["tar", "-xf", f"{GUEST_TMP}/stdlib.tar", "-C", target]}
+    return {"kind": "sha256", **where, "path": f"{mount}/{seq_file(round_no)}"}
+
+
+def make_plan(sizes: Sizes, phases: Sequence[str] = PHASES, daemons: Sequence[str] = DAEMONS,
+              rounds: int = 1) -> list[dict[str, Any]]:
+    """The guest's phases in run order (JSON-serialisable): for each round,
+    each of ``phases`` (:data:`PHASES` order) on every daemon in the
+    round's :func:`daemon_order`, then (``sizes.checksum``) the checksums
+    of the round's fio files."""
+    kinds = [kind for kind in PHASES if kind in phases]
     if sizes.checksum and "fio" in phases:
-        plan.append({"kind": "sha256", "key": "sha256", "path": f"{GUEST_MOUNT}/{SEQ_FILE}"})
-    return plan
+        kinds.append("sha256")
+    return [_phase(kind, sizes, daemon, round_no)
+            for round_no in range(1, rounds + 1)
+            for kind in kinds
+            for daemon in daemon_order(list(daemons), round_no)]
 
 
 @dataclass(frozen=True)
@@ -348,33 +396,43 @@ def host_tree(root: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-#: The guest's command (busybox sh, run by the init once both shares are
-#: mounted: the host's / on /host, the daemon under test on /host/mnt).
+#: Where the init mounts each daemon's share (``/vfs/DAEMON``) before the
+#: command binds it into the chroot.
+INIT_MOUNTS = "/vfs"
+
+#: The guest's command (busybox sh, run by the init once the shares are
+#: mounted: the host's / on /host, each daemon's on /vfs/DAEMON, bound on
+#: /host/mnt/DAEMON over a tmpfs: the host's /mnt is read-only).
 GUEST_COMMAND = """set -u
 mount -t proc proc /host/proc || exit 90
 mount -t devtmpfs devtmpfs /host/dev || exit 91
 cp {tarball} /tmp/stdlib.tar || exit 92
 cp /bench/guest_bench.py /bench/plan.json /tmp/ || exit 93
 mount -o bind /tmp /host/tmp || exit 94
+mount -t tmpfs -o size=1m tmpfs /host/mnt || exit 95
+for d in {daemons}; do
+  mkdir /host/mnt/$d && mount -o bind {init_mounts}/$d /host/mnt/$d || exit 96
+done
 chroot /host {python} -S /tmp/guest_bench.py --guest-plan /tmp/plan.json
 rc=$?
-umount /host/mnt || echo "# umount /host/mnt failed"
-umount /host/tmp /host/dev /host/proc
+for d in {daemons}; do umount /host/mnt/$d || echo "# umount /host/mnt/$d failed"; done
+umount /host/mnt /host/tmp /host/dev /host/proc
 exit $rc
 """
 
 
-def guest_command(tarball: Path) -> str:
-    return GUEST_COMMAND.format(tarball=shlex.quote(f"/host{tarball}"), python=GUEST_PYTHON)
+def guest_command(tarball: Path, daemons: Sequence[str]) -> str:
+    return GUEST_COMMAND.format(tarball=shlex.quote(f"/host{tarball}"), python=GUEST_PYTHON,
+                                daemons=" ".join(shlex.quote(d) for d in daemons), init_mounts=INIT_MOUNTS)
 
 
 def build_guest_image(path: Path, kernel: "KernelAssets", plan: list[dict[str, Any]],
-                      tarball: Path) -> Path:
-    """The initramfs: mounts both shares, runs :func:`guest_command`."""
+                      tarball: Path, daemons: Sequence[str]) -> Path:
+    """The initramfs: mounts the shares, runs :func:`guest_command`."""
     from virtiofs_async.testing.vm import build_initramfs, make_init_script
 
-    init = make_init_script(kernel.module_names, [("root", "/host"), ("fs0", "/host/mnt")],
-                            guest_command(tarball), clock_sync=False)
+    mounts = [("root", "/host"), *[(device_tag(d), f"{INIT_MOUNTS}/{d}") for d in daemons]]
+    init = make_init_script(kernel.module_names, mounts, guest_command(tarball, daemons), clock_sync=False)
     files = {
         **kernel.initramfs_files(),
         "/bench/guest_bench.py": Path(__file__).resolve().read_bytes(),
@@ -430,30 +488,31 @@ def daemon_env() -> dict[str, str]:
 
 @dataclass
 class BootOutcome:
-    """One boot against one daemon.  ``values``: workload key -> value (in
-    the unit of :func:`workloads`); ``records``: the guest's ``BENCH``
-    records by key (fio's JSON under ``"fio"``); ``shared_dir``: the host
-    directory the daemon served (deleted after the ``inspect`` callback);
-    ``lines``: the guest's ttyS1 lines, each with its host arrival time."""
+    """One daemon's part of a boot.  ``values[r]``: round r+1's workload
+    key -> value (in the unit of :func:`workloads`); ``records[r]``: round
+    r+1's ``BENCH`` records by key (fio's JSON under ``"fio"``);
+    ``shared_dir``: the host directory the daemon served (deleted after the
+    ``inspect`` callback); ``duration``: the boot's; ``lines``: the guest's
+    ttyS1 lines (every daemon's), each with its host arrival time."""
 
     daemon: str
-    run_index: int
     shared_dir: Path
     duration: float
-    records: dict[str, dict[str, Any]]
-    values: dict[str, float]
+    records: list[dict[str, dict[str, Any]]]
+    values: list[dict[str, float]]
     lines: tuple["TranscriptLine", ...] = ()
 
 
-def parse_records(transcript: str) -> dict[str, dict[str, Any]]:
-    """The ``BENCH {json}`` lines of a transcript by key; raises
-    :class:`GuestBenchError` unless the guest reached ``BENCH-END``."""
-    records: dict[str, dict[str, Any]] = {}
+def parse_records(transcript: str) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
+    """The ``BENCH {json}`` lines of a transcript by (daemon, round), then
+    by key; raises :class:`GuestBenchError` unless the guest reached
+    ``BENCH-END``."""
+    records: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     ended = False
     for line in transcript.splitlines():
         if line.startswith("BENCH "):
             record = json.loads(line[6:])
-            records[record["key"]] = record
+            records.setdefault((record["daemon"], record["round"]), {})[record["key"]] = record
         elif line == "BENCH-END":
             ended = True
     if not ended:
@@ -502,41 +561,61 @@ def _tail(text: str, chars: int = 3000) -> str:
     return text if len(text) <= chars else "[...]\n" + text[-chars:]
 
 
-def boot_once(daemon: str, run_index: int, kernel: "KernelAssets", initrd: Path,
-              argv: DaemonArgv, base: Path, sizes: Sizes, shared: Path | None = None,
-              phases: Sequence[str] = PHASES) -> BootOutcome:
-    """Boot one guest against ``daemon`` (serving a fresh ``shared``,
-    default ``base/shared``), return its measurements.  Raises :class:`GuestBenchError` on any failure
-    (the message carries the guest's transcript and the daemon's log)."""
+def boot(daemons: Sequence[str], rounds: int, kernel: "KernelAssets", initrd: Path,
+         argvs: Mapping[str, DaemonArgv], base: Path, shared: Mapping[str, Path], sizes: Sizes,
+         phases: Sequence[str] = PHASES) -> list[BootOutcome]:
+    """Boot one guest with a device per daemon of ``daemons`` (each serving
+    its fresh ``shared[daemon]``, started by ``argvs[daemon]``) that runs
+    ``rounds`` rounds of the plan; return each daemon's measurements.
+    Raises :class:`GuestBenchError` on any failure (the message carries the
+    guest's transcript and the daemons' logs)."""
     from virtiofs_async.testing.vm import (
         GuestVM, GuestVMError, VirtioFsDaemon, VirtioFsDevice,
     )
 
-    shared = base / "shared" if shared is None else shared
     ro = base / "ro"
-    shared.mkdir(parents=True)
-    shared.chmod(0o755)
-    ro.mkdir()
-    what = f"guest bench, {daemon}, run {run_index + 1}"
+    ro.mkdir(parents=True)
+    for directory in shared.values():
+        directory.mkdir(parents=True)
+        directory.chmod(0o755)
     # AF_UNIX paths are limited to 108 bytes: sockets go in a short directory.
-    with tempfile.TemporaryDirectory(prefix="vfs-gb-") as sockdir:
-        root_sock, sock = Path(sockdir, "root.sock"), Path(sockdir, "fs0.sock")
+    with tempfile.TemporaryDirectory(prefix="vfs-gb-") as sockdir, contextlib.ExitStack() as stack:
+        root_sock = Path(sockdir, "root.sock")
         root_d = VirtioFsDaemon(rootfs_argv(root_sock, ro), root_sock, log_path=base / "root.log")
-        test_d = VirtioFsDaemon(argv(sock, shared), sock, log_path=base / f"{daemon}.log",
-                                cwd=base, env=daemon_env(), start_timeout=30.0)
-        vm = GuestVM(kernel, initrd, [VirtioFsDevice(root_sock, "root"), VirtioFsDevice(sock, "fs0")],
-                     timeout=sizes.boot_timeout, workdir=base / "vm")
+        socks = {d: Path(sockdir, f"{d}.sock") for d in daemons}
+        tested = {d: VirtioFsDaemon(argvs[d](socks[d], shared[d]), socks[d], log_path=base / f"{d}.log",
+                                    cwd=base, env=daemon_env(), start_timeout=30.0) for d in daemons}
+        devices = [VirtioFsDevice(root_sock, "root"), *[VirtioFsDevice(socks[d], device_tag(d)) for d in daemons]]
+        # a boot's bound: the per-daemon round's, for every round and daemon
+        vm = GuestVM(kernel, initrd, devices, timeout=sizes.boot_timeout * rounds * len(daemons),
+                     workdir=base / "vm")
+
+        def logs() -> str:
+            return "".join(f"\n--- {d} daemon log ---\n{_tail(t.log())}" for d, t in tested.items())
+
         try:
-            with root_d, test_d:
-                result = vm.run(watch=[root_d, test_d])
-                test_d.wait(10)
+            stack.enter_context(root_d)
+            for daemon in tested.values():
+                stack.enter_context(daemon)
+            result = vm.run(watch=[root_d, *tested.values()])
+            for daemon in tested.values():
+                daemon.wait(10)
+            stack.close()
             result.check()
             records = parse_records(result.transcript)
-            values = values_of(records, sizes, phases)
+            outcomes = []
+            for d in daemons:
+                per_round = [records.get((d, r), {}) for r in range(1, rounds + 1)]
+                values = []
+                for r, got in enumerate(per_round, 1):
+                    try:
+                        values.append(values_of(got, sizes, phases))
+                    except GuestBenchError as exc:
+                        raise GuestBenchError(f"{d}, round {r}: {exc}") from None
+                outcomes.append(BootOutcome(d, shared[d], result.duration, per_round, values, result.lines))
         except (GuestVMError, GuestBenchError) as exc:
-            raise GuestBenchError(f"{what}: {exc}\n--- {daemon} daemon log ---\n"
-                                  f"{_tail(test_d.log())}") from None
-    return BootOutcome(daemon, run_index, shared, result.duration, records, values, result.lines)
+            raise GuestBenchError(f"guest bench: {exc}{logs()}") from None
+    return outcomes
 
 
 def _prefixed(argv: DaemonArgv, prefix: Sequence[str], **names: object) -> DaemonArgv:
@@ -548,26 +627,41 @@ def _prefixed(argv: DaemonArgv, prefix: Sequence[str], **names: object) -> Daemo
 
 
 def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, DaemonArgv],
-                      plan: list[dict[str, Any]], tarball: Tarball, sizes: Sizes) -> list[str]:
+                      plan: list[dict[str, Any]], tarball: Tarball, sizes: Sizes, daemons: Sequence[str],
+                      rounds: int) -> list[str]:
     """The exact command lines of a run (sockets, directories and QEMU's
-    serial files as placeholders)."""
+    serial files as placeholders), and the order of its phases."""
     from virtiofs_async.testing.vm import GuestVM, VirtioFsDevice
 
     vm = GuestVM(kernel, initrd, [VirtioFsDevice("<root.sock>", "root"),
-                                  VirtioFsDevice("<fs0.sock>", "fs0")], timeout=sizes.boot_timeout)
+                                  *[VirtioFsDevice(f"<{d}.sock>", device_tag(d)) for d in daemons]],
+                 timeout=sizes.boot_timeout)
     lines = [
         "guest: qemu: " + shlex.join(vm.command(Path("<console.log>"), Path("<ttyS1.sock>"))),
         "guest: host / read-only for the guest's chroot: "
         + shlex.join(rootfs_argv("<root.sock>", "<empty-dir>")),
     ]
-    lines.append(f"guest: each boot's shared directory: <fresh-shared-dir> = shared/ in a fresh ext4 "
-                 f"({shlex.join(MKFS_EXT4)} on a sparse {fresh_fs_mib(sizes)} MiB image, mount -o loop)")
-    lines += [f"guest: daemon {name}: " + shlex.join(argv("<fs0.sock>", "<fresh-shared-dir>"))
-              for name, argv in argvs.items()]
-    lines.append("guest: init (busybox sh, root on /host, fs0 on /host/mnt): "
-                 + "; ".join(guest_command(tarball.path).strip().splitlines()[:-1]))
+    lines.append(f"guest: each daemon's shared directory: <fresh-shared-dir> = shared/ in a fresh ext4 "
+                 f"({shlex.join(MKFS_EXT4)} on a sparse {fresh_fs_mib(sizes, rounds)} MiB image, mount -o loop)")
+    lines += [f"guest: daemon {name}: " + shlex.join(argvs[name](f"<{name}.sock>", "<fresh-shared-dir>"))
+              for name in daemons]
+    lines.append(f"guest: init (busybox sh, root on /host, each daemon's share on {INIT_MOUNTS}/DAEMON): "
+                 + "; ".join(guest_command(tarball.path, daemons).strip().splitlines()[:-1]))
     lines.append(f"guest: before each phase: {DROP_CACHES_SH}")
+    for round_no in range(1, rounds + 1):
+        steps: list[str] = []
+        for phase in plan:
+            if phase["round"] == round_no:
+                if steps and steps[-1].startswith(phase["kind"] + " on "):
+                    steps[-1] += f", {phase['daemon']}"
+                else:
+                    steps.append(f"{phase['kind']} on {phase['daemon']}")
+        lines.append(f"guest: round {round_no}: " + "; ".join(steps))
+    described: set[str] = set()
     for phase in plan:
+        if phase["kind"] in described or phase["daemon"] != daemons[0]:
+            continue
+        described.add(phase["kind"])
         if phase["kind"] == "fio":
             lines.append("guest: (cwd /tmp) " + shlex.join(phase["argv"]))
         elif phase["kind"] == "meta":
@@ -583,6 +677,8 @@ def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, 
                          f"{'' if sizes.pycache else ' without __pycache__'}, in guest RAM)")
         elif phase["kind"] == "sha256":
             lines.append(f"guest: python3: sha256 of {phase['path']} (untimed)")
+    lines.append(f"guest: (the other daemons' and rounds' phases: the same in {GUEST_MOUNT}/DAEMON, "
+                 "with the round's number in the file and directory names)")
     return lines
 
 
@@ -609,9 +705,10 @@ def check_host() -> None:
         raise GuestBenchError(f"missing {', '.join(missing)}: run scripts/setup-system.sh as root")
 
 
-def fresh_fs_mib(sizes: Sizes) -> int:
-    """Size of the sparse image of each boot's fresh filesystem."""
-    return max(1024, 4 * sizes.seq_mib + 512)
+def fresh_fs_mib(sizes: Sizes, rounds: int) -> int:
+    """Size of the sparse image of each daemon's fresh filesystem (a fio
+    file per round)."""
+    return max(1024, (rounds + 2) * sizes.seq_mib + 512)
 
 
 #: mkfs.ext4 options of each boot's fresh filesystem: inode tables and
@@ -621,11 +718,12 @@ MKFS_EXT4 = ("mkfs.ext4", "-q", "-F", "-N", "65536", "-E", "lazy_itable_init=0,l
 
 
 @contextlib.contextmanager
-def fresh_filesystem(directory: Path, sizes: Sizes, log: Callable[[str], None]) -> Iterator[Path]:
-    """A new ext4 filesystem mounted at ``directory`` for one boot (a sparse
-    image next to it, loop-mounted; unmounted and deleted at the end), so
-    that every daemon works on the same fresh filesystem whatever ran
-    before (ext4's create and unlink costs depend on its recent history).
+def fresh_filesystem(directory: Path, size_mib: int, log: Callable[[str], None]) -> Iterator[Path]:
+    """A new ext4 filesystem of ``size_mib`` mounted at ``directory`` for
+    one daemon of a boot (a sparse image next to it, loop-mounted;
+    unmounted and deleted at the end), so that each daemon works on a fresh
+    filesystem of its own whatever ran before (ext4's create and unlink
+    costs depend on its recent history).
     Without root, mkfs.ext4 or a loop device: ``directory`` on the root
     filesystem, said in the log."""
     directory.mkdir(parents=True)
@@ -633,7 +731,7 @@ def fresh_filesystem(directory: Path, sizes: Sizes, log: Callable[[str], None]) 
     mounted = False
     try:
         with open(image, "wb") as f:
-            f.truncate(fresh_fs_mib(sizes) * MIB)
+            f.truncate(size_mib * MIB)
         subprocess.run([*MKFS_EXT4, str(image)], check=True, capture_output=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=True, capture_output=True)
         mounted = True
@@ -665,19 +763,20 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
         workdir: Path | None = None, daemons: Sequence[str] = DAEMONS, phases: Sequence[str] = PHASES,
         inspect: Callable[[BootOutcome], None] | None = None,
         daemon_prefix: Sequence[str] = ()) -> tuple[list["Row"], list[str]]:
-    """The guest level: ``runs`` interleaved rounds of one boot per daemon
-    (:data:`DAEMONS` order).  Returns the rows (level ``"guest"``, one value
-    per run and daemon) and the exact command lines.
+    """The guest level: one boot serving every daemon, ``runs`` rounds of
+    the phases in it (see :func:`make_plan`).  Returns the rows (level
+    ``"guest"``, one value per round and daemon) and the exact command
+    lines.
 
     ``sizes`` overrides :data:`FULL` / :data:`QUICK`; ``workdir`` (on the
     root filesystem; default a fresh temporary directory, removed at the
-    end) holds the tarball, the image and each boot's shared directory;
-    ``inspect`` is called with each :class:`BootOutcome` before its shared
-    directory is removed; ``daemons`` and ``phases`` pick some of
+    end) holds the tarball, the image and each daemon's shared directory;
+    ``inspect`` is called with each daemon's :class:`BootOutcome` before its
+    shared directory is removed; ``daemons`` and ``phases`` pick some of
     :data:`DAEMONS` and :data:`PHASES`; ``daemon_prefix`` goes in front of
     every daemon's command line (a profiler, e.g. ``perf stat -o F --``), its
-    ``{daemon}`` and ``{run}`` replaced by the daemon's name and the run's
-    number.  Raises :class:`GuestBenchError` when a boot fails.
+    ``{daemon}`` and ``{run}`` replaced by the daemon's name and the boot's
+    number (1).  Raises :class:`GuestBenchError` when the boot fails.
     """
     from virtiofs_async.testing.vm import ensure_guest_kernel
 
@@ -687,6 +786,7 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
     unknown = sorted(set(daemons) - set(DAEMONS)) + sorted(set(phases) - set(PHASES))
     if unknown or not daemons or not phases:
         raise ValueError(f"daemons must come from {DAEMONS} and phases from {PHASES}: got {unknown or 'none'}")
+    chosen = [d for d in DAEMONS if d in daemons]
     sizes = sizes if sizes is not None else FULL if full else QUICK
     check_host()
     kernel = ensure_guest_kernel()
@@ -697,27 +797,29 @@ def run(full: bool, runs: int, log: Callable[[str], None], *, sizes: Sizes | Non
         if os.stat(work).st_dev != os.stat("/").st_dev:
             raise GuestBenchError(f"workdir {work} is not on the root filesystem")
         tarball = build_tarball(work / "stdlib.tar", sizes)
-        plan = make_plan(sizes, phases)
-        initrd = build_guest_image(work / "guest.cpio", kernel, plan, tarball.path)
+        plan = make_plan(sizes, phases, chosen, runs)
+        initrd = build_guest_image(work / "guest.cpio", kernel, plan, tarball.path, chosen)
         table = workloads(sizes, len(tarball.entries), phases)
         rows = {w.key: row_class(LEVEL, w.title, w.unit, w.higher_is_better) for w in table}
-        for run_index in range(runs):
-            for daemon in [d for d in DAEMONS if d in daemons]:
-                base = work / f"{daemon}-{run_index + 1}"
-                try:
-                    with fresh_filesystem(base / "fs", sizes, log) as fs:
-                        argv = _prefixed(argvs[daemon], daemon_prefix, daemon=daemon, run=run_index + 1)
-                        outcome = boot_once(daemon, run_index, kernel, initrd, argv, base, sizes,
-                                            shared=fs / "shared", phases=phases)
-                        for key, value in outcome.values.items():
-                            rows[key].add(daemon, value)
-                        log(f"guest {daemon} run {run_index + 1}/{runs} ({outcome.duration:.0f} s): "
-                            + ", ".join(f"{w.key} {outcome.values[w.key]:.4g} {w.unit}" for w in table))
-                        if inspect is not None:
-                            inspect(outcome)
-                finally:
-                    shutil.rmtree(base, ignore_errors=True)
-        commands = describe_commands(kernel, initrd, argvs, plan, tarball, sizes)
+        base = work / "boot"
+        try:
+            with contextlib.ExitStack() as stack:
+                shared = {d: stack.enter_context(fresh_filesystem(base / f"fs-{d}", fresh_fs_mib(sizes, runs), log))
+                          / "shared" for d in chosen}
+                started = {d: _prefixed(argvs[d], daemon_prefix, daemon=d, run=1) for d in chosen}
+                outcomes = boot(chosen, runs, kernel, initrd, started, base, shared, sizes, phases)
+                log(f"guest: one boot, {runs} round(s) of {', '.join(chosen)} ({outcomes[0].duration:.0f} s)")
+                for outcome in outcomes:
+                    for round_no, values in enumerate(outcome.values, 1):
+                        for key, value in values.items():
+                            rows[key].add(outcome.daemon, value)
+                        log(f"guest {outcome.daemon} round {round_no}/{runs}: "
+                            + ", ".join(f"{w.key} {values[w.key]:.4g} {w.unit}" for w in table))
+                    if inspect is not None:
+                        inspect(outcome)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        commands = describe_commands(kernel, initrd, argvs, plan, tarball, sizes, chosen, runs)
         if daemon_prefix:
             commands.append("guest: every daemon started under: " + shlex.join(daemon_prefix))
     finally:

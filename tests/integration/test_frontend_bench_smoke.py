@@ -90,11 +90,13 @@ def test_pattern_is_position_dependent(bench) -> None:  # type: ignore[no-untype
 
 
 def test_workloads_selects_the_rows_it_names(bench) -> None:  # type: ignore[no-untyped-def]
-    cfg = bench.Config(duration=0.05, warmup=0.02, span=2 << 20, runs=1, variants=("ours",),
+    cfg = bench.Config(duration=0.05, warmup=0.02, span=2 << 20, runs=3, variants=("ours", "ours-memfs"),
                        workloads=("GETATTR qd1", "READ 4"))
     assert [n for n, _u, _l in bench.WORKLOADS if cfg.runs_workload(n)] == ["GETATTR qd1", "READ 4 KiB qd16"]
     result = bench.measure(cfg, lambda line: None)
     assert result.failures == []
+    # interleaved runs, each rotating the order
+    assert [s.variant for s in result.sessions] == ["ours", "ours-memfs", "ours-memfs", "ours", "ours", "ours-memfs"]
     measured = {name for s in result.sessions for name in s.measurements}
     assert measured == {"GETATTR qd1", "READ 4 KiB qd16"}
     names = {row.workload for row in result.rows}

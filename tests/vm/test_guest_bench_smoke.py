@@ -1,9 +1,10 @@
 """Smoke test of the guest-level benchmark (benchmarks/guest_bench.py).
 
-One run at the benchmark's TINY sizes against QEMU's C virtiofsd, the Rust
-virtiofsd and ours (one boot each).  It checks that the benchmark works and
-that what the guest's workloads did reached the host: never a time or a
-speed, only that each was measured.
+Two rounds at the benchmark's TINY sizes against QEMU's C virtiofsd, the
+Rust virtiofsd and ours (one boot serving the three).  It checks that the
+benchmark works, that the rounds ran in their rotated order and that what
+the guest's workloads did reached the host: never a time or a speed, only
+that each was measured.
 """
 from __future__ import annotations
 
@@ -40,16 +41,26 @@ def sha256_of(path: Path) -> str:
 
 
 def host_side_problems(gb: ModuleType, outcome: Any, expected_tree: dict[str, tuple[str, int]]) -> list[str]:
-    """What is wrong with the files one boot left in its shared directory,
-    and with the guest's own reports about them."""
-    sizes = gb.TINY
-    shared: Path = outcome.shared_dir
-    records = outcome.records
+    """What is wrong with the files one daemon's rounds left in its shared
+    directory, and with the guest's own reports about them."""
+    rounds = len(outcome.records)
+    left = sorted(p.name for p in outcome.shared_dir.iterdir())
+    expected = sorted(name for r in range(1, rounds + 1) for name in (gb.seq_file(r), gb.untar_dir(r)))
     problems = []
-    left = sorted(p.name for p in shared.iterdir())
-    if left != sorted([gb.SEQ_FILE, gb.UNTAR_DIR]):
-        problems.append(f"shared dir holds {left} (the metadata phase unlinks its files and directory)")
-    seq = shared / gb.SEQ_FILE
+    if left != expected:
+        problems.append(f"shared dir holds {left}, not {expected} (the metadata phase unlinks its files "
+                        "and directory)")
+    for round_no, records in enumerate(outcome.records, 1):
+        problems += [f"round {round_no}: {problem}"
+                     for problem in round_problems(gb, outcome.shared_dir, round_no, records, expected_tree)]
+    return problems
+
+
+def round_problems(gb: ModuleType, shared: Path, round_no: int, records: dict[str, Any],
+                   expected_tree: dict[str, tuple[str, int]]) -> list[str]:
+    sizes = gb.TINY
+    problems = []
+    seq = shared / gb.seq_file(round_no)
     if not seq.is_file() or seq.stat().st_size != sizes.seq_mib * MIB:
         problems.append(f"{seq}: not a file of {sizes.seq_mib} MiB")
     elif records["sha256"]["sha256"] != sha256_of(seq):
@@ -64,7 +75,8 @@ def host_side_problems(gb: ModuleType, outcome: Any, expected_tree: dict[str, tu
             problems.append(f"{key}: {records[key]['ops']} operations, not {sizes.files}")
     if records["readdir"]["ops"] != sizes.files * sizes.readdir_passes:
         problems.append(f"readdir listed {records['readdir']['ops']} entries in all")
-    tree = gb.host_tree(shared / gb.UNTAR_DIR)
+    untarred = shared / gb.untar_dir(round_no)
+    tree = gb.host_tree(untarred)
     if tree != expected_tree:
         missing = sorted(set(expected_tree) - set(tree))[:5]
         extra = sorted(set(tree) - set(expected_tree))[:5]
@@ -74,7 +86,7 @@ def host_side_problems(gb: ModuleType, outcome: Any, expected_tree: dict[str, tu
     else:
         source_parent = gb.STDLIB.parent
         for name, (kind, _size) in expected_tree.items():
-            if kind == "f" and sha256_of(shared / gb.UNTAR_DIR / name) != sha256_of(source_parent / name):
+            if kind == "f" and sha256_of(untarred / name) != sha256_of(source_parent / name):
                 problems.append(f"untar: {name} differs from {source_parent / name}")
     return problems
 
@@ -87,45 +99,72 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     problems: dict[str, list[str]] = {}
     booted: list[str] = []
 
-    fresh: dict[str, bool] = {}
+    devices: dict[str, int] = {}
+    phase_lines: list[list[str]] = []
 
     def inspect(outcome: Any) -> None:
         booted.append(outcome.daemon)
         problems[outcome.daemon] = host_side_problems(gb, outcome, expected_tree)
-        # each boot's share lives in a filesystem of its own, made for it
-        fresh[outcome.daemon] = (os.stat(outcome.shared_dir).st_dev != os.stat(tmp_path).st_dev
-                                 and sorted(os.listdir(outcome.shared_dir.parent)) == ["lost+found", "shared"])
+        # each daemon's share lives in a filesystem of its own, made for it
+        devices[outcome.daemon] = os.stat(outcome.shared_dir).st_dev
+        assert sorted(os.listdir(outcome.shared_dir.parent)) == ["lost+found", "shared"]
+        phase_lines.append([line.text for line in outcome.lines if line.text.startswith("# phase ")])
 
-    rows, commands = gb.run(False, 1, print, sizes=gb.TINY, workdir=tmp_path, inspect=inspect)
+    rows, commands = gb.run(False, 2, print, sizes=gb.TINY, workdir=tmp_path, inspect=inspect)
 
     assert booted == list(gb.DAEMONS) == ["c", "rust", "ours"]
     assert {d: p for d, p in problems.items() if p} == {}
-    assert fresh == {d: True for d in gb.DAEMONS}
+    assert len(set(devices.values())) == 3 and os.stat(tmp_path).st_dev not in devices.values()
+    # One guest ran every phase, phase by phase, each round in its rotated order.
+    expected_order = [f"# phase {p['kind']} {p['daemon']} {p['round']}"
+                      for p in gb.make_plan(gb.TINY, gb.PHASES, gb.DAEMONS, 2)]
+    assert phase_lines == [expected_order] * 3
+    assert expected_order[:3] == ["# phase fio c 1", "# phase fio rust 1", "# phase fio ours 1"]
+    assert expected_order[12:15] == ["# phase fio rust 2", "# phase fio ours 2", "# phase fio c 2"]
     keys = [w.key for w in gb.workloads(gb.TINY, len(expected_tree))]
     assert len(rows) == len(keys) == 9
     for row in rows:
         assert row.level == "guest"
         for daemon in gb.DAEMONS:
             values = row.samples.get(daemon, [])
-            assert len(values) == 1 and values[0] > 0, (row.workload, daemon, values)
+            assert len(values) == 2 and all(v > 0 for v in values), (row.workload, daemon, values)
     assert f"({len(expected_tree)} entries)" in rows[-1].workload
     text = "\n".join(commands)
     for needle in ("qemu-system-x86_64", "-accel tcg,thread=multi", "/usr/lib/qemu/virtiofsd",
-                   "libexec/virtiofsd", "-m virtiofs_async", "fio --filename=/mnt/seq.dat",
+                   "libexec/virtiofsd", "-m virtiofs_async", "fio --filename=/mnt/c/seq-1.dat",
+                   "guest: round 2: fio on rust, ours, c; meta on rust, ours, c;",
                    "tar -xf /tmp/stdlib.tar", "mkfs.ext4", "mount -o loop"):
         assert needle in text, needle
     for daemon in gb.DAEMONS:
         assert any(line.startswith(f"guest: daemon {daemon}: ") for line in commands), daemon
-    # Every boot removed its shared directory and its filesystem.
+    # The boot removed the shared directories and their filesystems.
     assert all(str(tmp_path) not in line for line in open("/proc/self/mounts"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.tar", "guest.cpio", "stdlib.tar"]
 
 
 def test_phases_and_daemons_pick_plan_rows_and_boots(guest_bench: ModuleType) -> None:
     gb = guest_bench
-    assert [p["kind"] for p in gb.make_plan(gb.TINY)] == ["fio", "meta", "untar", "sha256"]
-    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["meta"])] == ["meta"]
-    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["untar", "fio"])] == ["fio", "untar", "sha256"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, daemons=["c"])] == ["fio", "meta", "untar", "sha256"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["meta"], ["c"])] == ["meta"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["untar", "fio"], ["c"])] == ["fio", "untar", "sha256"]
+    # rounds rotate the daemons' order; each phase of a round runs on all of them in turn
+    plan = gb.make_plan(gb.TINY, ["meta", "untar"], ["c", "ours"], rounds=3)
+    assert [(p["kind"], p["daemon"], p["round"]) for p in plan] == [
+        ("meta", "c", 1), ("meta", "ours", 1), ("untar", "c", 1), ("untar", "ours", 1),
+        ("meta", "ours", 2), ("meta", "c", 2), ("untar", "ours", 2), ("untar", "c", 2),
+        ("meta", "c", 3), ("meta", "ours", 3), ("untar", "c", 3), ("untar", "ours", 3)]
+    assert plan[4]["dir"] == "/mnt/ours/meta-2" and plan[7]["argv"][-1] == "/mnt/c/untar-2"
+    fio = gb.make_plan(gb.TINY, ["fio"], ["rust"], rounds=2)
+    assert [p["kind"] for p in fio] == ["fio", "sha256", "fio", "sha256"]
+    assert "--filename=/mnt/rust/seq-2.dat" in fio[2]["argv"] and fio[3]["path"] == "/mnt/rust/seq-2.dat"
+    assert fio[0]["output"] != fio[2]["output"]
+    # records parse by (daemon, round)
+    transcript = ('BENCH {"key":"stat","ops":5,"seconds":1.0,"daemon":"c","round":2}\n'
+                  'BENCH {"key":"stat","ops":5,"seconds":2.0,"daemon":"ours","round":2}\nBENCH-END\n')
+    parsed = gb.parse_records(transcript)
+    assert sorted(parsed) == [("c", 2), ("ours", 2)] and parsed[("ours", 2)]["stat"]["seconds"] == 2.0
+    with pytest.raises(gb.GuestBenchError, match="BENCH-END"):
+        gb.parse_records(transcript.replace("BENCH-END", ""))
     assert [w.key for w in gb.workloads(gb.TINY, 1, ["meta"])] == ["create", "stat", "readdir", "unlink"]
     assert [w.key for w in gb.workloads(gb.TINY, 1, ["fio"])] == ["seq_write", "seq_read", "rand_read",
                                                                     "rand_write"]
