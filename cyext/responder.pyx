@@ -204,21 +204,31 @@ cdef bint _store_attr(unsigned char *p, uint64_t nodeid, struct_stat *st, uint32
 cdef int _slice_iov(const iovec *src, int count, Py_ssize_t skip, Py_ssize_t want, iovec *out) noexcept:
     """Describe in ``out`` the ``want`` bytes of the buffers ``src`` that
     follow their first ``skip`` bytes (the caller checked they hold them);
-    returns how many entries of ``out`` it used (at most ``count``)."""
+    returns how many entries of ``out`` it used (at most ``count``).
+    Buffers that follow each other in the daemon's memory become one
+    entry (a guest's adjacent pages: fewer segments for the kernel to
+    walk in preadv/pwritev)."""
     cdef int i, k = 0
+    cdef unsigned char *base
+    cdef Py_ssize_t length
     for i in range(count):
         if want == 0:
             break
         if <Py_ssize_t>src[i].iov_len <= skip:
             skip -= src[i].iov_len
             continue
-        out[k].iov_base = <unsigned char *>src[i].iov_base + skip
-        out[k].iov_len = src[i].iov_len - skip
+        base = <unsigned char *>src[i].iov_base + skip
+        length = <Py_ssize_t>src[i].iov_len - skip
         skip = 0
-        if <Py_ssize_t>out[k].iov_len > want:
-            out[k].iov_len = want
-        want -= out[k].iov_len
-        k += 1
+        if length > want:
+            length = want
+        want -= length
+        if k and <unsigned char *>out[k - 1].iov_base + out[k - 1].iov_len == base:
+            out[k - 1].iov_len += <size_t>length
+        else:
+            out[k].iov_base = base
+            out[k].iov_len = <size_t>length
+            k += 1
     return k
 
 

@@ -18,8 +18,10 @@
 #   python3             the guest's chroot runs the host's /usr/bin/python3 (VM tests, guest
 #                       benchmark); its /usr/lib/python3.11 is also the untar workload's input
 #   e2fsprogs mount     benchmarks/guest_bench.py: a fresh ext4 (mkfs.ext4, mount -o loop)
-#                       for each boot's shared directory
+#                       for each daemon's shared directory
 #   valgrind            benchmarks/instructions.py: instructions per request (callgrind)
+#   strace              tests/integration/test_data_path_segments.py: the segments of the
+#                       daemon's preadv/pwritev calls
 set -euo pipefail
 
 if [[ ${EUID} -ne 0 ]]; then
@@ -45,6 +47,7 @@ PACKAGES=(
     e2fsprogs
     mount
     valgrind
+    strace
 )
 
 installed() {
