@@ -16,7 +16,10 @@ then FORGET of the READDIRPLUS entries), ``untar`` (what a guest's
 ``tar -x`` sends per file of a few KiB: GETATTR of the directory, LOOKUP
 of the new name (ENOENT), CREATE, two WRITEs, SETATTR of the mtime, of
 the owner and of the mode, FLUSH, RELEASE: 11 requests, each file a new
-one in a directory that grows).
+one in a directory that grows); and what a guest's metadata phase sends
+per file, each file one it has not seen (``create``: LOOKUP of the new
+name (ENOENT), CREATE, FLUSH, RELEASE, then the FORGET its cache drop
+sends; ``stat``: LOOKUP, FORGET; ``unlink``: LOOKUP, UNLINK, FORGET).
 
 Run: PYTHONPATH=src python benchmarks/instructions.py --op getattr --count 1000
 (add --callgrind-out FILE to keep the profile for callgrind_annotate).
@@ -38,7 +41,7 @@ from virtiofs_async.errors import FuseError
 from virtiofs_async.testing.client import FuseClient
 
 LIST_FILES = 500
-OPS = ("getattr", "lookup", "list", "untar")
+OPS = ("getattr", "lookup", "list", "untar", "create", "stat", "unlink")
 
 
 async def _listing(client: FuseClient, dnode: int) -> None:
@@ -61,8 +64,8 @@ async def _listing(client: FuseClient, dnode: int) -> None:
 _UNTAR_DATA = bytes(range(256)) * 10 + bytes(783)
 
 
-async def _untar_file(client: FuseClient, dnode: int, name: bytes) -> None:
-    await client.getattr(dnode)
+async def _lookup_absent(client: FuseClient, dnode: int, name: bytes) -> None:
+    """The LOOKUP a guest sends before it creates ``name`` (ENOENT)."""
     try:
         await client.lookup(dnode, name)
     except FuseError as exc:
@@ -70,6 +73,11 @@ async def _untar_file(client: FuseClient, dnode: int, name: bytes) -> None:
             raise
     else:
         raise AssertionError(f"{name!r} exists before its CREATE")
+
+
+async def _untar_file(client: FuseClient, dnode: int, name: bytes) -> None:
+    await client.getattr(dnode)
+    await _lookup_absent(client, dnode, name)
     created = await client.create(dnode, name, 0o600, os.O_WRONLY | os.O_EXCL)
     node, fh = created.entry.nodeid, created.open.fh
     await client.write(node, fh, 0, _UNTAR_DATA[:2560])
@@ -81,6 +89,20 @@ async def _untar_file(client: FuseClient, dnode: int, name: bytes) -> None:
         raise AssertionError(f"{name!r}: size {out.attr.size}, wrote {len(_UNTAR_DATA)}")
     await client.flush(node, fh)
     await client.release(node, fh, os.O_WRONLY)
+
+
+async def _meta_file(client: FuseClient, op: str, dnode: int, name: bytes) -> None:
+    if op == "create":
+        await _lookup_absent(client, dnode, name)
+        created = await client.create(dnode, name, 0o644, os.O_WRONLY | os.O_EXCL)
+        node, fh = created.entry.nodeid, created.open.fh
+        await client.flush(node, fh)
+        await client.release(node, fh, os.O_WRONLY)
+    else:
+        node = (await client.lookup(dnode, name)).nodeid
+        if op == "unlink":
+            await client.unlink(dnode, name)
+    await client.forget(node, 1)
 
 
 def _summary(path: Path) -> int:
@@ -99,6 +121,11 @@ async def measure(op: str, count: int, workdir: Path, out: Path | None = None, w
     listed.mkdir()
     for i in range(LIST_FILES):
         (listed / f"f{i:06d}").touch()
+    meta = share / "meta"
+    meta.mkdir()
+    if op in ("stat", "unlink"):
+        for i in range(warmup + count):
+            (meta / f"m{i:06d}").touch()
     sock = workdir / "vfs.sock"
     dump = workdir / "callgrind.out"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", sys.executable, "-m",
@@ -112,6 +139,7 @@ async def measure(op: str, count: int, workdir: Path, out: Path | None = None, w
             node = (await client.lookup(1, b"stat-target")).nodeid
             dnode = (await client.lookup(1, b"dir")).nodeid
             unode = (await client.mkdir(1, b"untar", 0o755)).nodeid
+            mnode = (await client.lookup(1, b"meta")).nodeid
             files = iter(range(1 << 30))
 
             async def one() -> None:
@@ -121,6 +149,8 @@ async def measure(op: str, count: int, workdir: Path, out: Path | None = None, w
                     await client.lookup(1, b"stat-target")
                 elif op == "untar":
                     await _untar_file(client, unode, b"f%06d.py" % next(files))
+                elif op in ("create", "stat", "unlink"):
+                    await _meta_file(client, op, mnode, b"m%06d" % next(files))
                 else:
                     await _listing(client, dnode)
 

@@ -56,6 +56,7 @@ from vfa_hotpath cimport (
 import errno as _errno_mod
 import logging as _logging
 import os as _os
+from _thread import allocate_lock as _allocate_lock
 
 from virtiofs_async.abi import fuse as _abi
 from virtiofs_async.codec import split_timeout
@@ -153,6 +154,13 @@ cdef uint32_t OP_OPEN = int(_abi.Opcode.OPEN)
 cdef uint32_t OP_OPENDIR = int(_abi.Opcode.OPENDIR)
 cdef uint32_t OP_MKDIR = int(_abi.Opcode.MKDIR)
 cdef int RWF_NOWAIT = getattr(_os, "RWF_NOWAIT", 8)
+cdef uint32_t O_ACCMODE_BITS = _os.O_ACCMODE
+cdef uint32_t O_RDONLY_BITS = _os.O_RDONLY
+cdef uint32_t O_DIRECT_BITS = _os.O_DIRECT
+# the backend's _WAITING_WRITES: writes that wait for the device
+cdef uint32_t O_WAITING_WRITES = _os.O_DIRECT | _os.O_SYNC | _os.O_DSYNC
+cdef uint32_t FOPEN_DIRECT_IO = _abi.FOPEN_DIRECT_IO
+cdef uint32_t FOPEN_KEEP_CACHE = _abi.FOPEN_KEEP_CACHE
 cdef uint64_t OFF_MAX = 0x7FFFFFFFFFFFFFFF
 cdef uint32_t ATTR_SUBMOUNT = _abi.FUSE_ATTR_SUBMOUNT
 cdef uint64_t NS = 1000000000
@@ -278,6 +286,134 @@ cdef int _host_errno(str what, uint64_t nodeid, int err):
     return err
 
 
+@cython.final
+@cython.freelist(64)
+cdef class HostInode:
+    """See :class:`virtiofs_async.responder.HostInode`. The same fields as C
+    members (the responder reads them without attribute lookups);
+    ``plocks`` and ``lock_pids`` are made on first use."""
+
+    cdef public uint64_t nodeid
+    cdef public tuple key
+    cdef public int kind
+    cdef public int fd
+    cdef public object handle
+    cdef public int mount_fd
+    cdef public long long lookups
+    cdef public long long opens
+    cdef public long long pins
+    cdef dict _plocks
+    cdef dict _lock_pids
+    cdef public bint gone
+
+    def __init__(self, uint64_t nodeid, tuple key, int kind, int fd, handle=None, int mount_fd=-1,
+                 long long lookups=0, long long opens=0, long long pins=0, dict plocks=None, dict lock_pids=None,
+                 bint gone=False):
+        self.nodeid = nodeid
+        self.key = key
+        self.kind = kind
+        self.fd = fd
+        self.handle = handle
+        self.mount_fd = mount_fd
+        self.lookups = lookups
+        self.opens = opens
+        self.pins = pins
+        self._plocks = plocks
+        self._lock_pids = lock_pids
+        self.gone = gone
+
+    @property
+    def plocks(self):
+        if self._plocks is None:
+            self._plocks = {}
+        return self._plocks
+
+    @plocks.setter
+    def plocks(self, dict value):
+        self._plocks = value
+
+    @property
+    def lock_pids(self):
+        if self._lock_pids is None:
+            self._lock_pids = {}
+        return self._lock_pids
+
+    @lock_pids.setter
+    def lock_pids(self, dict value):
+        self._lock_pids = value
+
+    @property
+    def dev(self):
+        return self.key[0]
+
+    cdef inline bint holds_locks(self) noexcept:
+        """Whether it has POSIX lock fds or pids recorded."""
+        return bool(self._plocks) or bool(self._lock_pids)
+
+    def __repr__(self):
+        return (f"HostInode(nodeid={self.nodeid!r}, key={self.key!r}, kind={self.kind!r}, fd={self.fd!r}, "
+                f"handle={self.handle!r}, mount_fd={self.mount_fd!r}, lookups={self.lookups!r}, "
+                f"opens={self.opens!r}, pins={self.pins!r}, plocks={self.plocks!r}, "
+                f"lock_pids={self.lock_pids!r}, gone={self.gone!r})")
+
+
+@cython.final
+@cython.freelist(16)
+cdef class HostHandle:
+    """See :class:`virtiofs_async.responder.HostHandle`: the same fields as
+    C members."""
+
+    cdef public uint64_t fh
+    cdef public HostInode node
+    cdef public int fd
+    cdef public bint is_dir
+    cdef public bint writable
+    cdef public bint nowait_read
+    cdef public bint inline_write
+    cdef public long long pins
+    cdef public bint closed
+    cdef public object lock
+    cdef public long long dir_pos
+    cdef public bytes dir_raw
+    cdef public long long dir_read_from
+    cdef public object dir_hint
+
+    def __init__(self, uint64_t fh, HostInode node not None, int fd, bint is_dir, bint writable,
+                 bint nowait_read=False, bint inline_write=False, long long pins=0, bint closed=False, lock=None,
+                 long long dir_pos=-1, bytes dir_raw=b"", long long dir_read_from=-1, dir_hint=None):
+        self.fh = fh
+        self.node = node
+        self.fd = fd
+        self.is_dir = is_dir
+        self.writable = writable
+        self.nowait_read = nowait_read
+        self.inline_write = inline_write
+        self.pins = pins
+        self.closed = closed
+        self.lock = _allocate_lock() if lock is None else lock
+        self.dir_pos = dir_pos
+        self.dir_raw = dir_raw
+        self.dir_read_from = dir_read_from
+        self.dir_hint = dir_hint
+
+    def __repr__(self):
+        return (f"HostHandle(fh={self.fh!r}, node={self.node!r}, fd={self.fd!r}, is_dir={self.is_dir!r}, "
+                f"writable={self.writable!r}, nowait_read={self.nowait_read!r}, "
+                f"inline_write={self.inline_write!r}, pins={self.pins!r}, closed={self.closed!r}, "
+                f"dir_pos={self.dir_pos!r}, dir_read_from={self.dir_read_from!r})")
+
+
+cdef inline HostInode _new_inode(uint64_t nodeid, tuple key, int kind, int fd):
+    """``HostInode(nodeid, key, kind, fd)`` without the call's argument parsing."""
+    cdef HostInode node = HostInode.__new__(HostInode)
+    node.nodeid = nodeid
+    node.key = key
+    node.kind = kind
+    node.fd = fd
+    node.mount_fd = -1
+    return node
+
+
 cdef class InlineGate:
     """See :class:`virtiofs_async.responder.InlineGate`."""
 
@@ -328,7 +464,7 @@ cdef class PassthroughResponder:
     cdef object _adopt, _drop, _flush, _release, _readdir_cb, _create_cb, _setattr_cb, _remove_cb, _open_cb
     cdef object _readdirplus_cb, _mkdir_cb
     cdef int _proc_fd
-    cdef object _created_cb, _create_gate, _opened_cb
+    cdef object _created_cb, _create_gate, _handles_owner
     cdef uint32_t _create_allowed
     cdef bint _create_host_ok, _create_switching, _create_umask
     cdef object _rd_gate, _rd_remapped, _rd_root, _rd_record_cls
@@ -366,7 +502,7 @@ cdef class PassthroughResponder:
         # create_host: (created, allowed, switching, handles_umask, gate)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
-            self._created_cb, allowed, switching, handles_umask, self._create_gate, self._opened_cb = create_host
+            self._created_cb, allowed, switching, handles_umask, self._create_gate, self._handles_owner = create_host
             self._create_allowed = allowed
             self._create_switching = bool(switching)
             self._create_umask = bool(handles_umask)
@@ -481,16 +617,17 @@ cdef class PassthroughResponder:
         cdef PyObject *found = PyDict_GetItem(self._inodes, parent_id)
         cdef struct_stat st
         cdef int pfd
+        cdef HostInode parent
         if found == NULL:
             return None
-        parent = <object>found
+        parent = <HostInode?><object>found
         if parent.kind != S_IFDIR_BITS or parent.fd < 0 or not self._rd_gate(parent):
             return None
         pfd = parent.fd
         if (fstatat(pfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 and S_ISREG(st.st_mode) and st.st_nlink <= 1
                 and <uint64_t>st.st_blocks * 512 > self._fast_drop_bytes):
             found = PyDict_GetItem(self._by_key, (<unsigned long long>st.st_dev, <unsigned long long>st.st_ino))
-            if found == NULL or (<object>found).fd < 0 or (<object>found).gone:
+            if found == NULL or (<HostInode?><object>found).fd < 0 or (<HostInode>found).gone:
                 return None
         if unlinkat(pfd, name, AT_REMOVEDIR if is_dir else 0) != 0:
             return _host_errno("RMDIR" if is_dir else "UNLINK", parent_id, errno)
@@ -526,7 +663,7 @@ cdef class PassthroughResponder:
         cdef uint32_t valid = vfa_ld32(b)
         cdef uint64_t nodeid = vfa_ld64(request + 16)
         cdef PyObject *found
-        cdef object node = None
+        cdef HostInode node = None
         cdef int fd, kind, i, err = 0
         cdef uint32_t mode, new
         cdef int64_t sec
@@ -537,13 +674,13 @@ cdef class PassthroughResponder:
             return -1  # truncation: the pool
         if valid & FATTR_FH:
             found = PyDict_GetItem(self._handles, vfa_ld64(b + 8))
-            if found != NULL and (<object>found).node.nodeid == nodeid:
-                node = (<object>found).node
+            if found != NULL and (<HostHandle?><object>found).node.nodeid == nodeid:
+                node = (<HostHandle>found).node
         if node is None:
             found = PyDict_GetItem(self._inodes, nodeid)
             if found == NULL:
                 return -1
-            node = <object>found
+            node = <HostInode?><object>found
         fd = node.fd
         kind = node.kind
         if fd < 0 or (valid & FATTR_MODE and kind == S_IFLNK_BITS):
@@ -613,12 +750,13 @@ cdef class PassthroughResponder:
                             vfa_ld32(request + 24), vfa_ld32(request + 28), vfa_ld32(request + 32))
         return _callback_reply(r, unique, CREATE_BODY, reply)
 
-    cdef object _known_dir(self, uint64_t nodeid):
+    cdef HostInode _known_dir(self, uint64_t nodeid):
         """The table's inode ``nodeid`` if it is a directory with an fd, else None."""
         cdef PyObject *found = PyDict_GetItem(self._inodes, nodeid)
+        cdef HostInode node
         if found == NULL:
             return None
-        node = <object>found
+        node = <HostInode?><object>found
         if node.kind != S_IFDIR_BITS or node.fd < 0:
             return None
         return node
@@ -651,8 +789,10 @@ cdef class PassthroughResponder:
         of its own): open(name, O_CREAT|O_EXCL|O_NOFOLLOW) relative
         to the parent's fd with the request's umask (0 unless the backend
         handles the umask), fstat, an O_PATH fd of the new file through
-        /proc/self/fd, then the backend's ``created`` callback installs
-        the inode and the handle as its full path does; the reply. -1, with
+        /proc/self/fd, then the inode and the handle installed as its full
+        path installs them (with the tables, here: ``_adopt_node`` and
+        ``_install_handle``; else the backend's ``created`` callback); the
+        reply. -1, with
         nothing done, for anything else, and for an existing name without
         O_EXCL (the callback opens it). A failing call's errno is the
         answer, logged as the callback logs it."""
@@ -663,6 +803,7 @@ cdef class PassthroughResponder:
         cdef unsigned int old_mask
         cdef struct_stat st
         cdef char fdname[24]
+        cdef HostInode parent, node
         if self._create_switching and (vfa_ld32(request + 24) != 0 or vfa_ld32(request + 28) != 0):
             return -1  # runs as the caller: the callback switches credentials
         parent = self._known_dir(parent_id)
@@ -702,7 +843,7 @@ cdef class PassthroughResponder:
                     raise
                 node.lookups += 1
                 nid = node.nodeid
-                fh, open_flags = self._opened_cb(node, fd, oflags)
+                fh, open_flags = self._install_handle(node, fd, oflags)
             else:
                 nid, fh, open_flags = self._created_cb(opath, <unsigned long long>st.st_dev,
                                                        <unsigned long long>st.st_ino, st.st_mode, fd, oflags)
@@ -721,6 +862,43 @@ cdef class PassthroughResponder:
         vfa_st32(reply + 152, open_flags)
         vfa_st32(reply + 156, 0)
         return OUT_HEADER + CREATE_BODY
+
+    cdef tuple _install_handle(self, HostInode node, int fd, uint32_t oflags):
+        """The backend's ``_new_handle(node, fd, False, oflags)`` and the
+        FOPEN flags of its ``FileInfo``, made here for a file this thread
+        created (``fd`` consumed): the next handle number of the backend
+        (``create_host``'s last item), in its handle table, reading with
+        RWF_NOWAIT unless ``inline_read_max`` is 0 or the file is
+        O_DIRECT, writes inline when writable, ``inline_write_max`` is not
+        0 and no flag makes writes wait (its filesystem is on a block
+        device: ``gate`` agreed for its directory); its inode's open count
+        up; DIRECT_IO for the ``never`` and ``metadata`` policies or an
+        allowed O_DIRECT, KEEP_CACHE for ``always``. ``(fh, flags)``."""
+        cdef HostHandle h
+        cdef uint32_t flags = 0
+        cdef bint writable = (oflags & O_ACCMODE_BITS) != O_RDONLY_BITS
+        owner = self._handles_owner
+        fh = owner._next_fh
+        owner._next_fh = fh + 1
+        h = HostHandle.__new__(HostHandle)
+        h.fh = fh
+        h.node = node
+        h.fd = fd
+        h.writable = writable
+        h.nowait_read = owner.inline_read_max > 0 and not (oflags & O_DIRECT_BITS)
+        h.inline_write = writable and owner.inline_write_max > 0 and not (oflags & O_WAITING_WRITES)
+        h.lock = _allocate_lock()
+        h.dir_pos = -1
+        h.dir_raw = b""
+        h.dir_read_from = -1
+        owner._handles[fh] = h
+        node.opens += 1
+        policy = owner.cache
+        if policy == "never" or policy == "metadata" or (owner.allow_direct_io and oflags & O_DIRECT_BITS):
+            flags |= FOPEN_DIRECT_IO
+        if policy == "always":
+            flags |= FOPEN_KEEP_CACHE
+        return fh, flags
 
     cdef Py_ssize_t _create_error(self, uint64_t unique, uint64_t parent_id, int err, unsigned char *reply):
         """A failed CREATE's reply (see :func:`_host_errno`)."""
@@ -751,13 +929,14 @@ cdef class PassthroughResponder:
             return None
         return body
 
-    cdef object _dir_handle(self, uint64_t fh, uint64_t offset):
+    cdef HostHandle _dir_handle(self, uint64_t fh, uint64_t offset):
         """Directory handle ``fh`` if the callbacks would list it here (open,
         a directory, ``offset`` an off_t, ``gate`` agreeing), else None."""
         cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef HostHandle h
         if found == NULL or offset > OFF_MAX:
             return None
-        h = <object>found
+        h = <HostHandle?><object>found
         if not h.is_dir or h.closed or not self._rd_gate(h.node):
             return None
         return h
@@ -774,6 +953,8 @@ cdef class PassthroughResponder:
         cdef Py_ssize_t remaining = size, start, end, count
         cdef uint64_t dotdot
         cdef int64_t pos = <int64_t>offset, last
+        cdef HostHandle h
+        cdef HostInode node
         h = self._dir_handle(fh, offset)
         if h is None:
             return None
@@ -815,6 +996,8 @@ cdef class PassthroughResponder:
         cdef Py_ssize_t remaining = size, start, end, i, j, total
         cdef uint64_t dotdot
         cdef int64_t pos = <int64_t>offset
+        cdef HostHandle h
+        cdef HostInode node
         h = self._dir_handle(fh, offset)
         if h is None:
             return None
@@ -859,12 +1042,14 @@ cdef class PassthroughResponder:
     cdef _give_back(self, list counted):
         """The backend's ``_give_back``: one lookup less for each counted
         inode (None: ``.``/``..``), dropped when that was its last."""
-        for child in counted:
-            if child is not None:
+        cdef HostInode child
+        for obj in counted:
+            if obj is not None:
+                child = <HostInode?>obj
                 child.lookups -= 1
                 self._drop_node(child)
 
-    cdef tuple _getdents_locked(self, h, int64_t offset, Py_ssize_t bufsize):
+    cdef tuple _getdents_locked(self, HostHandle h, int64_t offset, Py_ssize_t bufsize):
         """The backend's ``_getdents_locked``: ``(raw, start)``."""
         cdef Py_ssize_t start
         with h.lock:
@@ -935,11 +1120,11 @@ cdef class PassthroughResponder:
         _store_out_header(reply, OUT_HEADER, -<int>r, unique)
         return OUT_HEADER
 
-    cdef bint _closes_fast(self, h) except -1:
+    cdef bint _closes_fast(self, HostHandle h) except -1:
         """The backend's ``_closes_fast(h)``: the handle's inode holds its
         O_PATH fd, is not gone, and ``close_host`` lets its filesystem's
         calls run inline."""
-        node = h.node
+        cdef HostInode node = h.node
         return node.fd >= 0 and not node.gone and bool(self._close_gate(node))
 
     cdef int _flush_host(self, uint64_t fh, uint64_t lock_owner) except? -2:
@@ -949,13 +1134,16 @@ cdef class PassthroughResponder:
         fd closed, and 0 or that close's errno."""
         cdef PyObject *found = PyDict_GetItem(self._handles, fh)
         cdef int fd, err = 0
+        cdef HostHandle h
+        cdef HostInode node
         if found == NULL:
             return -1
-        h = <object>found
+        h = <HostHandle?><object>found
         node = h.node
-        if lock_owner in node.plocks or lock_owner in node.lock_pids or not self._closes_fast(h):
+        if (node._plocks is not None and lock_owner in node._plocks) \
+                or (node._lock_pids is not None and lock_owner in node._lock_pids) or not self._closes_fast(h):
             return -1
-        fd = dup(<int>h.fd)
+        fd = dup(h.fd)
         if fd < 0 or close(fd) != 0:
             err = errno or EIO
         return err
@@ -969,9 +1157,11 @@ cdef class PassthroughResponder:
         ``drop`` does), its fd closed unless a request still uses it."""
         cdef PyObject *found = PyDict_GetItem(self._handles, fh)
         cdef int fd
+        cdef HostHandle h
+        cdef HostInode node
         if found == NULL:
             return 0
-        h = <object>found
+        h = <HostHandle?><object>found
         node = h.node
         if not is_dir and h.pins == 0 and h.fd >= 0:
             if (node.opens == 1 and node.lookups <= 0 and node.pins <= 0 and node is not self._tb_root) \
@@ -988,7 +1178,7 @@ cdef class PassthroughResponder:
                 h.fd = -1
         return 0
 
-    cdef object _adopt_node(self, int fd, unsigned long long dev, unsigned long long ino, unsigned int mode):
+    cdef HostInode _adopt_node(self, int fd, unsigned long long dev, unsigned long long ino, unsigned int mode):
         """The backend's ``adopt(fd, dev, ino, mode)`` (fd consumed), made
         here with ``tables`` where its node id is the host's inode number:
         the known inode (fd closed), else a new one of the backend's inode
@@ -996,22 +1186,23 @@ cdef class PassthroughResponder:
         no lookups counted. A synthetic node id, or no ``tables``: the
         callback."""
         cdef PyObject *found
+        cdef HostInode node
         key = (dev, ino)
         found = PyDict_GetItem(self._by_key, key)
         if found != NULL:
             close(fd)
-            return <object>found
+            return <HostInode?><object>found
         if not self._tables_ok or ino <= ROOT_ID or ino >= self._tb_first_synthetic \
                 or PyDict_GetItem(self._inodes, ino) != NULL:
-            return self._adopt(fd, dev, ino, mode)
-        node = self._tb_inode_cls(ino, key, mode & S_IFMT_BITS, fd, None, -1)
+            return <HostInode?>self._adopt(fd, dev, ino, mode)
+        node = _new_inode(ino, key, mode & S_IFMT_BITS, fd)
         self._inodes[ino] = node
         self._by_key[key] = node
         if self._tb_remapped:
             self._tb_remapped.pop(key, None)
         return node
 
-    cdef _drop_node(self, node):
+    cdef _drop_node(self, HostInode node):
         """The backend's ``drop(node)``, made here with ``tables`` for an
         inode that holds no POSIX lock fds: nothing when it is still
         counted, opened or pinned, the root, or gone already; else marked
@@ -1019,7 +1210,7 @@ cdef class PassthroughResponder:
         the one there), its O_PATH fd closed. Otherwise: the callback."""
         cdef PyObject *found
         cdef int fd
-        if not self._tables_ok or node.plocks or node.lock_pids:
+        if not self._tables_ok or node.holds_locks():
             self._drop(node)
             return
         if node.lookups > 0 or node.opens > 0 or node.pins > 0 or node is self._tb_root or node.gone:
@@ -1027,11 +1218,11 @@ cdef class PassthroughResponder:
         node.gone = True
         nodeid = node.nodeid
         found = PyDict_GetItem(self._inodes, nodeid)
-        if found != NULL and <object>found is node:
+        if found != NULL and found == <PyObject *>node:
             del self._inodes[nodeid]
         key = node.key
         found = PyDict_GetItem(self._by_key, key)
-        if found != NULL and <object>found is node:
+        if found != NULL and found == <PyObject *>node:
             del self._by_key[key]
             if self._tb_remapped:
                 self._tb_remapped.pop(key, None)
@@ -1043,14 +1234,15 @@ cdef class PassthroughResponder:
     cdef Py_ssize_t _forget(self, uint64_t nodeid, const unsigned char *body, Py_ssize_t blen) except? -2:
         cdef PyObject *found
         cdef uint64_t n
+        cdef HostInode node
         if blen < 8 or nodeid == ROOT_ID:
             return -1
         n = vfa_ld64(body)
         found = PyDict_GetItem(self._inodes, nodeid)
         if found == NULL or n == 0:
             return 0  # the full path ignores it too
-        node = <object>found
-        if node.lookups <= n:
+        node = <HostInode?><object>found
+        if node.lookups <= 0 or <uint64_t>node.lookups <= n:
             node.lookups = 0
             try:
                 self._drop_node(node)
@@ -1059,7 +1251,7 @@ cdef class PassthroughResponder:
                 # full path must not take it down again.
                 _log.exception("dropping inode %d after FORGET failed", nodeid)
         else:
-            node.lookups -= n
+            node.lookups -= <long long>n
         return 0
 
     cdef Py_ssize_t _getattr(self, uint64_t unique, uint64_t nodeid, uint32_t length, unsigned char *reply,
@@ -1072,7 +1264,7 @@ cdef class PassthroughResponder:
         found = PyDict_GetItem(self._inodes, nodeid)
         if found == NULL:
             return -1
-        fd = (<object>found).fd
+        fd = (<HostInode?><object>found).fd
         if fd < 0 or fstat(fd, &st) != 0:
             return -1
         if not _store_attr(reply + 32, nodeid, &st, 0):
@@ -1088,6 +1280,7 @@ cdef class PassthroughResponder:
         cdef int pfd
         cdef uint64_t parent_dev, nid
         cdef uint32_t flags = 0
+        cdef HostInode parent, node
         if blen < 2 or body[nlen] != 0 or not _component(body, nlen):
             return -1
         parent = self._known_dir(parent_id)
@@ -1110,7 +1303,7 @@ cdef class PassthroughResponder:
             if node is None:
                 return -1
         else:
-            node = <object>found
+            node = <HostInode?><object>found
         if self._announce_submounts and S_ISDIR(st.st_mode):
             parent_dev = parent.key[0]
             if <uint64_t>st.st_dev != parent_dev:
@@ -1133,6 +1326,7 @@ cdef class PassthroughResponder:
         cdef int fd
         cdef const char *cname
         cdef char cbuf[NAME_MAX + 1]
+        cdef HostInode node
         cdef unsigned char *buf
         cdef unsigned char *p
         cdef PyObject *found
@@ -1193,7 +1387,7 @@ cdef class PassthroughResponder:
                                                           <unsigned long long>st.st_ino))
                     if found != NULL:
                         close(fd)
-                        node = <object>found
+                        node = <HostInode?><object>found
                     else:
                         try:
                             node = self._adopt_node(fd, <unsigned long long>st.st_dev,
@@ -1226,7 +1420,7 @@ cdef class PassthroughResponder:
         finally:
             PyMem_Free(buf)
 
-    cdef object _open_new(self, int pfd, const char *name, struct_stat *st):
+    cdef HostInode _open_new(self, int pfd, const char *name, struct_stat *st):
         """The inode of ``name`` in ``pfd`` that the tables do not have yet:
         an O_PATH fd of it (a single component, nothing followed: the full
         path's open_beneath), its ``fstat`` in ``st`` and the backend's
@@ -1251,9 +1445,10 @@ cdef class PassthroughResponder:
         the caller runs: RELEASE takes the handle out of the table on the
         loop's thread before it closes the fd."""
         cdef PyObject *found = PyDict_GetItem(self._handles, fh)
+        cdef HostHandle h
         if found == NULL:
             return -1
-        h = <object>found
+        h = <HostHandle?><object>found
         if h.closed or not (h.inline_write if write else h.nowait_read):
             return -1
         return h.fd if h.fd >= 0 else -1

@@ -20,7 +20,7 @@ if _choice != "python":
     try:
         from . import _cy_codec as _codec
         from ._cy_iopool import IoPool
-        from ._cy_responder import InlineGate, PassthroughResponder, getdents_raw
+        from ._cy_responder import HostHandle, HostInode, InlineGate, PassthroughResponder, getdents_raw
         from ._cy_vring import DescriptorChain, VirtQueue, scatter
     except ImportError:
         if _choice == "cython":
@@ -32,7 +32,7 @@ if IMPLEMENTATION == "python":
     from . import codec as _codec  # type: ignore[no-redef]
     from .buffers import scatter
     from .iopool import IoPool
-    from .responder import InlineGate, PassthroughResponder  # type: ignore[assignment]
+    from .responder import HostHandle, HostInode, InlineGate, PassthroughResponder  # type: ignore[assignment]
     #: the pure one is backends._hostfs's own (ctypes), which it keeps then
     getdents_raw = None
     from .vring import DescriptorChain, VirtQueue
@@ -52,7 +52,7 @@ record_factory = _codec.record_factory
 write_reply = _codec.write_reply
 
 __all__ = [
-    "IMPLEMENTATION", "DescriptorChain", "InlineGate", "IoPool", "PassthroughResponder", "VirtQueue", "decode_request",
+    "IMPLEMENTATION", "DescriptorChain", "HostHandle", "HostInode", "InlineGate", "IoPool", "PassthroughResponder", "VirtQueue", "decode_request",
     "encode_out_header", "getdents_raw", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out",
     "pack_host_dirents", "pack_raw_dirents", "parse_linux_dirents64", "record_factory", "scan_raw_dirents", "scatter",
     "write_reply",

@@ -64,17 +64,86 @@ import errno
 import logging
 import os
 import stat
+import threading
 from typing import Any, Callable
+
+import attrs
 
 from .abi import fuse as abi
 from .codec import host_rdev_to_guest, split_timeout, wire_seconds
 
-__all__ = ["InlineGate", "PassthroughResponder", "NAME_MAX"]
+__all__ = ["HostHandle", "HostInode", "InlineGate", "PassthroughResponder", "NAME_MAX"]
 
 #: The longest component name a LOOKUP is answered for (the host's NAME_MAX).
 NAME_MAX = 255
 
 _NS = 1_000_000_000
+
+
+@attrs.define(slots=True, eq=False)
+class HostInode:
+    """An inode of the passthrough backend's tables, shared by reference
+    with its inline responder (the compiled twin is a C type with the same
+    fields; the backend builds the one the implementation switch picks).
+    Compared by identity."""
+
+    nodeid: int
+    #: (st_dev, st_ino) on the host
+    key: tuple[int, int]
+    #: S_IFMT bits (an inode's type never changes)
+    kind: int
+    #: O_PATH fd, or -1 when ``handle`` is used
+    fd: int
+    #: the host file handle (``_hostfs.FileHandle``) when there is no O_PATH fd
+    handle: Any = None
+    #: a non-O_PATH fd on the handle's mount (shared, not owned)
+    mount_fd: int = -1
+    lookups: int = 0
+    opens: int = 0
+    pins: int = 0
+    #: POSIX lock owner -> an fd of its own carrying the owner's OFD locks
+    plocks: dict[int, int] = attrs.Factory(dict)
+    #: POSIX lock owner -> the guest pid its last SETLK carried (GETLK reports it)
+    lock_pids: dict[int, int] = attrs.Factory(dict)
+    #: dropped from the tables; fd closed
+    gone: bool = False
+
+    @property
+    def dev(self) -> int:
+        return self.key[0]
+
+
+@attrs.define(slots=True, eq=False)
+class HostHandle:
+    """An open file or directory of the passthrough backend (``fh`` in its
+    handle table), shared by reference with its inline responder; the
+    compiled twin is a C type with the same fields."""
+
+    fh: int
+    node: HostInode
+    fd: int
+    is_dir: bool
+    writable: bool
+    #: try preadv2(RWF_NOWAIT) on the loop first (cleared when the file refuses it)
+    nowait_read: bool = False
+    #: small writes run on the loop (the backend's ``inline_write_max``)
+    inline_write: bool = False
+    pins: int = 0
+    closed: bool = False
+    #: serialises lseek+getdents64 on a directory fd, and the dir_* fields below
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    #: directory only: the host cookie the fd is at (-1: unknown); the
+    #: raw records the last getdents64 returned, and the cookie they start
+    #: after (a reply that used part of them resumes from the rest, no
+    #: syscall)
+    dir_pos: int = -1
+    dir_raw: bytes = b""
+    dir_read_from: int = -1
+    #: ``(raw, position, cookie)``: where in ``raw`` (the ``dir_raw`` it was
+    #: made for) the last READDIR reply stopped, after the record with that
+    #: cookie (a hint: the next request usually resumes there)
+    dir_hint: tuple[bytes, int, int] | None = None
+
 _IN_HEADER = abi.fuse_in_header.size  # 40
 _OUT_HEADER = abi.fuse_out_header.size  # 16
 _GETATTR_LEN = _IN_HEADER + abi.fuse_getattr_in.size  # 56

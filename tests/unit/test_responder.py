@@ -2,7 +2,11 @@
 _cy_responder) against the session's full path over a real PassthroughFS:
 for every request either twin answers, its bytes are the full path's reply
 and the lookup counts move the same way; a request it does not answer
-changes nothing. Both twins always agree.
+changes nothing. Both twins always agree. Where the compiled twin is
+built, the tables here hold the compiled inode and handle records (which
+it requires; the pure twin reads either), in the pure run too; the pure
+records under the pure twin are checked on their own below, and by the
+rest of the pure run.
 
 Skips the compiled twin when it is not built, except when the run asks for
 cython (then it fails).
@@ -149,6 +153,17 @@ def _compiled() -> None:
     need_compiled(_MISSING, "virtiofs_async._cy_responder is")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_records() -> Iterator[None]:
+    if _cy_responder is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as p:
+        p.setattr(passthrough, "_Inode", _cy_responder.HostInode)
+        p.setattr(passthrough, "_Handle", _cy_responder.HostHandle)
+        yield
+
+
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     m = Mount(str(tmp_path_factory.mktemp("responder")))
@@ -164,6 +179,41 @@ def test_the_package_uses_the_selected_twin() -> None:
         assert type(fs.inline_responder(1 << 20)) is expected
     finally:
         fs.close()
+
+
+def test_the_pure_twin_over_the_pure_records(tmp_path: Any, monkeypatch: Any) -> None:
+    """The pure records (the pure run's tables) under the pure twin: the
+    full path's bytes and counts for GETATTR, LOOKUP (known, new, missing)
+    and FORGET. The compiled twin refuses them (TypeError: it reads the
+    compiled records' fields directly)."""
+    monkeypatch.setattr(passthrough, "_Inode", pure.HostInode)
+    monkeypatch.setattr(passthrough, "_Handle", pure.HostHandle)
+    m = Mount(str(tmp_path))
+    try:
+        fs = m.fs
+        assert type(fs._inodes[abi.FUSE_ROOT_ID]) is pure.HostInode
+        r = pure.PassthroughResponder(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
+                                      adopt=fs._adopt, drop=fs._maybe_drop)
+        open(os.path.join(m.root, "new"), "w").close()
+        for req in (getattr_req(m.nodeids[b"f"]), lookup_req(abi.FUSE_ROOT_ID, b"f"),
+                    lookup_req(abi.FUSE_ROOT_ID, b"missing"), lookup_req(abi.FUSE_ROOT_ID, b"new")):
+            before = m.counts()
+            answer = r.respond(req, 512)
+            assert answer is not None
+            delta = _delta(before, m.counts())
+            before = m.counts()
+            assert m.full(req, 512)[1] == answer
+            assert _delta(before, m.counts()) == delta
+        new = abi.fuse_entry_out.unpack_from(answer, 16)[0]
+        assert type(fs._inodes[new]) is pure.HostInode and fs.lookup_count(new) == 2
+        assert r.respond(request(int(abi.Opcode.FORGET), new, struct.pack("<Q", 2)), 512) == b""  # handled, no reply
+        assert new not in fs._inodes
+        if _cy_responder is not None:
+            c = _cy_responder.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
+            with pytest.raises(TypeError):
+                c.respond(getattr_req(m.nodeids[b"f"]), 512)
+    finally:
+        m.close()
 
 
 def test_getattr_of_known_inodes_is_answered_like_the_session(mount: Mount) -> None:
@@ -1606,7 +1656,7 @@ def _check_compiled_host_calls(tmp_path: Any, monkeypatch: Any) -> None:
         real_open, real_setattr = hostfs.open_beneath, fs._w_setattr
         monkeypatch.setattr(hostfs, "open_beneath", lambda *a: calls.append("open") or real_open(*a))
         monkeypatch.setattr(fs, "_w_setattr", lambda *a: calls.append("setattr") or real_setattr(*a))
-        for name in ("_adopt", "_opened_inline"):
+        for name in ("_adopt", "_new_handle"):
             real = getattr(fs, name)
             monkeypatch.setattr(fs, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
         cls = _cy_responder.PassthroughResponder
@@ -1627,13 +1677,70 @@ def _check_compiled_host_calls(tmp_path: Any, monkeypatch: Any) -> None:
             assert nodeid == node.nodeid
             answer = r.respond(setattr_req(nodeid, abi.FATTR_MODE, mode=0o100604), 512)
             # (the full path's LOOKUP finds the inode: no adopt)
-            want = ["_opened_inline"] if tables else ["_adopt", "_opened_inline"] if host_calls else \
-                ["open", "_adopt", "setattr"]
+            want = [] if tables else ["_adopt", "_new_handle"] if host_calls else \
+                ["open", "_adopt", "_new_handle", "setattr"]
             assert calls == want, calls
             assert stat.S_IMODE(os.lstat(os.path.join(m.root, name.decode())).st_mode) == 0o604
             assert _without_ctime(answer) == _without_ctime(m.full(setattr_req(nodeid, abi.FATTR_MODE,
                                                                                 mode=0o100604))[1])
             m.full(release_req(fh))
+    finally:
+        m.close()
+
+
+def test_the_compiled_twin_installs_created_handles_as_the_backend_does(tmp_path: Any) -> None:
+    """Given the tables and create_host, the compiled twin installs the
+    new file's handle itself: for each cache policy, open mode and flag
+    that decides something (O_DIRECT allowed or not, O_SYNC, O_DSYNC) and
+    with the inline read/write limits at 0 or not, the same handle fields,
+    handle numbers, open counts and FOPEN flags as the backend's
+    ``_new_handle`` (the callback path, without the tables)."""
+    need_compiled(_MISSING, "virtiofs_async._cy_responder is")
+    _on_own_fs(_check_handle_parity, tmp_path)
+
+
+def _check_handle_parity(tmp_path: Any) -> None:
+    m = Mount(_fresh(tmp_path, "handles"))
+    try:
+        fs = m.fs
+        cls = _cy_responder.PassthroughResponder
+        seen = set()
+        k = 0
+        for policy in ("auto", "always", "never", "metadata"):
+            for direct_ok in (False, True):
+                for limits in (True, False):
+                    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY, os.O_WRONLY | os.O_DIRECT,
+                                  os.O_RDWR | os.O_SYNC, os.O_WRONLY | os.O_DSYNC):
+                        fs.cache, fs.allow_direct_io = policy, direct_ok
+                        fs.inline_read_max, fs.inline_write_max = (1 << 20, 1 << 20) if limits else (0, 0)
+                        made = []
+                        for tables in (True, False):
+                            r = cls(fs._inodes, fs._by_key, fs.entry_timeout, fs.attr_timeout, False, True,
+                                    create=fs._create_inline, proc_fd=fs._proc_fd,
+                                    create_host=fs._create_host_config(), adopt=fs._adopt, drop=fs._maybe_drop,
+                                    tables=fs._tables_config() if tables else None)
+                            name = b"h-%d-%d" % (k, tables)
+                            next_fh = fs._next_fh
+                            reply = r.respond(create_req(abi.FUSE_ROOT_ID, name, flags=flags | os.O_CREAT | os.O_EXCL),
+                                              512)
+                            assert reply is not None and len(reply) == 160, (policy, flags, reply)
+                            fh, open_flags, _ = abi.fuse_open_out.unpack_from(reply, 144)
+                            assert fh == next_fh and fs._next_fh == next_fh + 1
+                            h = fs._handles[fh]
+                            assert h.fh == fh and h.fd >= 0 and h.node.opens == 1 and h.node.lookups == 1
+                            assert not h.is_dir and not h.closed and h.pins == 0
+                            assert (h.dir_pos, h.dir_raw, h.dir_read_from, h.dir_hint) == (-1, b"", -1, None)
+                            assert h.lock.acquire(blocking=False)
+                            h.lock.release()
+                            made.append((open_flags, h.writable, h.nowait_read, h.inline_write))
+                            m.full(release_req(fh))
+                        assert made[0] == made[1], (policy, direct_ok, limits, flags, made)
+                        seen.add(made[0])
+                        k += 1
+        # the matrix moves every field both ways
+        for i in range(4):
+            assert len({v[i] for v in seen}) > 1, (i, seen)
+        assert {v[0] for v in seen} >= {0, abi.FOPEN_DIRECT_IO, abi.FOPEN_KEEP_CACHE}
     finally:
         m.close()
 

@@ -194,58 +194,10 @@ _NO_HANDLE_ERRNOS = (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOTSUP, errno.EPE
 _XATTR_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
-@attrs.define(slots=True, eq=False)
-class _Inode:
-    nodeid: int
-    key: tuple[int, int]
-    #: S_IFMT bits (an inode's type never changes)
-    kind: int
-    #: O_PATH fd, or -1 when ``handle`` is used
-    fd: int
-    handle: FileHandle | None = None
-    #: a non-O_PATH fd on the handle's mount (shared, not owned)
-    mount_fd: int = -1
-    lookups: int = 0
-    opens: int = 0
-    pins: int = 0
-    #: POSIX lock owner -> an fd of its own carrying the owner's OFD locks
-    plocks: dict[int, int] = attrs.Factory(dict)
-    #: POSIX lock owner -> the guest pid its last SETLK carried (GETLK reports it)
-    lock_pids: dict[int, int] = attrs.Factory(dict)
-    #: dropped from the tables; fd closed
-    gone: bool = False
-
-    @property
-    def dev(self) -> int:
-        return self.key[0]
-
-
-@attrs.define(slots=True, eq=False)
-class _Handle:
-    fh: int
-    node: _Inode
-    fd: int
-    is_dir: bool
-    writable: bool
-    #: try preadv2(RWF_NOWAIT) on the loop first (cleared when the file refuses it)
-    nowait_read: bool = False
-    #: small writes run on the loop (see INLINE_WRITE_MAX_DEFAULT)
-    inline_write: bool = False
-    pins: int = 0
-    closed: bool = False
-    #: serialises lseek+getdents64 on a directory fd, and the dir_* fields below
-    lock: threading.Lock = attrs.Factory(threading.Lock)
-    #: directory only: the host cookie the fd is at (-1: unknown); the
-    #: raw records the last getdents64 returned, and the cookie they start
-    #: after (a reply that used part of them resumes from the rest, no
-    #: syscall)
-    dir_pos: int = -1
-    dir_raw: bytes = b""
-    dir_read_from: int = -1
-    #: ``(raw, position, cookie)``: where in ``raw`` (the ``dir_raw`` it was
-    #: made for) the last READDIR reply stopped, after the record with that
-    #: cookie (a hint: the next request usually resumes there)
-    dir_hint: tuple[bytes, int, int] | None = None
+#: the tables' records: the implementation switch's twin (the compiled
+#: responder reads the compiled ones' fields without attribute lookups)
+_Inode = _accel.HostInode
+_Handle = _accel.HostHandle
 
 
 class _Box:
@@ -309,7 +261,7 @@ _RESPONDER_BYPASSES = (
     "_with_fd", "setattr", "_w_setattr", "_setattr_inline", "unlink", "rmdir", "_remove", "_drops_fast",
     "_remove_inline", "open", "opendir", "_check_openable", "_w_open", "_upgrade_for_writeback", "_proc_open",
     "_open_inline", "mkdir", "_make", "_w_make", "_mkdir_inline", "_inline_parent", "_readdir_host_config",
-    "_tables_config", "_opened_inline",
+    "_tables_config",
 )
 
 
@@ -886,12 +838,14 @@ class PassthroughFS(Operations):
         itself, as ``_w_create`` makes them (see ``_created_inline``); None
         where those calls differ: a read-only share, file handles (the new
         inode's handle is asked for), the write-back cache (a write-only
-        open is reopened read-write)."""
+        open is reopened read-write). Its last item is the backend itself:
+        given the tables too, the responder installs the new handle as
+        ``_new_handle`` does, from its ``_next_fh``, ``inline_read_max``,
+        ``inline_write_max``, ``cache`` and ``allow_direct_io``."""
         if self.readonly or self.writeback or self.file_handles != "never":
             return None
         allowed = _OPEN_ALLOWED | (os.O_DIRECT if self.allow_direct_io else 0)
-        return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate,
-                self._opened_inline)
+        return (self._created_inline, allowed, self._switching, self.handles_umask, self._create_gate, self)
 
     def _readdir_host_config(self) -> tuple[Any, ...]:
         """What the compiled responder needs to answer a READDIR (and a
@@ -922,16 +876,8 @@ class PassthroughFS(Operations):
         handle): its ``(nodeid, fh, fuse_open_out flags)``."""
         node = self._adopt(opath, dev, ino, mode)
         node.lookups += 1
-        fh, flags = self._opened_inline(node, fd, oflags)
-        return node.nodeid, fh, flags
-
-    def _opened_inline(self, node: _Inode, fd: int, oflags: int) -> tuple[int, int]:
-        """The second half of ``_created_inline`` (the compiled responder,
-        given the tables, installs the inode and counts the lookup itself):
-        a new handle of ``node`` for ``fd`` (consumed), as ``(fh,
-        fuse_open_out flags)``."""
         fi = self._new_handle(node, fd, False, oflags)
-        return fi.fh, open_flags(fi)
+        return node.nodeid, fi.fh, open_flags(fi)
 
     def _bypasses_intact(self) -> bool:
         """Whether neither a subclass nor the instance replaces a method the
