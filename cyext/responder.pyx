@@ -403,6 +403,13 @@ cdef class HostHandle:
                 f"dir_pos={self.dir_pos!r}, dir_read_from={self.dir_read_from!r})")
 
 
+cdef inline int _dict_discard(dict d, object key) except -1:
+    """``d.pop(key, None)`` without the method call."""
+    if PyDict_GetItem(d, key) != NULL:
+        del d[key]
+    return 0
+
+
 cdef inline HostInode _new_inode(uint64_t nodeid, tuple key, int kind, int fd):
     """``HostInode(nodeid, key, kind, fd)`` without the call's argument parsing."""
     cdef HostInode node = HostInode.__new__(HostInode)
@@ -470,7 +477,8 @@ cdef class PassthroughResponder:
     cdef object _rd_gate, _rd_remapped, _rd_root, _rd_record_cls
     cdef Py_ssize_t _rd_read_min, _rd_ahead, _rd_plus_min
     cdef bint _readdir_host_ok
-    cdef object _tb_remapped, _tb_root, _tb_inode_cls
+    cdef dict _tb_remapped
+    cdef object _tb_root, _tb_inode_cls
     cdef uint64_t _tb_first_synthetic
     cdef bint _tables_ok
     cdef object _close_gate
@@ -1199,7 +1207,7 @@ cdef class PassthroughResponder:
         self._inodes[ino] = node
         self._by_key[key] = node
         if self._tb_remapped:
-            self._tb_remapped.pop(key, None)
+            _dict_discard(self._tb_remapped, key)
         return node
 
     cdef _drop_node(self, HostInode node):
@@ -1225,7 +1233,7 @@ cdef class PassthroughResponder:
         if found != NULL and found == <PyObject *>node:
             del self._by_key[key]
             if self._tb_remapped:
-                self._tb_remapped.pop(key, None)
+                _dict_discard(self._tb_remapped, key)
         fd = node.fd
         if fd >= 0:
             close(fd)  # errors ignored, as the callback's
