@@ -27,7 +27,13 @@ Runs are rounds, interleaved phase by phase in the one guest: round 1
 runs fio on c, rust, ours, then meta on c, rust, ours, ...; each round
 rotates the daemons' order (round 2 starts with rust), so that every daemon
 is measured next to the others, under the same host load and guest state,
-and none is always first.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
+and none is always first.  The metadata phases of a round are interleaved
+finer still: each step (create, stat, unlink) runs in chunks of the files
+(``Sizes.meta_chunks``), each chunk on every daemon in turn before the
+next, and each readdir pass on every daemon in turn; a daemon's time is
+the sum of its chunks' (each timed after its own cache drop).  A step
+takes seconds per daemon and the host's speed moves on that scale, so
+this keeps a slow spell from landing on one daemon's whole step.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
 [--full] [--runs N]`` prints the table.
 """
 from __future__ import annotations
@@ -109,7 +115,9 @@ class Sizes:
     timed); ``stdlib_parts``: top-level names of /usr/lib/python3.11 to tar
     (empty: all of it); ``pycache``: include ``__pycache__`` directories;
     ``checksum``: the guest also prints the sha256 of the fio file (untimed,
-    for checks); ``boot_timeout``: bound of one boot, seconds.
+    for checks); ``boot_timeout``: bound of one boot, seconds;
+    ``meta_chunks``: chunks of each metadata step (see the module
+    docstring).
     """
 
     seq_mib: int
@@ -120,6 +128,7 @@ class Sizes:
     pycache: bool
     checksum: bool
     boot_timeout: float
+    meta_chunks: int = 5
 
 
 FULL = Sizes(seq_mib=512, random_seconds=10, files=5000, readdir_passes=5,
@@ -132,7 +141,7 @@ QUICK = Sizes(seq_mib=64, random_seconds=2, files=500, readdir_passes=3,
 #: For the smoke test: every phase, a few seconds of work.
 TINY = Sizes(seq_mib=8, random_seconds=1, files=50, readdir_passes=2,
              stdlib_parts=("json", "email", "abc.py"), pycache=False, checksum=True,
-             boot_timeout=180.0)
+             boot_timeout=180.0, meta_chunks=2)
 
 
 @dataclass(frozen=True)
@@ -196,42 +205,74 @@ def _guest_fio(phase: Mapping[str, Any]) -> None:
         _emit(phase, {"key": "fio", "fio": json.load(f)})
 
 
-def _guest_meta(phase: Mapping[str, Any]) -> None:
-    """create, stat, readdir, unlink of ``files`` empty files: ops/s each."""
-    directory, count = phase["dir"], phase["files"]
-    os.mkdir(directory)
-    paths = [f"{directory}/f{i:06d}" for i in range(count)]
+def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
+    """``range(count)`` cut into ``chunks`` (at most ``count``) consecutive
+    ``(start, stop)`` pieces whose sizes differ by at most one."""
+    chunks = max(1, min(chunks, count))
+    return [(count * i // chunks, count * (i + 1) // chunks) for i in range(chunks)]
+
+
+def meta_groups(phases: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """``phases`` cut into runs: consecutive metadata phases of the same
+    round form one group (run interleaved); every other phase is a group
+    of its own."""
+    groups: list[list[Mapping[str, Any]]] = []
+    for phase in phases:
+        last = groups[-1] if groups else None
+        if (phase["kind"] == "meta" and last and last[0]["kind"] == "meta"
+                and last[0]["round"] == phase["round"]):
+            last.append(phase)
+        else:
+            groups.append([phase])
+    return groups
+
+
+def _guest_meta(group: Sequence[Mapping[str, Any]]) -> None:
+    """create, stat, readdir, unlink of ``files`` empty files on each
+    daemon of ``group`` (one round's metadata phases, in the round's
+    order), interleaved chunk by chunk (see the module docstring): ops/s
+    each, one record per daemon and step."""
+    count, chunks = group[0]["files"], group[0]["chunks"]
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+    paths = [[f"{phase['dir']}/f{i:06d}" for i in range(count)] for phase in group]
+    seconds = [{"create": 0.0, "stat": 0.0, "readdir": 0.0, "unlink": 0.0} for _ in group]
+    listed = [0 for _ in group]
+    for phase in group:
+        os.mkdir(phase["dir"])
 
-    _drop_guest_caches()
-    start = time.perf_counter()
-    for path in paths:
-        os.close(os.open(path, flags, 0o644))
-    _emit(phase, {"key": "create", "seconds": time.perf_counter() - start, "ops": count})
+    for step in ("create", "stat", "unlink"):
+        for k, (lo, hi) in enumerate(chunk_bounds(count, chunks)):
+            # rotated chunk by chunk too: no daemon always right after another
+            for j in [(i + k) % len(group) for i in range(len(group))]:
+                chunk = paths[j][lo:hi]
+                _drop_guest_caches()
+                start = time.perf_counter()
+                if step == "create":
+                    for path in chunk:
+                        os.close(os.open(path, flags, 0o644))
+                elif step == "stat":
+                    for path in chunk:
+                        os.stat(path)
+                else:
+                    for path in chunk:
+                        os.unlink(path)
+                seconds[j][step] += time.perf_counter() - start
+        if step == "stat":
+            for k in range(group[0]["readdir_passes"]):
+                for j in [(i + k) % len(group) for i in range(len(group))]:
+                    _drop_guest_caches()
+                    start = time.perf_counter()
+                    names = os.listdir(group[j]["dir"])
+                    seconds[j]["readdir"] += time.perf_counter() - start
+                    if len(names) != count:
+                        raise RuntimeError(f"readdir listed {len(names)} entries in {group[j]['dir']}, "
+                                           f"created {count}")
+                    listed[j] += len(names)
 
-    _drop_guest_caches()
-    start = time.perf_counter()
-    for path in paths:
-        os.stat(path)
-    _emit(phase, {"key": "stat", "seconds": time.perf_counter() - start, "ops": count})
-
-    listed, seconds = 0, 0.0
-    for _ in range(phase["readdir_passes"]):
-        _drop_guest_caches()
-        start = time.perf_counter()
-        names = os.listdir(directory)
-        seconds += time.perf_counter() - start
-        if len(names) != count:
-            raise RuntimeError(f"readdir listed {len(names)} entries, created {count}")
-        listed += len(names)
-    _emit(phase, {"key": "readdir", "seconds": seconds, "ops": listed})
-
-    _drop_guest_caches()
-    start = time.perf_counter()
-    for path in paths:
-        os.unlink(path)
-    _emit(phase, {"key": "unlink", "seconds": time.perf_counter() - start, "ops": count})
-    os.rmdir(directory)
+    for j, phase in enumerate(group):
+        for key in ("create", "stat", "readdir", "unlink"):
+            _emit(phase, {"key": key, "seconds": seconds[j][key], "ops": listed[j] if key == "readdir" else count})
+        os.rmdir(phase["dir"])
 
 
 def _guest_untar(phase: Mapping[str, Any]) -> None:
@@ -254,7 +295,7 @@ def _guest_sha256(phase: Mapping[str, Any]) -> None:
 
 
 _GUEST_PHASES: dict[str, Callable[[Mapping[str, Any]], None]] = {
-    "fio": _guest_fio, "meta": _guest_meta, "untar": _guest_untar, "sha256": _guest_sha256,
+    "fio": _guest_fio, "untar": _guest_untar, "sha256": _guest_sha256,
 }
 
 
@@ -264,10 +305,14 @@ def guest_main(plan_path: str) -> int:
     when all completed."""
     with open(plan_path) as f:
         plan = json.load(f)
-    for phase in plan["phases"]:
-        # diagnostics (the host stamps lines), and the order, for the tests
-        print(f"# phase {phase['kind']} {phase['daemon']} {phase['round']}", flush=True)
-        _GUEST_PHASES[phase["kind"]](phase)
+    for group in meta_groups(plan["phases"]):
+        for phase in group:
+            # diagnostics (the host stamps lines), and the order, for the tests
+            print(f"# phase {phase['kind']} {phase['daemon']} {phase['round']}", flush=True)
+        if group[0]["kind"] == "meta":
+            _guest_meta(group)
+        else:
+            _GUEST_PHASES[group[0]["kind"]](group[0])
     print("BENCH-END", flush=True)
     return 0
 
@@ -320,7 +365,7 @@ def _phase(kind: str, sizes: Sizes, daemon: str, round_no: int) -> dict[str, Any
                 "argv": fio_argv(sizes, f"{mount}/{seq_file(round_no)}", output)}
     if kind == "meta":
         return {"kind": "meta", **where, "dir": f"{mount}/{meta_dir(round_no)}", "files": sizes.files,
-                "readdir_passes": sizes.readdir_passes}
+                "readdir_passes": sizes.readdir_passes, "chunks": sizes.meta_chunks}
     if kind == "untar":
         target = f"{mount}/{untar_dir(round_no)}"
         return {"kind": "untar", **where, "dir": target, "warmup": ["tar", "--version"],
@@ -647,7 +692,7 @@ def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, 
               for name in daemons]
     lines.append(f"guest: init (busybox sh, root on /host, each daemon's share on {INIT_MOUNTS}/DAEMON): "
                  + "; ".join(guest_command(tarball.path, daemons).strip().splitlines()[:-1]))
-    lines.append(f"guest: before each phase: {DROP_CACHES_SH}")
+    lines.append(f"guest: before each measurement: {DROP_CACHES_SH}")
     for round_no in range(1, rounds + 1):
         steps: list[str] = []
         for phase in plan:
@@ -667,9 +712,11 @@ def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, 
         elif phase["kind"] == "meta":
             lines.append(
                 f"guest: python3: in {phase['dir']}, {phase['files']} x os.close(os.open(path, "
-                "O_CREAT|O_EXCL|O_WRONLY, 0o644)); drop caches; os.stat(path) each; "
-                f"{phase['readdir_passes']} x (drop caches; os.listdir(dir)); drop caches; "
-                "os.unlink(path) each (time.perf_counter around each loop)")
+                "O_CREAT|O_EXCL|O_WRONLY, 0o644)); os.stat(path) each; "
+                f"{phase['readdir_passes']} x os.listdir(dir); os.unlink(path) each; each step in "
+                f"{len(chunk_bounds(phase['files'], phase['chunks']))} chunks, each chunk (and each listing) "
+                "on the round's daemons in turn, rotated chunk by chunk, caches dropped before each, "
+                "time.perf_counter around each chunk's loop")
         elif phase["kind"] == "untar":
             size = tarball.path.stat().st_size / MIB
             lines.append(f"guest: {shlex.join(phase['argv'])}  (tarball: {len(tarball.entries)} "

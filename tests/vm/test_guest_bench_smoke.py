@@ -182,6 +182,44 @@ def test_phases_and_daemons_pick_plan_rows_and_boots(guest_bench: ModuleType) ->
         gb.values_of(meta, gb.TINY, ["meta", "untar"])
 
 
+def test_metadata_steps_interleave_chunk_by_chunk(guest_bench: ModuleType, tmp_path: Path, monkeypatch: Any,
+                                                  capsys: Any) -> None:
+    """The guest's metadata phases of a round run as one group: each step
+    chunk by chunk, each chunk on every daemon in turn (rotated chunk by
+    chunk), each readdir pass likewise, caches dropped before each; one
+    record per daemon and step. Run here on host directories."""
+    gb = guest_bench
+    assert gb.chunk_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert gb.chunk_bounds(2, 5) == [(0, 1), (1, 2)] and gb.chunk_bounds(7, 1) == [(0, 7)]
+    plan = gb.make_plan(gb.TINY, ["meta", "untar"], ["c", "rust", "ours"], rounds=2)
+    groups = gb.meta_groups(plan)
+    assert [[(p["kind"], p["daemon"]) for p in g] for g in groups] == [
+        [("meta", "c"), ("meta", "rust"), ("meta", "ours")], [("untar", "c")], [("untar", "rust")],
+        [("untar", "ours")], [("meta", "rust"), ("meta", "ours"), ("meta", "c")], [("untar", "rust")],
+        [("untar", "ours")], [("untar", "c")]]
+    # meta phases of different rounds never join
+    assert [len(g) for g in gb.meta_groups(gb.make_plan(gb.TINY, ["meta"], ["c", "ours"], rounds=2))] == [2, 2]
+
+    group = [{**p, "dir": str(tmp_path / p["daemon"]), "files": 6, "chunks": 2, "readdir_passes": 2}
+             for p in groups[0]]
+    seen: list[tuple[int, ...]] = []  # at each drop: files in each daemon's directory
+    monkeypatch.setattr(gb, "_drop_guest_caches",
+                        lambda: seen.append(tuple(len(os.listdir(p["dir"])) for p in group)))
+    gb._guest_meta(group)
+    # create: chunk 1 on c, rust, ours; chunk 2 on rust, ours, c
+    assert seen[:6] == [(0, 0, 0), (3, 0, 0), (3, 3, 0), (3, 3, 3), (3, 6, 3), (3, 6, 6)]
+    assert seen[6:12] == [(6, 6, 6)] * 6  # stat
+    assert seen[12:18] == [(6, 6, 6)] * 6  # readdir: two passes on each
+    assert seen[18:] == [(6, 6, 6), (3, 6, 6), (3, 3, 6), (3, 3, 3), (3, 0, 3), (3, 0, 0)]  # unlink
+    assert not any((tmp_path / p["daemon"]).exists() for p in group)
+    records = gb.parse_records(capsys.readouterr().out + "BENCH-END\n")
+    assert sorted(records) == [("c", 1), ("ours", 1), ("rust", 1)]
+    for per_key in records.values():
+        assert sorted(per_key) == ["create", "readdir", "stat", "unlink"]
+        assert [per_key[k]["ops"] for k in ("create", "stat", "readdir", "unlink")] == [6, 6, 12, 6]
+        assert all(r["seconds"] > 0 for r in per_key.values())
+
+
 @pytest.mark.vm
 def test_guest_bench_one_phase_one_daemon(guest_kernel: KernelAssets, guest_bench: ModuleType,
                                           tmp_path: Path) -> None:
