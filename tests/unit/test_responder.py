@@ -172,11 +172,20 @@ def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
 
 
 def test_the_package_uses_the_selected_twin() -> None:
-    expected = _cy_responder.PassthroughResponder if _accel.IMPLEMENTATION == "cython" else pure.PassthroughResponder
+    compiled = _accel.IMPLEMENTATION == "cython"
+    expected = _cy_responder.PassthroughResponder if compiled else pure.PassthroughResponder
     assert _accel.PassthroughResponder is expected
-    fs = PassthroughFS(os.getcwd())
+    # the backend's records are the selected twin's (this module's fixture
+    # swaps in the compiled ones where they are built: the switch's own here)
+    records = (_cy_responder.HostInode, _cy_responder.HostHandle) if compiled else (pure.HostInode, pure.HostHandle)
+    assert (_accel.HostInode, _accel.HostHandle) == records
+    with pytest.MonkeyPatch.context() as p:
+        p.setattr(passthrough, "_Inode", _accel.HostInode)
+        p.setattr(passthrough, "_Handle", _accel.HostHandle)
+        fs = PassthroughFS(os.getcwd())
     try:
         assert type(fs.inline_responder(1 << 20)) is expected
+        assert type(fs._inodes[abi.FUSE_ROOT_ID]) is records[0]
     finally:
         fs.close()
 
