@@ -16,15 +16,17 @@ parses them (fio's own JSON output included).
 Phases: fio sequential write then read (1 MiB blocks, MiB/s); fio 4 KiB
 random read then random write (psync, O_DIRECT so that every I/O is one
 request to the daemon whatever the guest's page cache holds; the daemons
-themselves do not open host files with O_DIRECT), IOPS (the four are jobs
-of one fio process, see :func:`fio_argv`); create, stat,
+themselves do not open host files with O_DIRECT), IOPS (each job a fio
+process of its own, see :func:`fio_argv`); create, stat,
 readdir and unlink of many empty files (python3 in the guest, ops/s;
 readdir counts listed entries per second); extracting an uncompressed
 tarball of the Python standard library with GNU tar (seconds, copied into
 the guest's RAM before the phase).
 
 Runs are rounds, interleaved phase by phase in the one guest: round 1
-runs fio on c, rust, ours, then meta on c, rust, ours, ...; each round
+runs fio's sequential write on c, rust, ours, then its sequential read
+on rust, ours, c (each fio job a phase, rotated job by job), ..., then
+meta on c, rust, ours, ...; each round
 rotates the daemons' order (round 2 starts with rust), so that every daemon
 is measured next to the others, under the same host load and guest state,
 and none is always first.  The metadata phases of a round are interleaved
@@ -197,12 +199,13 @@ def _emit(phase: Mapping[str, Any], record: Mapping[str, Any]) -> None:
 
 
 def _guest_fio(phase: Mapping[str, Any]) -> None:
-    """One fio run of stonewalled jobs (fio itself drops the caches before
-    each: see :func:`fio_argv`); its JSON output goes to the host as is."""
+    """One fio run of the phase's job (fio itself drops the caches before
+    it: see :func:`fio_argv`); its JSON output goes to the host as is,
+    under the job's name."""
     # cwd: fio writes each job's exec_prerun output there.
     subprocess.run(phase["argv"], check=True, stdout=subprocess.DEVNULL, cwd=GUEST_TMP)
     with open(phase["output"]) as f:
-        _emit(phase, {"key": "fio", "fio": json.load(f)})
+        _emit(phase, {"key": phase["job"], "fio": json.load(f)})
 
 
 def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
@@ -332,19 +335,20 @@ FIO_JOBS: tuple[tuple[str, str, str, bool], ...] = (
 DROP_CACHES_SH = "sync; echo 3 > /proc/sys/vm/drop_caches"
 
 
-def fio_argv(sizes: Sizes, filename: str, output: str) -> list[str]:
-    """One fio command running :data:`FIO_JOBS` one after the other
-    (``stonewall``), each on ``filename`` (a new file) and preceded by a
-    drop of the guest's caches (``exec_prerun``); JSON results in
-    ``output``.  One process: fio links ~60 shared libraries, and loading
-    them again after each drop costs seconds under TCG.  Random jobs use
-    O_DIRECT and run ``sizes.random_seconds``."""
+def fio_argv(sizes: Sizes, filename: str, output: str, jobs: Sequence[str] | None = None) -> list[str]:
+    """One fio command running the :data:`FIO_JOBS` named in ``jobs`` (all
+    by default) one after the other (``stonewall``), each on ``filename``
+    (made by the first writer) and preceded by a drop of the guest's caches
+    (``exec_prerun``: after fio has loaded its ~60 shared libraries, whose
+    loading costs seconds under TCG); JSON results in ``output``.  Random
+    jobs use O_DIRECT and run ``sizes.random_seconds``."""
     argv = [
         "fio", f"--filename={filename}", f"--size={sizes.seq_mib}M",
         "--ioengine=psync", "--fallocate=none", f"--exec_prerun=sh -c '{DROP_CACHES_SH}'",
         "--output-format=json", f"--output={output}",
     ]
-    for i, (name, rw, block, random_io) in enumerate(FIO_JOBS):
+    chosen = [job for job in FIO_JOBS if jobs is None or job[0] in jobs]
+    for i, (name, rw, block, random_io) in enumerate(chosen):
         argv += [f"--name={name}", f"--rw={rw}", f"--bs={block}"]
         if i:
             argv.append("--stonewall")
@@ -355,14 +359,15 @@ def fio_argv(sizes: Sizes, filename: str, output: str) -> list[str]:
     return argv
 
 
-def _phase(kind: str, sizes: Sizes, daemon: str, round_no: int) -> dict[str, Any]:
-    """Phase ``kind`` of round ``round_no`` on ``daemon``'s share."""
+def _phase(kind: str, sizes: Sizes, daemon: str, round_no: int, job: str = "") -> dict[str, Any]:
+    """Phase ``kind`` of round ``round_no`` on ``daemon``'s share (``job``:
+    the fio job of a fio phase)."""
     mount = f"{GUEST_MOUNT}/{daemon}"
     where = {"daemon": daemon, "round": round_no}
     if kind == "fio":
-        output = f"{GUEST_TMP}/fio-{daemon}-{round_no}.json"
-        return {"kind": "fio", **where, "output": output,
-                "argv": fio_argv(sizes, f"{mount}/{seq_file(round_no)}", output)}
+        output = f"{GUEST_TMP}/fio-{daemon}-{round_no}-{job}.json"
+        return {"kind": "fio", **where, "job": job, "output": output,
+                "argv": fio_argv(sizes, f"{mount}/{seq_file(round_no)}", output, [job])}
     if kind == "meta":
         return {"kind": "meta", **where, "dir": f"{mount}/{meta_dir(round_no)}", "files": sizes.files,
                 "readdir_passes": sizes.readdir_passes, "chunks": sizes.meta_chunks}
@@ -376,16 +381,24 @@ def _phase(kind: str, sizes: Sizes, daemon: str, round_no: int) -> dict[str, Any
 def make_plan(sizes: Sizes, phases: Sequence[str] = PHASES, daemons: Sequence[str] = DAEMONS,
               rounds: int = 1) -> list[dict[str, Any]]:
     """The guest's phases in run order (JSON-serialisable): for each round,
-    each of ``phases`` (:data:`PHASES` order) on every daemon in the
-    round's :func:`daemon_order`, then (``sizes.checksum``) the checksums
-    of the round's fio files."""
+    each of ``phases`` (:data:`PHASES` order; fio job by job, in
+    :data:`FIO_JOBS` order) on every daemon in the round's
+    :func:`daemon_order` (rotated once more for each fio job after the
+    first), then (``sizes.checksum``) the checksums of the round's fio
+    files."""
     kinds = [kind for kind in PHASES if kind in phases]
     if sizes.checksum and "fio" in phases:
         kinds.append("sha256")
-    return [_phase(kind, sizes, daemon, round_no)
-            for round_no in range(1, rounds + 1)
-            for kind in kinds
-            for daemon in daemon_order(list(daemons), round_no)]
+    plan: list[dict[str, Any]] = []
+    for round_no in range(1, rounds + 1):
+        order = daemon_order(list(daemons), round_no)
+        for kind in kinds:
+            if kind == "fio":
+                for k, (job, *_) in enumerate(FIO_JOBS):
+                    plan += [_phase(kind, sizes, daemon, round_no, job) for daemon in daemon_order(order, k + 1)]
+            else:
+                plan += [_phase(kind, sizes, daemon, round_no) for daemon in order]
+    return plan
 
 
 @dataclass(frozen=True)
@@ -535,7 +548,7 @@ def daemon_env() -> dict[str, str]:
 class BootOutcome:
     """One daemon's part of a boot.  ``values[r]``: round r+1's workload
     key -> value (in the unit of :func:`workloads`); ``records[r]``: round
-    r+1's ``BENCH`` records by key (fio's JSON under ``"fio"``);
+    r+1's ``BENCH`` records by key (each fio job's JSON under the job's name);
     ``shared_dir``: the host directory the daemon served (deleted after the
     ``inspect`` callback); ``duration``: the boot's; ``lines``: the guest's
     ttyS1 lines (every daemon's), each with its host arrival time."""
@@ -587,7 +600,7 @@ def values_of(records: Mapping[str, Mapping[str, Any]], sizes: Sizes,
     out: dict[str, float] = {}
     fio_jobs = {name for name, *_ in FIO_JOBS}
     for w in workloads(sizes, 0, phases):
-        record = records.get("fio" if w.key in fio_jobs else w.key)
+        record = records.get(w.key)
         if record is None:
             raise GuestBenchError(f"the guest reported no {w.key!r}")
         if w.key in fio_jobs:
@@ -697,16 +710,18 @@ def describe_commands(kernel: "KernelAssets", initrd: Path, argvs: Mapping[str, 
         steps: list[str] = []
         for phase in plan:
             if phase["round"] == round_no:
-                if steps and steps[-1].startswith(phase["kind"] + " on "):
+                label = " ".join(filter(None, (phase["kind"], phase.get("job"))))
+                if steps and steps[-1].startswith(label + " on "):
                     steps[-1] += f", {phase['daemon']}"
                 else:
-                    steps.append(f"{phase['kind']} on {phase['daemon']}")
+                    steps.append(f"{label} on {phase['daemon']}")
         lines.append(f"guest: round {round_no}: " + "; ".join(steps))
-    described: set[str] = set()
+    described: set[tuple[str, str]] = set()
     for phase in plan:
-        if phase["kind"] in described or phase["daemon"] != daemons[0]:
+        label = (phase["kind"], phase.get("job", ""))
+        if label in described or phase["daemon"] != daemons[0]:
             continue
-        described.add(phase["kind"])
+        described.add(label)
         if phase["kind"] == "fio":
             lines.append("guest: (cwd /tmp) " + shlex.join(phase["argv"]))
         elif phase["kind"] == "meta":

@@ -65,8 +65,12 @@ def round_problems(gb: ModuleType, shared: Path, round_no: int, records: dict[st
         problems.append(f"{seq}: not a file of {sizes.seq_mib} MiB")
     elif records["sha256"]["sha256"] != sha256_of(seq):
         problems.append("the fio file's sha256 differs between the guest and the host")
-    jobs = {job["jobname"]: job for job in records["fio"]["fio"]["jobs"]}
     for name, direction in (("seq_write", "write"), ("seq_read", "read")):
+        # each job's own fio run, reported under its name
+        jobs = {job["jobname"]: job for job in records[name]["fio"]["jobs"]}
+        if sorted(jobs) != [name]:
+            problems.append(f"fio {name}'s run reported jobs {sorted(jobs)}")
+            continue
         done = jobs[name][direction]["io_bytes"]
         if done != sizes.seq_mib * MIB:
             problems.append(f"fio {name}: {done} bytes, not the whole file")
@@ -119,8 +123,10 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     expected_order = [f"# phase {p['kind']} {p['daemon']} {p['round']}"
                       for p in gb.make_plan(gb.TINY, gb.PHASES, gb.DAEMONS, 2)]
     assert phase_lines == [expected_order] * 3
-    assert expected_order[:3] == ["# phase fio c 1", "# phase fio rust 1", "# phase fio ours 1"]
-    assert expected_order[12:15] == ["# phase fio rust 2", "# phase fio ours 2", "# phase fio c 2"]
+    # a round: 4 fio jobs, meta, untar and sha256 on each of the 3 daemons
+    assert expected_order[:6] == ["# phase fio c 1", "# phase fio rust 1", "# phase fio ours 1",
+                                  "# phase fio rust 1", "# phase fio ours 1", "# phase fio c 1"]
+    assert expected_order[21:24] == ["# phase fio rust 2", "# phase fio ours 2", "# phase fio c 2"]
     keys = [w.key for w in gb.workloads(gb.TINY, len(expected_tree))]
     assert len(rows) == len(keys) == 9
     for row in rows:
@@ -132,7 +138,8 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
     text = "\n".join(commands)
     for needle in ("qemu-system-x86_64", "-accel tcg,thread=multi", "/usr/lib/qemu/virtiofsd",
                    "libexec/virtiofsd", "-m virtiofs_async", "fio --filename=/mnt/c/seq-1.dat",
-                   "guest: round 2: fio on rust, ours, c; meta on rust, ours, c;",
+                   "guest: round 2: fio seq_write on rust, ours, c; fio seq_read on ours, c, rust; "
+                   "fio rand_read on c, rust, ours; fio rand_write on rust, ours, c; meta on rust, ours, c;",
                    "tar -xf /tmp/stdlib.tar", "mkfs.ext4", "mount -o loop"):
         assert needle in text, needle
     for daemon in gb.DAEMONS:
@@ -144,9 +151,10 @@ def test_guest_bench_tiny(guest_kernel: KernelAssets, guest_bench: ModuleType, t
 
 def test_phases_and_daemons_pick_plan_rows_and_boots(guest_bench: ModuleType) -> None:
     gb = guest_bench
-    assert [p["kind"] for p in gb.make_plan(gb.TINY, daemons=["c"])] == ["fio", "meta", "untar", "sha256"]
+    fio_jobs = ["fio"] * len(gb.FIO_JOBS)
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, daemons=["c"])] == [*fio_jobs, "meta", "untar", "sha256"]
     assert [p["kind"] for p in gb.make_plan(gb.TINY, ["meta"], ["c"])] == ["meta"]
-    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["untar", "fio"], ["c"])] == ["fio", "untar", "sha256"]
+    assert [p["kind"] for p in gb.make_plan(gb.TINY, ["untar", "fio"], ["c"])] == [*fio_jobs, "untar", "sha256"]
     # rounds rotate the daemons' order; each phase of a round runs on all of them in turn
     plan = gb.make_plan(gb.TINY, ["meta", "untar"], ["c", "ours"], rounds=3)
     assert [(p["kind"], p["daemon"], p["round"]) for p in plan] == [
@@ -155,9 +163,20 @@ def test_phases_and_daemons_pick_plan_rows_and_boots(guest_bench: ModuleType) ->
         ("meta", "c", 3), ("meta", "ours", 3), ("untar", "c", 3), ("untar", "ours", 3)]
     assert plan[4]["dir"] == "/mnt/ours/meta-2" and plan[7]["argv"][-1] == "/mnt/c/untar-2"
     fio = gb.make_plan(gb.TINY, ["fio"], ["rust"], rounds=2)
-    assert [p["kind"] for p in fio] == ["fio", "sha256", "fio", "sha256"]
-    assert "--filename=/mnt/rust/seq-2.dat" in fio[2]["argv"] and fio[3]["path"] == "/mnt/rust/seq-2.dat"
-    assert fio[0]["output"] != fio[2]["output"]
+    assert [p["kind"] for p in fio] == [*fio_jobs, "sha256"] * 2
+    # one fio process per job, each on the round's file, its output its own
+    assert [p["job"] for p in fio[:4]] == ["seq_write", "seq_read", "rand_read", "rand_write"]
+    for p in fio[:4]:
+        assert [a for a in p["argv"] if a.startswith("--name=")] == [f"--name={p['job']}"]
+        assert "--stonewall" not in p["argv"]
+    assert "--filename=/mnt/rust/seq-2.dat" in fio[5]["argv"] and fio[9]["path"] == "/mnt/rust/seq-2.dat"
+    assert len({p["output"] for p in fio if p["kind"] == "fio"}) == 8
+    # each job's daemons in the round's order, rotated once more per job
+    two = gb.make_plan(gb.TINY, ["fio"], ["c", "ours"], rounds=2)
+    assert [(p["job"], p["daemon"]) for p in two if p["kind"] == "fio"][:8] == [
+        ("seq_write", "c"), ("seq_write", "ours"), ("seq_read", "ours"), ("seq_read", "c"),
+        ("rand_read", "c"), ("rand_read", "ours"), ("rand_write", "ours"), ("rand_write", "c")]
+    assert gb.fio_argv(gb.TINY, "/f", "/o").count("--stonewall") == len(gb.FIO_JOBS) - 1
     # records parse by (daemon, round)
     transcript = ('BENCH {"key":"stat","ops":5,"seconds":1.0,"daemon":"c","round":2}\n'
                   'BENCH {"key":"stat","ops":5,"seconds":2.0,"daemon":"ours","round":2}\nBENCH-END\n')
