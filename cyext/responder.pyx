@@ -498,6 +498,10 @@ cdef class PassthroughResponder:
         self._tables_ok = tables is not None and adopt is not None and drop is not None
         if self._tables_ok:
             self._tb_remapped, self._tb_root, self._tb_inode_cls, self._tb_first_synthetic = tables
+            if self._tb_inode_cls is not HostInode:
+                # it installs compiled records: a table of others must not get them
+                raise TypeError(f"the compiled responder's tables hold HostInode records, not "
+                                f"{self._tb_inode_cls!r}")
         # readdir_host: (gate, remapped, root, read_min, ahead, plus_min, record class), with the handles
         self._readdir_host_ok = readdir_host is not None and readdir is not None and handles is not None
         if self._readdir_host_ok:

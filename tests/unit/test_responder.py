@@ -221,6 +221,10 @@ def test_the_pure_twin_over_the_pure_records(tmp_path: Any, monkeypatch: Any) ->
             c = _cy_responder.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True)
             with pytest.raises(TypeError):
                 c.respond(getattr_req(m.nodeids[b"f"]), 512)
+            with pytest.raises(TypeError, match="HostInode records"):
+                _cy_responder.PassthroughResponder(fs._inodes, fs._by_key, 1.0, 1.0, False, True,
+                                                   adopt=fs._adopt, drop=fs._maybe_drop,
+                                                   tables=fs._tables_config())
     finally:
         m.close()
 
