@@ -105,8 +105,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-import attrs
-
 from .. import _accel, codec
 from ..abi import fuse as abi
 from ..errors import FuseError
