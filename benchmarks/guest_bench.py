@@ -35,8 +35,10 @@ finer still: each step (create, stat, unlink) runs in chunks of the files
 next, and each readdir pass on every daemon in turn; a daemon's time is
 the sum of its chunks' (each timed after its own cache drop).  A step
 takes seconds per daemon and the host's speed moves on that scale, so
-this keeps a slow spell from landing on one daemon's whole step.  Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py
-[--full] [--runs N]`` prints the table.
+this keeps a slow spell from landing on one daemon's whole step.
+
+Alone: ``PYTHONPATH=src python benchmarks/guest_bench.py [--full] [--runs N]``
+prints the table.
 """
 from __future__ import annotations
 

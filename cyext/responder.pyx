@@ -511,7 +511,8 @@ cdef class PassthroughResponder:
         self._remove_host_ok = remove_host is not None and remove is not None and self._readdir_host_ok
         if self._remove_host_ok:
             self._fast_drop_bytes = remove_host
-        # create_host: (created, allowed, switching, handles_umask, gate)
+        # create_host: (created, allowed, switching, handles_umask, gate, the backend: its handle
+        # counter, table and policies, for _install_handle)
         self._create_host_ok = create_host is not None and create is not None and proc_fd >= 0
         if self._create_host_ok:
             self._created_cb, allowed, switching, handles_umask, self._create_gate, self._handles_owner = create_host

@@ -52,7 +52,8 @@ record_factory = _codec.record_factory
 write_reply = _codec.write_reply
 
 __all__ = [
-    "IMPLEMENTATION", "DescriptorChain", "HostHandle", "HostInode", "InlineGate", "IoPool", "PassthroughResponder", "VirtQueue", "decode_request",
+    "IMPLEMENTATION", "DescriptorChain", "HostHandle", "HostInode", "InlineGate", "IoPool", "PassthroughResponder",
+    "VirtQueue", "decode_request",
     "encode_out_header", "getdents_raw", "pack_attr", "pack_attr_out", "pack_dirent", "pack_direntplus", "pack_entry_out",
     "pack_host_dirents", "pack_raw_dirents", "parse_linux_dirents64", "record_factory", "scan_raw_dirents", "scatter",
     "write_reply",
